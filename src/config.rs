@@ -1,0 +1,234 @@
+//! Configuration of a rank: timeouts, transport tuning, buffering limits.
+//!
+//! Every knob is a documented field here first; `env.rs` may override some of
+//! them from `RANKMESH_*` variables. This module must not read the
+//! environment or touch the network.
+
+use std::net::IpAddr;
+use std::time::Duration;
+
+/// Settings of one rank. `Config::default()` suits training jobs on one host
+/// or a LAN; every setter documents its unit, default and memory cost.
+#[derive(Clone, Debug)]
+pub struct Config {
+    op_timeout: Duration,
+    formation_timeout: Duration,
+    idle_timeout: Duration,
+    keep_alive: Duration,
+    linger: Duration,
+    eager_limit: usize,
+    max_message_bytes: u64,
+    socket_buffer_bytes: usize,
+    mtu_upper_bound: u16,
+    stream_receive_window: u32,
+    send_window: u64,
+    max_streams: u32,
+    bind_ip: Option<IpAddr>,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            op_timeout: Duration::from_secs(600),
+            formation_timeout: Duration::from_secs(60),
+            idle_timeout: Duration::from_secs(5),
+            keep_alive: Duration::from_millis(1000),
+            linger: Duration::from_secs(10),
+            eager_limit: 64 * 1024,
+            max_message_bytes: 1 << 36,
+            socket_buffer_bytes: 4 << 20,
+            mtu_upper_bound: 6500,
+            stream_receive_window: 2 << 20,
+            send_window: 16 << 20,
+            max_streams: 1024,
+            bind_ip: None,
+        }
+    }
+}
+
+impl Config {
+    /// Upper bound on any single wait inside an operation (a receive, a
+    /// collective step). Default 600 s: long enough for a slow rank to finish
+    /// a checkpoint write, short enough that a stuck job ends with an error
+    /// naming the ranks it waited on.
+    pub fn set_op_timeout(&mut self, t: Duration) -> &mut Self {
+        self.op_timeout = t;
+        self
+    }
+    /// See [`Config::set_op_timeout`].
+    pub fn op_timeout(&self) -> Duration {
+        self.op_timeout
+    }
+
+    /// Deadline for forming the cluster (all ranks joining the seed) and for
+    /// a single join handshake. Default 60 s.
+    pub fn set_formation_timeout(&mut self, t: Duration) -> &mut Self {
+        self.formation_timeout = t;
+        self
+    }
+    /// See [`Config::set_formation_timeout`].
+    pub fn formation_timeout(&self) -> Duration {
+        self.formation_timeout
+    }
+
+    /// A connection that receives nothing (not even keep-alives) for this
+    /// long is declared lost. Default 5 s. Must exceed the keep-alive interval.
+    pub fn set_idle_timeout(&mut self, t: Duration) -> &mut Self {
+        self.idle_timeout = t;
+        self
+    }
+    /// See [`Config::set_idle_timeout`].
+    pub fn idle_timeout(&self) -> Duration {
+        self.idle_timeout
+    }
+
+    /// Interval of QUIC keep-alive probes on idle connections. Default 1 s.
+    pub fn set_keep_alive(&mut self, t: Duration) -> &mut Self {
+        self.keep_alive = t;
+        self
+    }
+    /// See [`Config::set_keep_alive`].
+    pub fn keep_alive(&self) -> Duration {
+        self.keep_alive
+    }
+
+    /// How long `finalize` waits for connected peers to finalize too before
+    /// closing connections anyway. Default 10 s.
+    pub fn set_linger(&mut self, t: Duration) -> &mut Self {
+        self.linger = t;
+        self
+    }
+    /// See [`Config::set_linger`].
+    pub fn linger(&self) -> Duration {
+        self.linger
+    }
+
+    /// Messages up to this many bytes are read completely as they arrive,
+    /// even before a matching receive is posted; larger ones wait in the
+    /// transport's flow-control window (bounded by
+    /// [`Config::set_stream_receive_window`] per message). Default 64 KiB.
+    pub fn set_eager_limit(&mut self, bytes: usize) -> &mut Self {
+        self.eager_limit = bytes;
+        self
+    }
+    /// See [`Config::set_eager_limit`].
+    pub fn eager_limit(&self) -> usize {
+        self.eager_limit
+    }
+
+    /// Largest single message accepted from a peer, in bytes. A frame that
+    /// announces more is refused before anything is allocated. Default 64 GiB.
+    pub fn set_max_message_bytes(&mut self, bytes: u64) -> &mut Self {
+        self.max_message_bytes = bytes;
+        self
+    }
+    /// See [`Config::set_max_message_bytes`].
+    pub fn max_message_bytes(&self) -> u64 {
+        self.max_message_bytes
+    }
+
+    /// UDP socket send and receive buffer size in bytes. Default 4 MiB (the
+    /// kernel may clamp it to `net.core.rmem_max`). Costs this much kernel
+    /// memory per rank and direction.
+    pub fn set_socket_buffer_bytes(&mut self, bytes: usize) -> &mut Self {
+        self.socket_buffer_bytes = bytes;
+        self
+    }
+    /// See [`Config::set_socket_buffer_bytes`].
+    pub fn socket_buffer_bytes(&self) -> usize {
+        self.socket_buffer_bytes
+    }
+
+    /// Upper bound for QUIC path-MTU discovery in bytes. Default 6500:
+    /// larger values combined with segmentation offload stall on loopback.
+    pub fn set_mtu_upper_bound(&mut self, bytes: u16) -> &mut Self {
+        self.mtu_upper_bound = bytes;
+        self
+    }
+    /// See [`Config::set_mtu_upper_bound`].
+    pub fn mtu_upper_bound(&self) -> u16 {
+        self.mtu_upper_bound
+    }
+
+    /// Per-stream QUIC receive window in bytes. Default 2 MiB. This much may
+    /// be buffered per message in flight from a peer.
+    pub fn set_stream_receive_window(&mut self, bytes: u32) -> &mut Self {
+        self.stream_receive_window = bytes;
+        self
+    }
+    /// See [`Config::set_stream_receive_window`].
+    pub fn stream_receive_window(&self) -> u32 {
+        self.stream_receive_window
+    }
+
+    /// Per-connection QUIC send window in bytes (unacknowledged data in
+    /// flight). Default 16 MiB.
+    pub fn set_send_window(&mut self, bytes: u64) -> &mut Self {
+        self.send_window = bytes;
+        self
+    }
+    /// See [`Config::set_send_window`].
+    pub fn send_window(&self) -> u64 {
+        self.send_window
+    }
+
+    /// Messages that may be in flight from one peer at once (QUIC concurrent
+    /// streams). Default 1024.
+    pub fn set_max_streams(&mut self, n: u32) -> &mut Self {
+        self.max_streams = n;
+        self
+    }
+    /// See [`Config::set_max_streams`].
+    pub fn max_streams(&self) -> u32 {
+        self.max_streams
+    }
+
+    /// Local IP address the rank's endpoint binds to. Default: the address
+    /// of the interface that routes to the seed.
+    pub fn set_bind_ip(&mut self, ip: Option<IpAddr>) -> &mut Self {
+        self.bind_ip = ip;
+        self
+    }
+    /// See [`Config::set_bind_ip`].
+    pub fn bind_ip(&self) -> Option<IpAddr> {
+        self.bind_ip
+    }
+
+    /// Check that the settings are consistent.
+    pub fn validate(&self) -> crate::Result<()> {
+        if self.idle_timeout <= self.keep_alive {
+            return Err(crate::Error::config(format!(
+                "idle timeout ({:?}) must exceed the keep-alive interval ({:?})",
+                self.idle_timeout, self.keep_alive
+            )));
+        }
+        if self.op_timeout.is_zero() || self.formation_timeout.is_zero() {
+            return Err(crate::Error::config(
+                "op and formation timeouts must be greater than zero",
+            ));
+        }
+        if self.mtu_upper_bound < 1200 {
+            return Err(crate::Error::config(format!(
+                "MTU upper bound {} is below QUIC's minimum of 1200 bytes",
+                self.mtu_upper_bound
+            )));
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_validate_and_bad_values_are_refused() {
+        let mut c = Config::default();
+        c.validate().unwrap();
+        c.set_idle_timeout(Duration::from_millis(500));
+        assert!(c.validate().unwrap_err().to_string().contains("keep-alive"));
+        let mut c = Config::default();
+        c.set_mtu_upper_bound(1000);
+        assert!(c.validate().is_err());
+    }
+}

@@ -1,0 +1,265 @@
+//! The only reader of environment variables.
+//!
+//! The launcher contract (set by `rankrun`, or by Slurm plus two variables):
+//!
+//! | variable | meaning |
+//! |---|---|
+//! | `RANKMESH_SEED` | `host:port` of the seed (required) |
+//! | `RANKMESH_TOKEN` or `RANKMESH_TOKEN_FILE` | the job token, 64 hex digits, or a file holding it (required) |
+//! | `RANKMESH_WORLD_SIZE` (else `SLURM_NTASKS`) | number of ranks |
+//! | `RANKMESH_RANK` (else `SLURM_PROCID`) | the rank to request |
+//! | `RANKMESH_JOB_ID` | the job id (checked against the seed's) |
+//! | `RANKMESH_LOCAL_RANK` (else `SLURM_LOCALID`), `RANKMESH_LOCAL_SIZE` | placement on this host |
+//!
+//! Optional overrides of [`Config`] fields: `RANKMESH_OP_TIMEOUT`,
+//! `RANKMESH_FORMATION_TIMEOUT`, `RANKMESH_IDLE_TIMEOUT` (seconds, decimals
+//! allowed) and `RANKMESH_BIND` (IP address to bind).
+
+use crate::bootstrap::{JobToken, JoinSpec};
+use crate::config::Config;
+use crate::{Error, Result};
+use std::net::{IpAddr, SocketAddr, ToSocketAddrs};
+use std::time::Duration;
+
+/// What the launcher told this process.
+#[derive(Clone, Debug)]
+pub struct LaunchEnv {
+    /// Seed address.
+    pub seed: SocketAddr,
+    /// Job token.
+    pub token: JobToken,
+    /// World size, when given.
+    pub world_size: Option<usize>,
+    /// Requested rank, when given.
+    pub rank: Option<usize>,
+    /// Job id, when given.
+    pub job_id: Option<String>,
+    /// Rank on this host, when given.
+    pub local_rank: Option<usize>,
+    /// Ranks on this host, when given.
+    pub local_size: Option<usize>,
+}
+
+type Lookup<'a> = &'a dyn Fn(&str) -> Option<String>;
+
+fn process_env(k: &str) -> Option<String> {
+    std::env::var(k).ok().filter(|v| !v.is_empty())
+}
+
+fn parse_usize(get: Lookup<'_>, keys: &[&str]) -> Result<Option<usize>> {
+    for k in keys {
+        if let Some(v) = get(k) {
+            return v
+                .trim()
+                .parse()
+                .map(Some)
+                .map_err(|_| Error::config(format!("{k}={v:?} is not a non-negative integer")));
+        }
+    }
+    Ok(None)
+}
+
+fn parse_secs(get: Lookup<'_>, key: &str) -> Result<Option<Duration>> {
+    match get(key) {
+        None => Ok(None),
+        Some(v) => match v.trim().parse::<f64>() {
+            Ok(s) if s.is_finite() && s > 0.0 && s < 1e9 => Ok(Some(Duration::from_secs_f64(s))),
+            _ => Err(Error::config(format!(
+                "{key}={v:?} is not a positive number of seconds"
+            ))),
+        },
+    }
+}
+
+impl LaunchEnv {
+    /// Read the contract from the process environment.
+    pub fn from_process() -> Result<LaunchEnv> {
+        Self::from_lookup(&process_env)
+    }
+
+    /// Read the contract through `get` (tests pass a map).
+    pub fn from_lookup(get: Lookup<'_>) -> Result<LaunchEnv> {
+        let seed_s = get("RANKMESH_SEED").ok_or_else(|| {
+            Error::config(
+                "RANKMESH_SEED is not set: start this program with `rankrun -n N PROGRAM`, \
+                 or set RANKMESH_SEED=host:port and RANKMESH_TOKEN from a running job",
+            )
+        })?;
+        let seed = seed_s
+            .to_socket_addrs()
+            .map_err(|e| Error::config(format!("RANKMESH_SEED={seed_s:?} does not resolve: {e}")))?
+            .next()
+            .ok_or_else(|| Error::config(format!("RANKMESH_SEED={seed_s:?} has no address")))?;
+        let token = match (get("RANKMESH_TOKEN"), get("RANKMESH_TOKEN_FILE")) {
+            (Some(t), _) => JobToken::from_hex(&t)?,
+            (None, Some(path)) => {
+                let t = std::fs::read_to_string(&path).map_err(|e| {
+                    Error::config(format!("RANKMESH_TOKEN_FILE={path:?} cannot be read: {e}"))
+                })?;
+                JobToken::from_hex(&t)?
+            }
+            (None, None) => {
+                return Err(Error::config(
+                    "neither RANKMESH_TOKEN nor RANKMESH_TOKEN_FILE is set: the job token \
+                     comes from the launcher that started the seed",
+                ))
+            }
+        };
+        let world_size = parse_usize(get, &["RANKMESH_WORLD_SIZE", "SLURM_NTASKS"])?;
+        let rank = parse_usize(get, &["RANKMESH_RANK", "SLURM_PROCID"])?;
+        if let (Some(r), Some(n)) = (rank, world_size) {
+            if r >= n {
+                return Err(Error::config(format!(
+                    "requested rank {r} is not below the world size {n}"
+                )));
+            }
+        }
+        Ok(LaunchEnv {
+            seed,
+            token,
+            world_size,
+            rank,
+            job_id: get("RANKMESH_JOB_ID"),
+            local_rank: parse_usize(get, &["RANKMESH_LOCAL_RANK", "SLURM_LOCALID"])?,
+            local_size: parse_usize(get, &["RANKMESH_LOCAL_SIZE"])?,
+        })
+    }
+
+    /// The join request this environment describes.
+    pub fn join_spec(&self) -> JoinSpec {
+        JoinSpec {
+            seed: self.seed,
+            token: self.token.clone(),
+            job_id: self.job_id.clone(),
+            rank: self.rank,
+            world_size: self.world_size,
+            host: hostname(),
+        }
+    }
+}
+
+/// Apply `RANKMESH_*` overrides from the process environment to `cfg`.
+pub fn apply_overrides(cfg: &mut Config) -> Result<()> {
+    apply_overrides_from(cfg, &process_env)
+}
+
+fn apply_overrides_from(cfg: &mut Config, get: Lookup<'_>) -> Result<()> {
+    if let Some(t) = parse_secs(get, "RANKMESH_OP_TIMEOUT")? {
+        cfg.set_op_timeout(t);
+    }
+    if let Some(t) = parse_secs(get, "RANKMESH_FORMATION_TIMEOUT")? {
+        cfg.set_formation_timeout(t);
+    }
+    if let Some(t) = parse_secs(get, "RANKMESH_IDLE_TIMEOUT")? {
+        cfg.set_idle_timeout(t);
+        if cfg.keep_alive() >= t {
+            cfg.set_keep_alive(t / 3);
+        }
+    }
+    if let Some(ip) = get("RANKMESH_BIND") {
+        let ip: IpAddr = ip
+            .trim()
+            .parse()
+            .map_err(|_| Error::config(format!("RANKMESH_BIND={ip:?} is not an IP address")))?;
+        cfg.set_bind_ip(Some(ip));
+    }
+    cfg.validate()
+}
+
+/// This host's name (for messages that name a rank's location).
+pub fn hostname() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .or_else(|_| std::fs::read_to_string("/etc/hostname"))
+        .map(|s| s.trim().to_string())
+        .ok()
+        .filter(|s| !s.is_empty())
+        .unwrap_or_else(|| "localhost".into())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::HashMap;
+
+    fn env(pairs: &[(&str, &str)]) -> HashMap<String, String> {
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
+    }
+
+    #[test]
+    fn reads_the_launcher_contract() {
+        let tok = JobToken::generate().unwrap();
+        let m = env(&[
+            ("RANKMESH_SEED", "127.0.0.1:5000"),
+            ("RANKMESH_TOKEN", &tok.to_hex()),
+            ("RANKMESH_WORLD_SIZE", "4"),
+            ("RANKMESH_RANK", "2"),
+            ("RANKMESH_JOB_ID", "abc"),
+        ]);
+        let e = LaunchEnv::from_lookup(&|k| m.get(k).cloned()).unwrap();
+        assert_eq!(e.seed, "127.0.0.1:5000".parse().unwrap());
+        assert_eq!(e.token, tok);
+        assert_eq!((e.world_size, e.rank), (Some(4), Some(2)));
+        assert_eq!(e.job_id.as_deref(), Some("abc"));
+    }
+
+    #[test]
+    fn slurm_variables_fill_in() {
+        let tok = JobToken::generate().unwrap();
+        let m = env(&[
+            ("RANKMESH_SEED", "127.0.0.1:5000"),
+            ("RANKMESH_TOKEN", &tok.to_hex()),
+            ("SLURM_NTASKS", "8"),
+            ("SLURM_PROCID", "5"),
+            ("SLURM_LOCALID", "1"),
+        ]);
+        let e = LaunchEnv::from_lookup(&|k| m.get(k).cloned()).unwrap();
+        assert_eq!(
+            (e.world_size, e.rank, e.local_rank),
+            (Some(8), Some(5), Some(1))
+        );
+    }
+
+    #[test]
+    fn missing_or_bad_values_say_what_to_do() {
+        let m = env(&[]);
+        let e = LaunchEnv::from_lookup(&|k| m.get(k).cloned()).unwrap_err();
+        assert!(e.to_string().contains("rankrun"), "{e}");
+        let m = env(&[("RANKMESH_SEED", "127.0.0.1:1")]);
+        let e = LaunchEnv::from_lookup(&|k| m.get(k).cloned()).unwrap_err();
+        assert!(e.to_string().contains("RANKMESH_TOKEN"), "{e}");
+        let tok = JobToken::generate().unwrap().to_hex();
+        let m = env(&[
+            ("RANKMESH_SEED", "127.0.0.1:1"),
+            ("RANKMESH_TOKEN", &tok),
+            ("RANKMESH_RANK", "x"),
+        ]);
+        let e = LaunchEnv::from_lookup(&|k| m.get(k).cloned()).unwrap_err();
+        assert!(e.to_string().contains("RANKMESH_RANK"), "{e}");
+        let m = env(&[
+            ("RANKMESH_SEED", "127.0.0.1:1"),
+            ("RANKMESH_TOKEN", &tok),
+            ("RANKMESH_RANK", "4"),
+            ("RANKMESH_WORLD_SIZE", "4"),
+        ]);
+        assert!(LaunchEnv::from_lookup(&|k| m.get(k).cloned()).is_err());
+    }
+
+    #[test]
+    fn config_overrides() {
+        let m = env(&[
+            ("RANKMESH_OP_TIMEOUT", "2.5"),
+            ("RANKMESH_IDLE_TIMEOUT", "0.9"),
+            ("RANKMESH_BIND", "127.0.0.1"),
+        ]);
+        let mut c = Config::default();
+        apply_overrides_from(&mut c, &|k| m.get(k).cloned()).unwrap();
+        assert_eq!(c.op_timeout(), Duration::from_millis(2500));
+        assert_eq!(c.idle_timeout(), Duration::from_millis(900));
+        assert!(c.keep_alive() < c.idle_timeout());
+        let m = env(&[("RANKMESH_OP_TIMEOUT", "-1")]);
+        assert!(apply_overrides_from(&mut c, &|k| m.get(k).cloned()).is_err());
+    }
+}
