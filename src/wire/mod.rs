@@ -1,0 +1,11 @@
+//! Bytes on the wire: the fixed data-frame header and the length-prefixed
+//! control messages of the join protocol.
+//!
+//! Pure encode/decode with no I/O, so it can be fuzzed and unit tested
+//! exhaustively. Every decoder checks lengths before it allocates and returns
+//! an error (never panics) on truncated or malformed input.
+
+pub mod control;
+pub mod frame;
+
+pub use frame::{FrameKind, Header, WireError, HEADER_LEN};
