@@ -1,0 +1,558 @@
+//! Matching received messages with the operations that wait for them.
+//!
+//! Collective messages are matched by an exact key (source, communicator,
+//! epoch, sequence number, step). Point-to-point messages are matched per
+//! (source, communicator, epoch, tag) in the order the sender numbered them,
+//! so messages of one tag never overtake each other even though each travels
+//! on its own stream. Messages that arrive before their receive is posted
+//! wait here; receives that are posted first wait for their message.
+//!
+//! A peer that is lost (or has finalized) fails every receive that still
+//! needs it; messages it delivered before that are still handed out.
+
+use crate::wire::{FrameKind, Header};
+use bytes::Bytes;
+use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::sync::Mutex;
+use tokio::sync::oneshot;
+
+/// A receive that cannot complete because its peer is gone.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PeerFailure {
+    /// The peer's world rank.
+    pub rank: usize,
+    /// Why it is gone, in words.
+    pub reason: String,
+}
+
+/// Key of a collective message.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct CollKey {
+    /// Sender's world rank.
+    pub src: u32,
+    /// Communicator id.
+    pub comm_id: u64,
+    /// Epoch.
+    pub epoch: u32,
+    /// Sequence number of the collective on that communicator.
+    pub seq: u64,
+    /// Step/chunk within the collective.
+    pub sub: u64,
+}
+
+/// Key of a point-to-point stream of messages.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct P2pKey {
+    /// Sender's world rank.
+    pub src: u32,
+    /// Communicator id.
+    pub comm_id: u64,
+    /// Epoch.
+    pub epoch: u32,
+    /// User tag.
+    pub tag: u64,
+}
+
+enum Body {
+    Chunks(VecDeque<Bytes>),
+    Stream(quinn::RecvStream),
+}
+
+/// A received message: its header and a payload that is either already in
+/// memory or still arriving on its stream.
+pub struct Incoming {
+    header: Header,
+    body: Body,
+    remaining: u64,
+}
+
+impl std::fmt::Debug for Incoming {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Incoming")
+            .field("header", &self.header)
+            .field("remaining", &self.remaining)
+            .finish()
+    }
+}
+
+impl Incoming {
+    /// A message whose payload is already in memory.
+    pub fn from_chunks(header: Header, chunks: Vec<Bytes>) -> Incoming {
+        Incoming {
+            header,
+            remaining: header.len,
+            body: Body::Chunks(chunks.into()),
+        }
+    }
+
+    pub(crate) fn from_stream(header: Header, stream: quinn::RecvStream) -> Incoming {
+        Incoming {
+            header,
+            remaining: header.len,
+            body: Body::Stream(stream),
+        }
+    }
+
+    /// The frame header.
+    pub fn header(&self) -> &Header {
+        &self.header
+    }
+
+    /// Next piece of the payload, `None` once all `header.len` bytes were
+    /// returned. Never returns more than `header.len` bytes in total.
+    pub async fn next_chunk(&mut self) -> Result<Option<Bytes>, String> {
+        if self.remaining == 0 {
+            return Ok(None);
+        }
+        let chunk = match &mut self.body {
+            Body::Chunks(q) => q.pop_front(),
+            Body::Stream(s) => match s.read_chunk(usize::MAX, true).await {
+                Ok(c) => c.map(|c| c.bytes),
+                Err(e) => return Err(format!("stream failed mid-message: {e}")),
+            },
+        };
+        let mut chunk = match chunk {
+            Some(c) => c,
+            None => {
+                return Err(format!(
+                    "message ended {} bytes early (announced {})",
+                    self.remaining, self.header.len
+                ))
+            }
+        };
+        if chunk.len() as u64 > self.remaining {
+            chunk.truncate(self.remaining as usize);
+        }
+        self.remaining -= chunk.len() as u64;
+        Ok(Some(chunk))
+    }
+
+    /// Copy the whole payload into `out`, whose length must equal `header.len`.
+    pub async fn read_into(&mut self, out: &mut [u8]) -> Result<(), String> {
+        if out.len() as u64 != self.header.len {
+            return Err(format!(
+                "message has {} bytes, buffer has {}",
+                self.header.len,
+                out.len()
+            ));
+        }
+        let mut at = (self.header.len - self.remaining) as usize;
+        while let Some(c) = self.next_chunk().await? {
+            out[at..at + c.len()].copy_from_slice(&c);
+            at += c.len();
+        }
+        Ok(())
+    }
+}
+
+type Reply = oneshot::Sender<Result<Incoming, PeerFailure>>;
+
+enum Slot {
+    Ready(Incoming),
+    Waiting(Reply),
+}
+
+#[derive(Default)]
+struct P2pQueue {
+    /// Next message number expected from the sender.
+    next: u64,
+    /// Messages in order, ready to hand out.
+    ready: VecDeque<Incoming>,
+    /// Messages that overtook an earlier one in transit.
+    early: BTreeMap<u64, Incoming>,
+    /// Receives waiting, in the order they were posted.
+    waiters: VecDeque<Reply>,
+}
+
+impl P2pQueue {
+    fn dispatch(&mut self) {
+        while !self.ready.is_empty() {
+            let Some(w) = self.waiters.pop_front() else {
+                return;
+            };
+            if w.is_closed() {
+                continue;
+            }
+            if let Some(m) = self.ready.pop_front() {
+                if let Err(Ok(m)) = w.send(Ok(m)) {
+                    self.ready.push_front(m);
+                }
+            }
+        }
+    }
+}
+
+#[derive(Default)]
+struct State {
+    coll: HashMap<CollKey, Slot>,
+    p2p: HashMap<P2pKey, P2pQueue>,
+    gone: HashMap<u32, String>,
+}
+
+/// Received messages of one rank, waiting to be matched.
+#[derive(Default)]
+pub struct Mailbox {
+    state: Mutex<State>,
+}
+
+enum Key {
+    Coll(CollKey),
+    P2p(P2pKey),
+}
+
+/// Removes a cancelled receive from the mailbox, returning a message it may
+/// already have been handed so that nothing is lost.
+struct Pending<'a> {
+    mb: &'a Mailbox,
+    key: Key,
+    rx: Option<oneshot::Receiver<Result<Incoming, PeerFailure>>>,
+}
+
+impl Drop for Pending<'_> {
+    fn drop(&mut self) {
+        let Some(mut rx) = self.rx.take() else { return };
+        rx.close();
+        let got = rx.try_recv().ok().and_then(|r| r.ok());
+        let mut st = self.mb.lock();
+        match &self.key {
+            Key::Coll(k) => match got {
+                Some(m) => {
+                    st.coll.insert(*k, Slot::Ready(m));
+                }
+                None => {
+                    if matches!(st.coll.get(k), Some(Slot::Waiting(_))) {
+                        st.coll.remove(k);
+                    }
+                }
+            },
+            Key::P2p(k) => {
+                if let Some(q) = st.p2p.get_mut(k) {
+                    if let Some(m) = got {
+                        q.ready.push_front(m);
+                    }
+                    q.waiters.retain(|w| !w.is_closed());
+                    q.dispatch();
+                }
+            }
+        }
+    }
+}
+
+impl Mailbox {
+    /// An empty mailbox.
+    pub fn new() -> Mailbox {
+        Mailbox::default()
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, State> {
+        // A panic while holding this lock cannot leave the maps inconsistent
+        // (every update is a single insert/remove), so poisoning is ignored.
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Hand a received message to its receive (or keep it until one is posted).
+    pub fn deliver(&self, m: Incoming) {
+        let h = *m.header();
+        let mut st = self.lock();
+        match h.kind {
+            FrameKind::Coll => {
+                let key = CollKey {
+                    src: h.src,
+                    comm_id: h.comm_id,
+                    epoch: h.epoch,
+                    seq: h.seq,
+                    sub: h.sub,
+                };
+                match st.coll.remove(&key) {
+                    Some(Slot::Waiting(w)) => {
+                        if let Err(Ok(m)) = w.send(Ok(m)) {
+                            st.coll.insert(key, Slot::Ready(m));
+                        }
+                    }
+                    Some(Slot::Ready(old)) => {
+                        // A duplicate key means a confused or hostile sender;
+                        // keep the first message, drop the second.
+                        tracing::warn!(
+                            src = h.src,
+                            seq = h.seq,
+                            sub = h.sub,
+                            "duplicate collective frame dropped"
+                        );
+                        st.coll.insert(key, Slot::Ready(old));
+                    }
+                    None => {
+                        st.coll.insert(key, Slot::Ready(m));
+                    }
+                }
+            }
+            FrameKind::P2p => {
+                let key = P2pKey {
+                    src: h.src,
+                    comm_id: h.comm_id,
+                    epoch: h.epoch,
+                    tag: h.seq,
+                };
+                let q = st.p2p.entry(key).or_default();
+                if h.sub < q.next || q.early.contains_key(&h.sub) {
+                    tracing::warn!(
+                        src = h.src,
+                        tag = h.seq,
+                        n = h.sub,
+                        "duplicate p2p frame dropped"
+                    );
+                    return;
+                }
+                if h.sub == q.next {
+                    q.ready.push_back(m);
+                    q.next += 1;
+                    while let Some(m) = q.early.remove(&q.next) {
+                        q.ready.push_back(m);
+                        q.next += 1;
+                    }
+                } else {
+                    q.early.insert(h.sub, m);
+                }
+                q.dispatch();
+            }
+            FrameKind::Bye => {}
+        }
+    }
+
+    /// Wait for the collective message `key`.
+    pub async fn recv_coll(&self, key: CollKey) -> Result<Incoming, PeerFailure> {
+        let rx = {
+            let mut st = self.lock();
+            if let Some(Slot::Ready(_)) = st.coll.get(&key) {
+                if let Some(Slot::Ready(m)) = st.coll.remove(&key) {
+                    return Ok(m);
+                }
+            }
+            if let Some(reason) = st.gone.get(&key.src) {
+                return Err(PeerFailure {
+                    rank: key.src as usize,
+                    reason: reason.clone(),
+                });
+            }
+            let (tx, rx) = oneshot::channel();
+            st.coll.insert(key, Slot::Waiting(tx));
+            rx
+        };
+        self.wait(Key::Coll(key), key.src, rx).await
+    }
+
+    /// Wait for the next point-to-point message of `key`.
+    pub async fn recv_p2p(&self, key: P2pKey) -> Result<Incoming, PeerFailure> {
+        let rx = {
+            let mut st = self.lock();
+            let gone = st.gone.get(&key.src).cloned();
+            let q = st.p2p.entry(key).or_default();
+            if q.waiters.is_empty() {
+                if let Some(m) = q.ready.pop_front() {
+                    return Ok(m);
+                }
+            }
+            if let Some(reason) = gone {
+                return Err(PeerFailure {
+                    rank: key.src as usize,
+                    reason,
+                });
+            }
+            let (tx, rx) = oneshot::channel();
+            q.waiters.push_back(tx);
+            q.dispatch();
+            rx
+        };
+        self.wait(Key::P2p(key), key.src, rx).await
+    }
+
+    async fn wait(
+        &self,
+        key: Key,
+        src: u32,
+        rx: oneshot::Receiver<Result<Incoming, PeerFailure>>,
+    ) -> Result<Incoming, PeerFailure> {
+        let mut pending = Pending {
+            mb: self,
+            key,
+            rx: Some(rx),
+        };
+        let closed = || PeerFailure {
+            rank: src as usize,
+            reason: "this rank's transport shut down".into(),
+        };
+        let Some(rx) = pending.rx.as_mut() else {
+            return Err(closed());
+        };
+        let res = rx.await;
+        pending.rx = None;
+        res.unwrap_or_else(|_| Err(closed()))
+    }
+
+    /// Declare `rank` gone: every receive waiting for it fails with `reason`,
+    /// and so does every later receive that finds no message already here.
+    pub fn fail_peer(&self, rank: usize, reason: &str) {
+        let mut st = self.lock();
+        let src = rank as u32;
+        st.gone.entry(src).or_insert_with(|| reason.to_string());
+        let reason = st.gone.get(&src).cloned().unwrap_or_default();
+        let fail = |w: Reply| {
+            let _ = w.send(Err(PeerFailure {
+                rank,
+                reason: reason.clone(),
+            }));
+        };
+        let waiting: Vec<CollKey> = st
+            .coll
+            .iter()
+            .filter(|(k, s)| k.src == src && matches!(s, Slot::Waiting(_)))
+            .map(|(k, _)| *k)
+            .collect();
+        for k in waiting {
+            if let Some(Slot::Waiting(w)) = st.coll.remove(&k) {
+                fail(w);
+            }
+        }
+        for (k, q) in st.p2p.iter_mut() {
+            if k.src == src {
+                q.dispatch();
+                while let Some(w) = q.waiters.pop_front() {
+                    fail(w);
+                }
+            }
+        }
+    }
+
+    /// Whether `rank` was declared gone, and why.
+    pub fn gone_reason(&self, rank: usize) -> Option<String> {
+        self.lock().gone.get(&(rank as u32)).cloned()
+    }
+
+    /// Drop everything kept for a finished collective (stale frames of a
+    /// failed operation).
+    pub fn forget_coll(&self, comm_id: u64, epoch: u32, seq: u64) {
+        self.lock()
+            .coll
+            .retain(|k, _| !(k.comm_id == comm_id && k.epoch == epoch && k.seq == seq));
+    }
+
+    /// Number of messages and waiting receives held (for leak tests).
+    pub fn held(&self) -> usize {
+        let st = self.lock();
+        st.coll.len()
+            + st.p2p
+                .values()
+                .map(|q| q.ready.len() + q.early.len() + q.waiters.len())
+                .sum::<usize>()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::datatype::DType;
+
+    fn p2p(src: u32, tag: u64, n: u64, byte: u8) -> Incoming {
+        let mut h = Header::new(FrameKind::P2p, src, 0, 0);
+        h.seq = tag;
+        h.sub = n;
+        h.len = 1;
+        h.dtype = DType::U8;
+        Incoming::from_chunks(h, vec![Bytes::from(vec![byte])])
+    }
+
+    fn key(src: u32, tag: u64) -> P2pKey {
+        P2pKey {
+            src,
+            comm_id: 0,
+            epoch: 0,
+            tag,
+        }
+    }
+
+    async fn byte(mut m: Incoming) -> u8 {
+        let mut b = [0u8];
+        m.read_into(&mut b).await.unwrap();
+        b[0]
+    }
+
+    #[tokio::test]
+    async fn p2p_messages_are_handed_out_in_sender_order() {
+        let mb = Mailbox::new();
+        // Message 1 overtakes message 0 in transit.
+        mb.deliver(p2p(1, 5, 1, 11));
+        mb.deliver(p2p(1, 5, 2, 12));
+        mb.deliver(p2p(1, 5, 0, 10));
+        for want in [10, 11, 12] {
+            assert_eq!(byte(mb.recv_p2p(key(1, 5)).await.unwrap()).await, want);
+        }
+        assert_eq!(mb.held(), 0);
+    }
+
+    #[tokio::test]
+    async fn receive_posted_first_gets_the_message() {
+        let mb = std::sync::Arc::new(Mailbox::new());
+        let mb2 = mb.clone();
+        let t = tokio::spawn(async move { byte(mb2.recv_p2p(key(2, 0)).await.unwrap()).await });
+        tokio::task::yield_now().await;
+        mb.deliver(p2p(2, 0, 0, 42));
+        assert_eq!(t.await.unwrap(), 42);
+    }
+
+    #[tokio::test]
+    async fn cancelled_receive_loses_no_message() {
+        let mb = Mailbox::new();
+        {
+            let f = mb.recv_p2p(key(1, 0));
+            let r = tokio::time::timeout(std::time::Duration::from_millis(5), f).await;
+            assert!(r.is_err());
+        }
+        mb.deliver(p2p(1, 0, 0, 7));
+        assert_eq!(byte(mb.recv_p2p(key(1, 0)).await.unwrap()).await, 7);
+        let ck = CollKey {
+            src: 3,
+            comm_id: 0,
+            epoch: 0,
+            seq: 1,
+            sub: 0,
+        };
+        let r = tokio::time::timeout(std::time::Duration::from_millis(5), mb.recv_coll(ck)).await;
+        assert!(r.is_err());
+        assert_eq!(mb.held(), 0, "cancelled receive left a slot behind");
+    }
+
+    #[tokio::test]
+    async fn lost_peer_fails_waiters_but_delivered_data_survives() {
+        let mb = std::sync::Arc::new(Mailbox::new());
+        mb.deliver(p2p(4, 0, 0, 1));
+        let mb2 = mb.clone();
+        let ck = CollKey {
+            src: 4,
+            comm_id: 0,
+            epoch: 0,
+            seq: 9,
+            sub: 0,
+        };
+        let t = tokio::spawn(async move { mb2.recv_coll(ck).await });
+        tokio::task::yield_now().await;
+        mb.fail_peer(4, "connection reset");
+        let e = t.await.unwrap().unwrap_err();
+        assert_eq!(e.rank, 4);
+        assert!(e.reason.contains("reset"));
+        // The message that arrived before the failure is still delivered.
+        assert_eq!(byte(mb.recv_p2p(key(4, 0)).await.unwrap()).await, 1);
+        assert!(mb.recv_p2p(key(4, 0)).await.is_err());
+        assert!(mb.recv_coll(ck).await.is_err());
+    }
+
+    #[tokio::test]
+    async fn short_message_is_an_error_not_a_hang() {
+        let mut h = Header::new(FrameKind::P2p, 0, 0, 0);
+        h.len = 10;
+        let mut m = Incoming::from_chunks(h, vec![Bytes::from_static(b"abc")]);
+        let mut out = [0u8; 10];
+        assert!(m.read_into(&mut out).await.unwrap_err().contains("early"));
+        let mut m = Incoming::from_chunks(h, vec![]);
+        let mut small = [0u8; 3];
+        assert!(m.read_into(&mut small).await.is_err());
+    }
+}

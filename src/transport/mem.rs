@@ -1,0 +1,98 @@
+//! In-process transport: every rank's mailbox is reachable directly.
+//!
+//! Deterministic and fast, for tests of everything above the transport. It
+//! moves the same frames as the QUIC transport, so the code under test is the
+//! same; only the wire is missing.
+
+use super::{BoxFut, Incoming, Mailbox, PeerFailure, Transport};
+use crate::wire::Header;
+use bytes::Bytes;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+struct Fabric {
+    mailboxes: Vec<Mailbox>,
+    down: Vec<AtomicBool>,
+}
+
+/// One rank's end of an in-process fabric.
+pub struct MemTransport {
+    rank: usize,
+    fabric: Arc<Fabric>,
+}
+
+impl MemTransport {
+    /// Create `n` connected ranks.
+    pub fn fabric(n: usize) -> Vec<MemTransport> {
+        let fabric = Arc::new(Fabric {
+            mailboxes: (0..n).map(|_| Mailbox::new()).collect(),
+            down: (0..n).map(|_| AtomicBool::new(false)).collect(),
+        });
+        (0..n)
+            .map(|rank| MemTransport {
+                rank,
+                fabric: fabric.clone(),
+            })
+            .collect()
+    }
+}
+
+impl Transport for MemTransport {
+    fn rank(&self) -> usize {
+        self.rank
+    }
+
+    fn size(&self) -> usize {
+        self.fabric.mailboxes.len()
+    }
+
+    fn send(
+        &self,
+        dst: usize,
+        header: Header,
+        payload: Vec<Bytes>,
+    ) -> BoxFut<'_, Result<(), PeerFailure>> {
+        Box::pin(async move {
+            let Some(mb) = self.fabric.mailboxes.get(dst) else {
+                return Err(PeerFailure {
+                    rank: dst,
+                    reason: format!("no rank {dst} in a world of {}", self.size()),
+                });
+            };
+            if self.fabric.down[dst].load(Ordering::Acquire) {
+                return Err(PeerFailure {
+                    rank: dst,
+                    reason: "rank has shut down".into(),
+                });
+            }
+            mb.deliver(Incoming::from_chunks(header, payload));
+            Ok(())
+        })
+    }
+
+    fn mailbox(&self) -> &Mailbox {
+        &self.fabric.mailboxes[self.rank]
+    }
+
+    fn peer_location(&self, rank: usize) -> String {
+        format!("in-process rank {rank}")
+    }
+
+    fn shutdown(&self, graceful: bool) -> BoxFut<'_, ()> {
+        Box::pin(async move {
+            if self.fabric.down[self.rank].swap(true, Ordering::AcqRel) {
+                return;
+            }
+            let reason = if graceful {
+                "the rank finalized before sending this message"
+            } else {
+                "the rank stopped after an error"
+            };
+            for (r, mb) in self.fabric.mailboxes.iter().enumerate() {
+                if r != self.rank {
+                    mb.fail_peer(self.rank, reason);
+                }
+            }
+        })
+    }
+}

@@ -1,0 +1,50 @@
+//! The UDP socket and quinn settings of a rank's single endpoint.
+
+use crate::config::Config;
+use crate::{Error, Result};
+use quinn::{MtuDiscoveryConfig, TransportConfig, VarInt};
+use socket2::{Domain, Protocol, Socket, Type};
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+/// Bind one UDP socket with the configured buffer sizes and wrap it in a
+/// quinn endpoint (client-capable; the server side is enabled once the rank
+/// has its certificate).
+pub fn bind(addr: SocketAddr, cfg: &Config) -> Result<quinn::Endpoint> {
+    let io = |what: &str, e: std::io::Error| {
+        Error::transport(None, format!("cannot {what} UDP socket on {addr}: {e}"))
+    };
+    let sock = Socket::new(Domain::for_address(addr), Type::DGRAM, Some(Protocol::UDP))
+        .map_err(|e| io("create", e))?;
+    // The kernel clamps to net.core.{r,w}mem_max; a smaller buffer only costs speed.
+    let _ = sock.set_recv_buffer_size(cfg.socket_buffer_bytes());
+    let _ = sock.set_send_buffer_size(cfg.socket_buffer_bytes());
+    sock.set_nonblocking(true).map_err(|e| io("configure", e))?;
+    sock.bind(&addr.into()).map_err(|e| io("bind", e))?;
+    let std_sock: std::net::UdpSocket = sock.into();
+    quinn::Endpoint::new(
+        quinn::EndpointConfig::default(),
+        None,
+        std_sock,
+        Arc::new(quinn::TokioRuntime),
+    )
+    .map_err(|e| io("start endpoint on", e))
+}
+
+/// quinn transport settings for rank-to-rank connections.
+pub fn transport_config(cfg: &Config) -> Result<Arc<TransportConfig>> {
+    let mut t = TransportConfig::default();
+    let idle = quinn::IdleTimeout::try_from(cfg.idle_timeout())
+        .map_err(|_| Error::config("idle timeout is too large for QUIC"))?;
+    t.max_idle_timeout(Some(idle));
+    t.keep_alive_interval(Some(cfg.keep_alive()));
+    t.stream_receive_window(VarInt::from_u32(cfg.stream_receive_window()));
+    t.send_window(cfg.send_window());
+    t.max_concurrent_uni_streams(VarInt::from_u32(cfg.max_streams()));
+    t.max_concurrent_bidi_streams(VarInt::from_u32(8));
+    let mut mtu = MtuDiscoveryConfig::default();
+    mtu.upper_bound(cfg.mtu_upper_bound());
+    t.mtu_discovery_config(Some(mtu));
+    t.enable_segmentation_offload(true);
+    Ok(Arc::new(t))
+}

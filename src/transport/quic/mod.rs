@@ -1,0 +1,587 @@
+//! QUIC transport: one endpoint (one UDP socket) per rank, at most one
+//! connection per peer pair in use for sending, one unidirectional stream
+//! per message, mutual TLS pinned to the job CA.
+//!
+//! Connections are opened lazily by whichever side sends first. Each side
+//! sends all its frames on one registered connection per peer, so frames and
+//! the final `Bye` from one sender are seen by one receive loop. The
+//! receiving side reads each stream's 64-byte header, checks that the frame's
+//! source is the rank named in the connection's certificate, bounds the
+//! length, and hands the message to the mailbox: small payloads are read
+//! completely first, large ones stay in QUIC's flow-control window until a
+//! receive consumes them.
+
+pub mod endpoint;
+
+use super::{BoxFut, Incoming, Mailbox, PeerFailure, Transport};
+use crate::config::Config;
+use crate::pki::{self, Credentials};
+use crate::wire::control::PeerInfo;
+use crate::wire::{FrameKind, Header, HEADER_LEN};
+use crate::{Error, Result};
+use bytes::Bytes;
+use quinn::crypto::rustls::{QuicClientConfig, QuicServerConfig};
+use quinn::{ConnectionError, VarInt};
+use std::future::Future;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use tokio::task::JoinSet;
+
+/// Close code: the rank finalized normally.
+pub const CODE_BYE: u32 = 0;
+/// Close code: the rank stopped after an error.
+pub const CODE_ABORT: u32 = 1;
+/// Close code: the peer sent something invalid.
+pub const CODE_PROTOCOL: u32 = 2;
+/// Close code: the peer's certificate is not acceptable.
+pub const CODE_AUTH: u32 = 3;
+
+struct Link {
+    conn: Mutex<Option<quinn::Connection>>,
+    dial: tokio::sync::Mutex<()>,
+    done: tokio::sync::watch::Sender<bool>,
+}
+
+struct Shared {
+    rank: usize,
+    job_id: String,
+    endpoint: quinn::Endpoint,
+    client: quinn::ClientConfig,
+    peers: Vec<PeerInfo>,
+    links: Vec<Link>,
+    mailbox: Mailbox,
+    cfg: Config,
+    tasks: Mutex<JoinSet<()>>,
+    closing: AtomicBool,
+}
+
+/// The QUIC transport of one rank.
+pub struct QuicTransport {
+    sh: Arc<Shared>,
+}
+
+fn quic_err(what: &str, e: impl std::fmt::Display) -> Error {
+    Error::transport(None, format!("{what}: {e}"))
+}
+
+impl QuicTransport {
+    /// Let `endpoint` accept peer connections with the rank's certificate.
+    /// Connections that arrive before [`QuicTransport::start`] wait in the
+    /// endpoint's queue.
+    pub fn accept_peers(
+        endpoint: &quinn::Endpoint,
+        creds: &Credentials,
+        cfg: &Config,
+    ) -> Result<()> {
+        let server_tls = QuicServerConfig::try_from(pki::peer_server_config(creds)?)
+            .map_err(|e| quic_err("QUIC server TLS", e))?;
+        let mut server = quinn::ServerConfig::with_crypto(Arc::new(server_tls));
+        server.transport_config(endpoint::transport_config(cfg)?);
+        endpoint.set_server_config(Some(server));
+        Ok(())
+    }
+
+    /// Start serving peers on `endpoint` (already bound, already used to
+    /// join the seed, and accepting peers) with the rank's credentials and
+    /// the peer table.
+    pub fn start(
+        endpoint: quinn::Endpoint,
+        creds: &Credentials,
+        peers: Vec<PeerInfo>,
+        cfg: &Config,
+    ) -> Result<QuicTransport> {
+        let tcfg = endpoint::transport_config(cfg)?;
+        let client_tls = QuicClientConfig::try_from(pki::peer_client_config(creds)?)
+            .map_err(|e| quic_err("QUIC client TLS", e))?;
+        let mut client = quinn::ClientConfig::new(Arc::new(client_tls));
+        client.transport_config(tcfg);
+        let links = peers
+            .iter()
+            .map(|_| Link {
+                conn: Mutex::new(None),
+                dial: tokio::sync::Mutex::new(()),
+                done: tokio::sync::watch::channel(false).0,
+            })
+            .collect();
+        let sh = Arc::new(Shared {
+            rank: creds.rank,
+            job_id: creds.job_id.clone(),
+            endpoint,
+            client,
+            peers,
+            links,
+            mailbox: Mailbox::new(),
+            cfg: cfg.clone(),
+            tasks: Mutex::new(JoinSet::new()),
+            closing: AtomicBool::new(false),
+        });
+        let acc = sh.clone();
+        sh.spawn(async move { acc.accept_loop().await });
+        Ok(QuicTransport { sh })
+    }
+
+    /// The local address of this rank's endpoint.
+    pub fn local_addr(&self) -> Option<std::net::SocketAddr> {
+        self.sh.endpoint.local_addr().ok()
+    }
+}
+
+impl Drop for QuicTransport {
+    fn drop(&mut self) {
+        // Without an explicit shutdown, close at once so no task or socket outlives us.
+        if !self.sh.closing.swap(true, Ordering::AcqRel) {
+            self.sh
+                .endpoint
+                .close(VarInt::from_u32(CODE_BYE), b"rank dropped its transport");
+        }
+        self.sh.abort_tasks();
+    }
+}
+
+enum Frame {
+    Delivered,
+    Bye,
+    Dropped,
+    Violation(String),
+}
+
+impl Shared {
+    fn spawn(&self, fut: impl Future<Output = ()> + Send + 'static) {
+        let mut tasks = self.tasks.lock().unwrap_or_else(|p| p.into_inner());
+        while tasks.try_join_next().is_some() {}
+        tasks.spawn(fut);
+    }
+
+    fn abort_tasks(&self) {
+        let mut tasks = self.tasks.lock().unwrap_or_else(|p| p.into_inner());
+        tasks.abort_all();
+        while tasks.try_join_next().is_some() {}
+    }
+
+    fn registered(&self, rank: usize) -> Option<quinn::Connection> {
+        let g = self.links[rank]
+            .conn
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        g.clone()
+    }
+
+    /// Use `conn` for sending to `rank` unless a connection is already registered.
+    fn register(&self, rank: usize, conn: &quinn::Connection) -> quinn::Connection {
+        let mut g = self.links[rank]
+            .conn
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        g.get_or_insert_with(|| conn.clone()).clone()
+    }
+
+    fn failure(&self, rank: usize, reason: String) -> PeerFailure {
+        PeerFailure { rank, reason }
+    }
+
+    async fn accept_loop(self: Arc<Self>) {
+        while let Some(incoming) = self.endpoint.accept().await {
+            if self.closing.load(Ordering::Acquire) {
+                incoming.refuse();
+                continue;
+            }
+            let sh = self.clone();
+            self.spawn(async move { sh.accept_one(incoming).await });
+        }
+    }
+
+    async fn accept_one(self: Arc<Self>, incoming: quinn::Incoming) {
+        let from = incoming.remote_address();
+        let conn = match tokio::time::timeout(self.cfg.formation_timeout(), incoming).await {
+            Ok(Ok(c)) => c,
+            Ok(Err(e)) => {
+                tracing::warn!(rank = self.rank, %from, "refused a connection: {e}");
+                return;
+            }
+            Err(_) => return,
+        };
+        let rank = match self.identify(&conn) {
+            Ok(r) => r,
+            Err(e) => {
+                tracing::warn!(rank = self.rank, %from, "refused a peer: {e}");
+                conn.close(
+                    VarInt::from_u32(CODE_AUTH),
+                    b"certificate names no peer rank",
+                );
+                return;
+            }
+        };
+        self.register(rank, &conn);
+        self.serve(rank, conn).await;
+    }
+
+    /// The rank named by the peer's certificate (already verified against the job CA).
+    fn identify(&self, conn: &quinn::Connection) -> Result<usize> {
+        let certs = conn
+            .peer_identity()
+            .and_then(|id| {
+                id.downcast::<Vec<rustls::pki_types::CertificateDer<'static>>>()
+                    .ok()
+            })
+            .ok_or_else(|| Error::auth("peer presented no certificate"))?;
+        let leaf = certs
+            .first()
+            .ok_or_else(|| Error::auth("peer presented an empty certificate chain"))?;
+        let rank = pki::rank_from_cert(leaf, &self.job_id)?;
+        if rank >= self.peers.len() || rank == self.rank {
+            return Err(Error::auth(format!(
+                "peer certificate names rank {rank}, not a peer of rank {} in a world of {}",
+                self.rank,
+                self.peers.len()
+            )));
+        }
+        Ok(rank)
+    }
+
+    /// Receive loop of one connection.
+    async fn serve(self: Arc<Self>, rank: usize, conn: quinn::Connection) {
+        let mut frames: JoinSet<Frame> = JoinSet::new();
+        let end = loop {
+            tokio::select! {
+                s = conn.accept_uni() => match s {
+                    Ok(s) => {
+                        let sh = self.clone();
+                        frames.spawn(async move { sh.read_frame(rank, s).await });
+                    }
+                    Err(e) => break e,
+                },
+                Some(done) = frames.join_next() => match done {
+                    Ok(Frame::Bye) => {
+                        // Every stream the peer opened before its Bye was
+                        // accepted already; let them reach the mailbox first.
+                        while frames.join_next().await.is_some() {}
+                        self.mailbox.fail_peer(
+                            rank,
+                            "the rank finalized (it called finalize or ended) without sending this message",
+                        );
+                        self.links[rank].done.send_replace(true);
+                    }
+                    Ok(Frame::Violation(reason)) => {
+                        tracing::warn!(rank = self.rank, peer = rank, "closing connection: {reason}");
+                        self.mailbox.fail_peer(rank, &format!("it sent an invalid frame: {reason}"));
+                        conn.close(VarInt::from_u32(CODE_PROTOCOL), reason.as_bytes());
+                    }
+                    Ok(Frame::Delivered) | Ok(Frame::Dropped) | Err(_) => {}
+                },
+            }
+        };
+        frames.abort_all();
+        self.links[rank].done.send_replace(true);
+        if self.closing.load(Ordering::Acquire) {
+            return;
+        }
+        let reason = match &end {
+            ConnectionError::ApplicationClosed(c) if c.error_code == VarInt::from_u32(CODE_BYE) => {
+                "the rank finalized and closed its connections".to_string()
+            }
+            ConnectionError::ApplicationClosed(c) => format!(
+                "the rank closed its connection: {}",
+                String::from_utf8_lossy(&c.reason)
+            ),
+            ConnectionError::TimedOut => format!(
+                "no packets for {:?} (idle timeout): its host is down, its process is \
+                 frozen, or the network is cut",
+                self.cfg.idle_timeout()
+            ),
+            ConnectionError::Reset => {
+                "connection reset: its process exited or its endpoint vanished".to_string()
+            }
+            ConnectionError::LocallyClosed => return,
+            other => format!("connection lost: {other}"),
+        };
+        tracing::debug!(rank = self.rank, peer = rank, "peer gone: {reason}");
+        self.mailbox.fail_peer(rank, &reason);
+    }
+
+    async fn read_frame(&self, rank: usize, mut s: quinn::RecvStream) -> Frame {
+        let mut hb = [0u8; HEADER_LEN];
+        if let Err(e) = s.read_exact(&mut hb).await {
+            tracing::debug!(
+                rank = self.rank,
+                peer = rank,
+                "stream ended before its header: {e}"
+            );
+            return Frame::Dropped;
+        }
+        let h = match Header::decode(&hb) {
+            Ok(h) => h,
+            Err(e) => return Frame::Violation(e.to_string()),
+        };
+        if h.src as usize != rank {
+            return Frame::Violation(format!(
+                "frame claims to come from rank {} but the connection's certificate is rank {rank}",
+                h.src
+            ));
+        }
+        if h.kind == FrameKind::Bye {
+            return Frame::Bye;
+        }
+        if h.len > self.cfg.max_message_bytes() {
+            let _ = s.stop(VarInt::from_u32(CODE_PROTOCOL));
+            return Frame::Violation(format!(
+                "frame announces {} payload bytes, more than the limit of {} \
+                 (Config::set_max_message_bytes)",
+                h.len,
+                self.cfg.max_message_bytes()
+            ));
+        }
+        if h.len as usize > self.cfg.eager_limit() {
+            self.mailbox.deliver(Incoming::from_stream(h, s));
+            return Frame::Delivered;
+        }
+        let mut chunks = Vec::new();
+        let mut left = h.len as usize;
+        while left > 0 {
+            match s.read_chunk(left, true).await {
+                Ok(Some(c)) => {
+                    left -= c.bytes.len();
+                    chunks.push(c.bytes);
+                }
+                Ok(None) => {
+                    return Frame::Violation(format!(
+                        "message ended {left} bytes before its announced length {}",
+                        h.len
+                    ))
+                }
+                Err(e) => {
+                    tracing::debug!(rank = self.rank, peer = rank, "message abandoned: {e}");
+                    return Frame::Dropped;
+                }
+            }
+        }
+        self.mailbox.deliver(Incoming::from_chunks(h, chunks));
+        Frame::Delivered
+    }
+
+    async fn connection(
+        self: &Arc<Self>,
+        dst: usize,
+    ) -> std::result::Result<quinn::Connection, PeerFailure> {
+        if let Some(c) = self.registered(dst) {
+            return Ok(c);
+        }
+        let _dialing = self.links[dst].dial.lock().await;
+        if let Some(c) = self.registered(dst) {
+            return Ok(c);
+        }
+        let addr = self.peers[dst].addr;
+        let name = pki::rank_dns_name(&self.job_id, dst);
+        let fail = |e: String| {
+            let reason = format!("cannot connect to it at {addr}: {e}");
+            self.mailbox.fail_peer(dst, &reason);
+            self.failure(dst, reason)
+        };
+        let connecting = self
+            .endpoint
+            .connect_with(self.client.clone(), addr, &name)
+            .map_err(|e| fail(e.to_string()))?;
+        let conn = match tokio::time::timeout(self.cfg.formation_timeout(), connecting).await {
+            Ok(Ok(c)) => c,
+            Ok(Err(e)) => return Err(fail(e.to_string())),
+            Err(_) => {
+                return Err(fail(format!(
+                    "no answer within {:?}",
+                    self.cfg.formation_timeout()
+                )))
+            }
+        };
+        let used = self.register(dst, &conn);
+        let sh = self.clone();
+        self.spawn(async move { sh.serve(dst, conn).await });
+        Ok(used)
+    }
+
+    async fn send(
+        self: &Arc<Self>,
+        dst: usize,
+        header: Header,
+        payload: Vec<Bytes>,
+    ) -> std::result::Result<(), PeerFailure> {
+        if dst >= self.peers.len() {
+            return Err(self.failure(
+                dst,
+                format!("no rank {dst} in a world of {}", self.peers.len()),
+            ));
+        }
+        if dst == self.rank {
+            self.mailbox.deliver(Incoming::from_chunks(header, payload));
+            return Ok(());
+        }
+        if self.closing.load(Ordering::Acquire) {
+            return Err(self.failure(dst, "this rank's transport is shut down".into()));
+        }
+        if let Some(reason) = self.mailbox.gone_reason(dst) {
+            return Err(self.failure(dst, reason));
+        }
+        let conn = self.connection(dst).await?;
+        let lost = |e: &dyn std::fmt::Display| {
+            let reason = self
+                .mailbox
+                .gone_reason(dst)
+                .unwrap_or_else(|| format!("send failed: {e}"));
+            self.failure(dst, reason)
+        };
+        let s = conn.open_uni().await.map_err(|e| lost(&e))?;
+        let mut guard = ResetOnDrop(Some(s));
+        let mut bufs = Vec::with_capacity(payload.len() + 1);
+        bufs.push(Bytes::copy_from_slice(&header.encode()));
+        bufs.extend(payload);
+        if let Some(s) = guard.0.as_mut() {
+            s.write_all_chunks(&mut bufs).await.map_err(|e| lost(&e))?;
+            s.finish().map_err(|e| lost(&e))?;
+        }
+        guard.0 = None;
+        Ok(())
+    }
+
+    async fn shutdown(self: &Arc<Self>, graceful: bool) {
+        if self.closing.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        if graceful {
+            let deadline = tokio::time::Instant::now() + self.cfg.linger();
+            let live: Vec<(usize, quinn::Connection)> = (0..self.peers.len())
+                .filter_map(|r| self.registered(r).map(|c| (r, c)))
+                .filter(|(_, c)| c.close_reason().is_none())
+                .collect();
+            for (r, c) in &live {
+                let bye = Header::new(FrameKind::Bye, self.rank as u32, 0, 0);
+                if let Ok(mut s) = c.open_uni().await {
+                    if s.write_all(&bye.encode()).await.is_ok() {
+                        let _ = s.finish();
+                    }
+                } else {
+                    tracing::debug!(rank = self.rank, peer = r, "could not send Bye");
+                }
+            }
+            // Wait until every connected peer is done with us too, so data it
+            // has not read yet is not lost when the connections close.
+            for (r, c) in &live {
+                let mut done = self.links[*r].done.subscribe();
+                let wait = async {
+                    tokio::select! {
+                        _ = done.wait_for(|d| *d) => {}
+                        _ = c.closed() => {}
+                    }
+                };
+                if tokio::time::timeout_at(deadline, wait).await.is_err() {
+                    tracing::warn!(
+                        rank = self.rank,
+                        "finalize: peers did not finalize within {:?}; closing anyway",
+                        self.cfg.linger()
+                    );
+                    break;
+                }
+            }
+        }
+        let mut notified = Vec::new();
+        if !graceful {
+            notified = self.reach_unconnected_peers().await;
+        }
+        tracing::debug!(rank = self.rank, "shutdown: peers done");
+        let (code, why): (u32, &[u8]) = if graceful {
+            (CODE_BYE, b"finalized")
+        } else {
+            (CODE_ABORT, b"rank stopped after an error")
+        };
+        self.endpoint.close(VarInt::from_u32(code), why);
+        let _ = tokio::time::timeout(Duration::from_millis(100), self.endpoint.wait_idle()).await;
+        tracing::debug!(rank = self.rank, "shutdown: endpoint idle");
+        drop(notified);
+        self.abort_tasks();
+        for r in 0..self.peers.len() {
+            if r != self.rank {
+                self.mailbox
+                    .fail_peer(r, "this rank's transport was shut down");
+            }
+        }
+    }
+}
+
+impl Shared {
+    /// Before an abort: connect (briefly, all at once) to every peer this
+    /// rank never talked to, so closing the endpoint tells them too, instead
+    /// of leaving them waiting until their operation timeout.
+    async fn reach_unconnected_peers(&self) -> Vec<quinn::Connection> {
+        let mut dials = tokio::task::JoinSet::new();
+        for r in 0..self.peers.len() {
+            let live = self
+                .registered(r)
+                .is_some_and(|c| c.close_reason().is_none());
+            if r == self.rank || live || self.mailbox.gone_reason(r).is_some() {
+                continue;
+            }
+            let name = pki::rank_dns_name(&self.job_id, r);
+            if let Ok(connecting) =
+                self.endpoint
+                    .connect_with(self.client.clone(), self.peers[r].addr, &name)
+            {
+                dials.spawn(
+                    async move { tokio::time::timeout(ABORT_NOTICE_WAIT, connecting).await },
+                );
+            }
+        }
+        let mut conns = Vec::new();
+        while let Some(done) = dials.join_next().await {
+            if let Ok(Ok(Ok(c))) = done {
+                conns.push(c);
+            }
+        }
+        conns
+    }
+}
+
+/// How long an aborting rank tries to reach peers it never talked to.
+const ABORT_NOTICE_WAIT: Duration = Duration::from_secs(2);
+
+/// Resets a stream whose message was not completely written (the sending
+/// operation was cancelled), so the receiver sees an error, not a short message.
+struct ResetOnDrop(Option<quinn::SendStream>);
+
+impl Drop for ResetOnDrop {
+    fn drop(&mut self) {
+        if let Some(s) = self.0.as_mut() {
+            let _ = s.reset(VarInt::from_u32(CODE_ABORT));
+        }
+    }
+}
+
+impl Transport for QuicTransport {
+    fn rank(&self) -> usize {
+        self.sh.rank
+    }
+
+    fn size(&self) -> usize {
+        self.sh.peers.len()
+    }
+
+    fn send(
+        &self,
+        dst: usize,
+        header: Header,
+        payload: Vec<Bytes>,
+    ) -> BoxFut<'_, std::result::Result<(), PeerFailure>> {
+        Box::pin(self.sh.send(dst, header, payload))
+    }
+
+    fn mailbox(&self) -> &Mailbox {
+        &self.sh.mailbox
+    }
+
+    fn peer_location(&self, rank: usize) -> String {
+        match self.sh.peers.get(rank) {
+            Some(p) => format!("{} on {} pid {}", p.addr, p.host, p.pid),
+            None => "unknown".into(),
+        }
+    }
+
+    fn shutdown(&self, graceful: bool) -> BoxFut<'_, ()> {
+        Box::pin(self.sh.shutdown(graceful))
+    }
+}
