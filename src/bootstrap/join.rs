@@ -1,0 +1,206 @@
+//! The rank's side of the join protocol.
+
+use super::token::{Direction, JobToken};
+use super::{read_msg, write_msg};
+use crate::config::Config;
+use crate::pki::{self, Credentials, RankKey};
+use crate::transport::quic::endpoint;
+use crate::wire::control::{Formation, JoinReply, JoinRequest, PeerInfo, Ready, RejectKind};
+use crate::{Error, Result};
+use quinn::crypto::rustls::QuicClientConfig;
+use rustls::pki_types::CertificateDer;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+/// Where and how to join a job.
+#[derive(Clone, Debug)]
+pub struct JoinSpec {
+    /// The seed's address.
+    pub seed: SocketAddr,
+    /// The job token.
+    pub token: JobToken,
+    /// The job id the rank was started for (checked by the seed when set).
+    pub job_id: Option<String>,
+    /// The rank to ask for (`None`: any free rank).
+    pub rank: Option<usize>,
+    /// The world size the rank expects (checked by the seed when set).
+    pub world_size: Option<usize>,
+    /// This host's name, for messages that name the rank.
+    pub host: String,
+}
+
+/// The connection to the seed, held for the job's lifetime.
+pub struct SeedLink {
+    conn: quinn::Connection,
+}
+
+impl SeedLink {
+    /// Close the link (the rank is done).
+    pub fn close(&self) {
+        self.conn.close(quinn::VarInt::from_u32(0), b"rank done");
+    }
+}
+
+/// What a rank knows once the world is formed.
+pub struct Joined {
+    /// Its certificate, key and the job CA.
+    pub creds: Credentials,
+    /// Number of ranks.
+    pub world_size: usize,
+    /// Membership epoch.
+    pub epoch: u32,
+    /// Peer table in rank order.
+    pub peers: Vec<PeerInfo>,
+    /// The open connection to the seed.
+    pub seed: SeedLink,
+}
+
+fn membership(detail: String) -> Error {
+    Error::Membership { detail }
+}
+
+/// Join the job through `endpoint` (the rank's own, already bound) and wait
+/// until the world is formed. `admitted` runs once the rank holds its
+/// credentials and must make the endpoint accept peer connections; the seed
+/// completes formation only when every rank has done so.
+pub async fn join(
+    endpoint: &quinn::Endpoint,
+    spec: &JoinSpec,
+    cfg: &Config,
+    admitted: impl FnOnce(&Credentials) -> Result<()>,
+) -> Result<Joined> {
+    let seed = spec.seed;
+    let deadline = cfg.formation_timeout();
+    let unreachable = |e: String| {
+        membership(format!(
+            "cannot reach the seed at {seed}: {e}; is the launcher (rankrun) still running, \
+             and can this host reach that address?"
+        ))
+    };
+    let tls = QuicClientConfig::try_from(pki::seed_client_config()?)
+        .map_err(|e| Error::transport(None, format!("seed client TLS: {e}")))?;
+    let mut client = quinn::ClientConfig::new(Arc::new(tls));
+    client.transport_config(endpoint::transport_config(cfg)?);
+    let connecting = endpoint
+        .connect_with(client, seed, "seed.rankmesh")
+        .map_err(|e| unreachable(e.to_string()))?;
+    let conn = tokio::time::timeout(deadline, connecting)
+        .await
+        .map_err(|_| unreachable(format!("no answer within {deadline:?}")))?
+        .map_err(|e| unreachable(e.to_string()))?;
+    let result = exchange(&conn, endpoint, spec, deadline, admitted).await;
+    if result.is_err() {
+        conn.close(quinn::VarInt::from_u32(1), b"join failed");
+    }
+    result
+}
+
+async fn exchange(
+    conn: &quinn::Connection,
+    endpoint: &quinn::Endpoint,
+    spec: &JoinSpec,
+    deadline: Duration,
+    admitted: impl FnOnce(&Credentials) -> Result<()>,
+) -> Result<Joined> {
+    let seed = spec.seed;
+    let key = RankKey::generate()?;
+    let listen = endpoint
+        .local_addr()
+        .map_err(|e| Error::transport(None, format!("endpoint address: {e}")))?;
+    let req = JoinRequest {
+        proof: spec.token.proof(conn, Direction::RankToSeed)?,
+        job_id: spec.job_id.clone(),
+        requested_rank: spec.rank.map(|r| r as u32),
+        world_size: spec.world_size.map(|w| w as u32),
+        listen,
+        host: spec.host.clone(),
+        pid: std::process::id(),
+        csr_der: key.csr_der()?,
+    };
+    let timed = |what: &'static str| {
+        move |_| {
+            membership(format!(
+                "the seed at {seed} did not {what} within {deadline:?}"
+            ))
+        }
+    };
+    let (mut send, mut recv) = tokio::time::timeout(deadline, conn.open_bi())
+        .await
+        .map_err(timed("open the join stream"))?
+        .map_err(|e| membership(format!("join stream to the seed at {seed}: {e}")))?;
+    write_msg(&mut send, &req).await?;
+    let seed_name = format!("the seed at {seed}");
+    let reply: JoinReply = tokio::time::timeout(deadline, read_msg(&mut recv, &seed_name))
+        .await
+        .map_err(timed("answer the join request"))??;
+    let (proof, rank, world_size, job_id, ca_der, cert_der) = match reply {
+        JoinReply::Accepted {
+            proof,
+            rank,
+            world_size,
+            job_id,
+            ca_der,
+            cert_der,
+        } => (
+            proof,
+            rank as usize,
+            world_size as usize,
+            job_id,
+            ca_der,
+            cert_der,
+        ),
+        JoinReply::Rejected { kind, reason } => {
+            return Err(match kind {
+                RejectKind::Auth => Error::auth(reason),
+                RejectKind::Membership => membership(reason),
+                RejectKind::Protocol => Error::protocol(reason),
+            })
+        }
+    };
+    if !spec.token.verify(conn, Direction::SeedToRank, &proof)? {
+        return Err(Error::auth(format!(
+            "the server at {seed} could not prove it holds the job token: it is not this \
+             job's seed (check RANKMESH_SEED and RANKMESH_TOKEN)"
+        )));
+    }
+    pki::validate_job_id(&job_id)?;
+    let creds = Credentials::new(
+        &job_id,
+        rank,
+        CertificateDer::from(ca_der),
+        CertificateDer::from(cert_der),
+        &key,
+    )?;
+    admitted(&creds)?;
+    write_msg(&mut send, &Ready { rank: rank as u32 }).await?;
+    tracing::debug!(
+        rank,
+        world_size,
+        "admitted by the seed; waiting for formation"
+    );
+    let formation: Formation = tokio::time::timeout(
+        deadline + Duration::from_secs(5),
+        read_msg(&mut recv, &seed_name),
+    )
+    .await
+    .map_err(timed("complete formation"))??;
+    match formation {
+        Formation::Welcome { epoch, peers } => {
+            if peers.len() != world_size {
+                return Err(Error::protocol(format!(
+                    "the seed announced {world_size} ranks but sent {} peer addresses",
+                    peers.len()
+                )));
+            }
+            Ok(Joined {
+                creds,
+                world_size,
+                epoch,
+                peers,
+                seed: SeedLink { conn: conn.clone() },
+            })
+        }
+        Formation::Failed { reason } => Err(membership(reason)),
+    }
+}

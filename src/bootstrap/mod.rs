@@ -1,0 +1,54 @@
+//! Forming a job: the seed (a sans-IO formation state machine plus a thin
+//! QUIC driver) and the rank's side of the join protocol.
+//!
+//! Protocol (one bidirectional stream per joining rank, messages of
+//! `wire::control`):
+//! 1. rank -> seed: `JoinRequest` with the rank's token proof and a CSR;
+//! 2. seed -> rank: `JoinReply::Accepted` with the seed's token proof, the
+//!    assigned rank, the job CA and the signed leaf (or `Rejected`);
+//! 3. seed -> rank, once every rank joined: `Formation::Welcome` with the
+//!    peer table (or `Failed`, naming the missing ranks).
+//!
+//! Must not depend on `coll` or `comm`.
+
+mod join;
+mod seed;
+pub mod state;
+mod token;
+
+pub use join::{join, JoinSpec, Joined, SeedLink};
+pub use seed::{Seed, SeedConfig};
+pub use token::{random_job_id, JobToken};
+
+use crate::wire::control::{self, ControlError, PREFIX_LEN};
+use crate::{Error, Result};
+use serde::{de::DeserializeOwned, Serialize};
+
+fn control_error(peer: &str, e: ControlError) -> Error {
+    match e {
+        ControlError::Version { .. } => Error::protocol(format!("{peer}: {e}")),
+        other => Error::protocol(format!("{peer} sent an invalid join message: {other}")),
+    }
+}
+
+/// Read one control message from a stream.
+async fn read_msg<T: DeserializeOwned>(s: &mut quinn::RecvStream, peer: &str) -> Result<T> {
+    let mut pre = [0u8; PREFIX_LEN];
+    s.read_exact(&mut pre)
+        .await
+        .map_err(|e| Error::protocol(format!("{peer} ended the join exchange: {e}")))?;
+    let p = control::decode_prefix(&pre).map_err(|e| control_error(peer, e))?;
+    let mut body = vec![0u8; p.body_len];
+    s.read_exact(&mut body)
+        .await
+        .map_err(|e| Error::protocol(format!("{peer} ended the join exchange: {e}")))?;
+    control::decode_body(&body).map_err(|e| control_error(peer, e))
+}
+
+/// Write one control message to a stream.
+async fn write_msg<T: Serialize>(s: &mut quinn::SendStream, msg: &T) -> Result<()> {
+    let buf = control::encode(msg).map_err(|e| Error::protocol(e.to_string()))?;
+    s.write_all(&buf)
+        .await
+        .map_err(|e| Error::transport(None, format!("join exchange: {e}")))
+}

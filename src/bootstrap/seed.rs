@@ -1,0 +1,383 @@
+//! The seed's QUIC driver: accepts joining ranks, checks their token proof,
+//! signs their certificates, feeds the formation state machine and tells
+//! every rank the outcome.
+
+use super::state::{Decision, JoinInfo, Phase, SeedState};
+use super::token::{random_job_id, Direction, JobToken};
+use super::{read_msg, write_msg};
+use crate::config::Config;
+use crate::pki::{self, JobCa};
+use crate::transport::quic::endpoint;
+use crate::wire::control::{Formation, JoinReply, JoinRequest, PeerInfo, Ready, RejectKind};
+use crate::{Error, Result};
+use quinn::crypto::rustls::QuicServerConfig;
+use quinn::VarInt;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+use tokio::sync::watch;
+use tokio::task::JoinSet;
+
+/// Settings of a seed.
+#[derive(Clone, Debug)]
+pub struct SeedConfig {
+    world_size: usize,
+    bind: SocketAddr,
+    job_id: Option<String>,
+    token: Option<JobToken>,
+    formation_timeout: Duration,
+    cert_lifetime: Duration,
+}
+
+impl SeedConfig {
+    /// A seed for `world_size` ranks on 127.0.0.1 (any port), fresh token
+    /// and job id, 60 s formation deadline, certificates valid 30 days.
+    pub fn new(world_size: usize) -> SeedConfig {
+        SeedConfig {
+            world_size,
+            bind: SocketAddr::from(([127, 0, 0, 1], 0)),
+            job_id: None,
+            token: None,
+            formation_timeout: Duration::from_secs(60),
+            cert_lifetime: Duration::from_secs(30 * 24 * 3600),
+        }
+    }
+
+    /// Address (and port, 0 = any) to listen on.
+    pub fn set_bind(&mut self, addr: SocketAddr) -> &mut Self {
+        self.bind = addr;
+        self
+    }
+
+    /// Job id (default: 16 random hex digits).
+    pub fn set_job_id(&mut self, id: impl Into<String>) -> &mut Self {
+        self.job_id = Some(id.into());
+        self
+    }
+
+    /// Job token (default: freshly generated).
+    pub fn set_token(&mut self, token: JobToken) -> &mut Self {
+        self.token = Some(token);
+        self
+    }
+
+    /// How long ranks have to join before formation fails, naming who is missing.
+    pub fn set_formation_timeout(&mut self, t: Duration) -> &mut Self {
+        self.formation_timeout = t;
+        self
+    }
+
+    /// Validity of the job CA and every certificate it signs: the upper
+    /// bound on the job's duration. Default 30 days.
+    pub fn set_cert_lifetime(&mut self, t: Duration) -> &mut Self {
+        self.cert_lifetime = t;
+        self
+    }
+}
+
+struct Inner {
+    job_id: String,
+    token: JobToken,
+    ca: JobCa,
+    world_size: usize,
+    state: Mutex<SeedState>,
+    phase: watch::Sender<Phase>,
+}
+
+/// A running seed: the job's certificate authority and formation point.
+pub struct Seed {
+    inner: Arc<Inner>,
+    endpoint: quinn::Endpoint,
+    tasks: Arc<Mutex<JoinSet<()>>>,
+}
+
+fn spawn(tasks: &Mutex<JoinSet<()>>, fut: impl std::future::Future<Output = ()> + Send + 'static) {
+    let mut t = tasks.lock().unwrap_or_else(|p| p.into_inner());
+    while t.try_join_next().is_some() {}
+    t.spawn(fut);
+}
+
+impl Seed {
+    /// Start a seed (inside a tokio runtime).
+    pub fn start(cfg: SeedConfig) -> Result<Seed> {
+        if cfg.world_size == 0 {
+            return Err(Error::config("world size must be at least 1"));
+        }
+        let job_id = match cfg.job_id {
+            Some(j) => j,
+            None => random_job_id()?,
+        };
+        let token = match cfg.token {
+            Some(t) => t,
+            None => JobToken::generate()?,
+        };
+        let ca = JobCa::new(&job_id, cfg.cert_lifetime)?;
+        let (chain, key) = ca.seed_identity()?;
+        let tls = QuicServerConfig::try_from(pki::seed_server_config(chain, key)?)
+            .map_err(|e| Error::transport(None, format!("seed TLS: {e}")))?;
+        let mut server = quinn::ServerConfig::with_crypto(Arc::new(tls));
+        server.transport_config(endpoint::transport_config(&Config::default())?);
+        let endpoint = endpoint::bind(cfg.bind, &Config::default())?;
+        endpoint.set_server_config(Some(server));
+        let now = Instant::now();
+        let state = SeedState::new(&job_id, cfg.world_size, now, cfg.formation_timeout);
+        let inner = Arc::new(Inner {
+            job_id,
+            token,
+            ca,
+            world_size: cfg.world_size,
+            state: Mutex::new(state),
+            phase: watch::channel(Phase::Forming).0,
+        });
+        let tasks = Arc::new(Mutex::new(JoinSet::new()));
+        let (i, ep, t) = (inner.clone(), endpoint.clone(), tasks.clone());
+        spawn(&tasks, async move { accept_loop(i, ep, t).await });
+        let i = inner.clone();
+        let deadline = tokio::time::Instant::from_std(now + cfg.formation_timeout);
+        spawn(&tasks, async move {
+            tokio::time::sleep_until(deadline).await;
+            let phase = {
+                let mut st = i.state.lock().unwrap_or_else(|p| p.into_inner());
+                st.handle_timeout(Instant::now());
+                st.phase().clone()
+            };
+            if let Phase::Failed(reason) = &phase {
+                tracing::error!("seed: {reason}");
+                i.phase.send_replace(phase);
+            }
+        });
+        tracing::info!(
+            "seed: job {} listening on {:?} for {} ranks",
+            inner.job_id,
+            endpoint.local_addr().ok(),
+            inner.world_size
+        );
+        Ok(Seed {
+            inner,
+            endpoint,
+            tasks,
+        })
+    }
+
+    /// The address ranks join (`RANKMESH_SEED`).
+    pub fn addr(&self) -> Result<SocketAddr> {
+        self.endpoint
+            .local_addr()
+            .map_err(|e| Error::transport(None, format!("seed address: {e}")))
+    }
+
+    /// The job id.
+    pub fn job_id(&self) -> &str {
+        &self.inner.job_id
+    }
+
+    /// The job token ranks must prove (`RANKMESH_TOKEN`); a secret.
+    pub fn token(&self) -> &JobToken {
+        &self.inner.token
+    }
+
+    /// Wait until every rank joined (the peer table) or formation failed
+    /// (an error naming the missing ranks).
+    pub async fn wait_formed(&self) -> Result<Vec<PeerInfo>> {
+        let mut rx = self.inner.phase.subscribe();
+        let phase = rx
+            .wait_for(|p| !matches!(p, Phase::Forming))
+            .await
+            .map_err(|_| Error::Membership {
+                detail: "the seed stopped before formation completed".into(),
+            })?
+            .clone();
+        match phase {
+            Phase::Formed(t) => Ok(t),
+            Phase::Failed(reason) => Err(Error::Membership { detail: reason }),
+            Phase::Forming => Err(Error::Membership {
+                detail: "formation did not complete".into(),
+            }),
+        }
+    }
+
+    /// Stop the seed and every task it runs.
+    pub async fn shutdown(&self) {
+        self.endpoint.close(VarInt::from_u32(0), b"seed shut down");
+        let _ = tokio::time::timeout(Duration::from_millis(100), self.endpoint.wait_idle()).await;
+        let mut t = self.tasks.lock().unwrap_or_else(|p| p.into_inner());
+        t.abort_all();
+        while t.try_join_next().is_some() {}
+    }
+}
+
+impl Drop for Seed {
+    fn drop(&mut self) {
+        self.endpoint.close(VarInt::from_u32(0), b"seed dropped");
+        let mut t = self.tasks.lock().unwrap_or_else(|p| p.into_inner());
+        t.abort_all();
+    }
+}
+
+async fn accept_loop(inner: Arc<Inner>, endpoint: quinn::Endpoint, tasks: Arc<Mutex<JoinSet<()>>>) {
+    while let Some(incoming) = endpoint.accept().await {
+        let i = inner.clone();
+        spawn(&tasks, async move {
+            let from = incoming.remote_address();
+            if let Err(e) = handle(i, incoming).await {
+                tracing::warn!("seed: join from {from} failed: {e}");
+            }
+        });
+    }
+}
+
+/// Resolves once formation has failed.
+async fn wait_failed(inner: &Inner) {
+    let mut rx = inner.phase.subscribe();
+    let _ = rx.wait_for(|p| matches!(p, Phase::Failed(_))).await;
+}
+
+async fn reject(
+    conn: &quinn::Connection,
+    send: &mut quinn::SendStream,
+    kind: RejectKind,
+    reason: String,
+) -> Result<()> {
+    let _ = write_msg(send, &JoinReply::Rejected { kind, reason }).await;
+    let _ = send.finish();
+    // Let the rank read the verdict before the connection goes away.
+    let _ = tokio::time::timeout(Duration::from_secs(2), conn.closed()).await;
+    conn.close(VarInt::from_u32(1), b"join rejected");
+    Ok(())
+}
+
+async fn handle(inner: Arc<Inner>, incoming: quinn::Incoming) -> Result<()> {
+    let from = incoming.remote_address();
+    let limit = Duration::from_secs(30);
+    let conn = tokio::time::timeout(limit, incoming)
+        .await
+        .map_err(|_| Error::transport(None, "handshake timed out"))?
+        .map_err(|e| Error::transport(None, format!("handshake: {e}")))?;
+    let (mut send, mut recv) = tokio::time::timeout(limit, conn.accept_bi())
+        .await
+        .map_err(|_| Error::transport(None, "no join request"))?
+        .map_err(|e| Error::transport(None, format!("join stream: {e}")))?;
+    let req: JoinRequest = match tokio::time::timeout(limit, read_msg(&mut recv, "rank")).await {
+        Ok(Ok(r)) => r,
+        Ok(Err(e)) => return reject(&conn, &mut send, RejectKind::Protocol, e.to_string()).await,
+        Err(_) => return Err(Error::transport(None, "join request timed out")),
+    };
+    if !inner
+        .token
+        .verify(&conn, Direction::RankToSeed, &req.proof)?
+    {
+        tracing::warn!(
+            "seed: refused {from} (pid {} on {}): wrong job token",
+            req.pid,
+            req.host
+        );
+        let reason = "the seed refused this rank: its job token does not match the job's \
+                      (check RANKMESH_TOKEN; it must come from the rankrun that started the job)";
+        return reject(&conn, &mut send, RejectKind::Auth, reason.into()).await;
+    }
+    let info = JoinInfo {
+        job_id: req.job_id.clone(),
+        requested_rank: req.requested_rank.map(|r| r as usize),
+        world_size: req.world_size.map(|w| w as usize),
+        peer: PeerInfo {
+            addr: req.listen,
+            host: req.host.clone(),
+            pid: req.pid,
+        },
+    };
+    let decision = inner
+        .state
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .handle_join(info);
+    let rank = match decision {
+        Decision::Admit(r) => r,
+        Decision::Refuse(reason) => {
+            tracing::warn!("seed: refused {from}: {reason}");
+            return reject(&conn, &mut send, RejectKind::Membership, reason).await;
+        }
+    };
+    let leave = |why: &str| {
+        let left = {
+            let mut st = inner.state.lock().unwrap_or_else(|p| p.into_inner());
+            st.handle_leave(rank);
+            st.progress()
+        };
+        tracing::warn!("seed: rank {rank} left before formation completed ({why}); {left}");
+    };
+    let cert_der = match inner.ca.sign_rank(&req.csr_der, rank) {
+        Ok(c) => c,
+        Err(e) => {
+            leave("its certificate request was invalid");
+            return reject(&conn, &mut send, RejectKind::Protocol, e.to_string()).await;
+        }
+    };
+    let reply = JoinReply::Accepted {
+        proof: inner.token.proof(&conn, Direction::SeedToRank)?,
+        rank: rank as u32,
+        world_size: inner.world_size as u32,
+        job_id: inner.job_id.clone(),
+        ca_der: inner.ca.cert_der().to_vec(),
+        cert_der: cert_der.to_vec(),
+    };
+    if let Err(e) = write_msg(&mut send, &reply).await {
+        leave("connection lost");
+        return Err(e);
+    }
+    let ready = tokio::select! {
+        r = read_msg::<Ready>(&mut recv, "rank") => r,
+        _ = wait_failed(&inner) => Err(Error::Membership { detail: "formation failed".into() }),
+    };
+    match ready {
+        Ok(r) if r.rank as usize == rank => {}
+        Ok(r) => {
+            leave("it announced the wrong rank");
+            let why = format!("rank {rank} announced itself ready as rank {}", r.rank);
+            return reject(&conn, &mut send, RejectKind::Protocol, why).await;
+        }
+        Err(e) => {
+            leave(&e.to_string());
+            return Ok(());
+        }
+    }
+    let (progress, phase) = {
+        let mut st = inner.state.lock().unwrap_or_else(|p| p.into_inner());
+        st.handle_ready(rank);
+        (st.progress(), st.phase().clone())
+    };
+    tracing::info!(
+        "seed: rank {rank} joined from {} ({}); {progress}",
+        req.host,
+        req.listen
+    );
+    if let Phase::Formed(_) = &phase {
+        tracing::info!(
+            "seed: all {} ranks joined; job {} formed",
+            inner.world_size,
+            inner.job_id
+        );
+        inner.phase.send_replace(phase);
+    }
+    let mut rx = inner.phase.subscribe();
+    let outcome = tokio::select! {
+        p = rx.wait_for(|p| !matches!(p, Phase::Forming)) => p.map(|p| p.clone()).ok(),
+        _ = conn.closed() => None,
+    };
+    match outcome {
+        Some(Phase::Formed(peers)) => {
+            write_msg(&mut send, &Formation::Welcome { epoch: 1, peers }).await?;
+        }
+        Some(Phase::Failed(reason)) => {
+            let _ = write_msg(&mut send, &Formation::Failed { reason }).await;
+            let _ = send.finish();
+        }
+        _ => {
+            leave("connection closed");
+            return Ok(());
+        }
+    }
+    // Hold the connection for the job's lifetime; its end is worth a log line.
+    let why = conn.closed().await;
+    tracing::debug!("seed: rank {rank} disconnected: {why}");
+    Ok(())
+}
