@@ -1,0 +1,247 @@
+//! The [`Communicator`]: a rank's handle on a group of ranks, with
+//! point-to-point messaging and (in `coll`) the collectives.
+//!
+//! Owns the mapping from communicator ranks to world ranks, the sequence
+//! numbers, bounded waits and the translation of transport failures into
+//! errors that name ranks and operations. Must not touch quinn directly.
+
+mod init;
+mod p2p;
+
+pub use init::{init, init_with};
+
+use crate::bootstrap::SeedLink;
+use crate::config::Config;
+use crate::transport::{PeerFailure, Transport};
+use crate::{Error, Result};
+use std::collections::HashMap;
+use std::future::Future;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+
+/// Per-process state shared by every communicator of a rank.
+pub(crate) struct World {
+    pub(crate) transport: Arc<dyn Transport>,
+    pub(crate) config: Config,
+    pub(crate) job_id: String,
+    seed: Option<SeedLink>,
+    finalized: AtomicBool,
+}
+
+impl World {
+    pub(crate) fn new(
+        transport: Arc<dyn Transport>,
+        config: Config,
+        job_id: String,
+        seed: Option<SeedLink>,
+    ) -> World {
+        World {
+            transport,
+            config,
+            job_id,
+            seed,
+            finalized: AtomicBool::new(false),
+        }
+    }
+
+    /// End this rank's participation: `graceful` waits (bounded) for
+    /// connected peers to finish with us; otherwise peers learn at once that
+    /// this rank stopped after an error.
+    pub(crate) async fn finish(&self, graceful: bool) {
+        if self.finalized.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        self.transport.shutdown(graceful).await;
+        if let Some(s) = &self.seed {
+            s.close();
+        }
+    }
+}
+
+impl Drop for World {
+    fn drop(&mut self) {
+        if self.finalized.load(Ordering::Acquire) {
+            return;
+        }
+        // Dropped without finalize: finish gracefully in the background if a
+        // runtime is still there; otherwise the transport closes on drop.
+        if let Ok(rt) = tokio::runtime::Handle::try_current() {
+            let t = self.transport.clone();
+            let seed = self.seed.take();
+            rt.spawn(async move {
+                t.shutdown(true).await;
+                if let Some(s) = seed {
+                    s.close();
+                }
+            });
+        }
+    }
+}
+
+struct Inner {
+    world: Arc<World>,
+    comm_id: u64,
+    epoch: u32,
+    rank: usize,
+    /// World rank of each member, in communicator rank order.
+    members: Vec<usize>,
+    p2p_next: Mutex<HashMap<(usize, u32), u64>>,
+}
+
+/// A group of ranks that communicate; cheap to clone, usable from many tasks.
+///
+/// All operations are `async` and bounded by the configured operation
+/// timeout. Collective operations must be called in the same order on every
+/// rank of the communicator.
+#[derive(Clone)]
+pub struct Communicator {
+    inner: Arc<Inner>,
+}
+
+impl std::fmt::Debug for Communicator {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Communicator")
+            .field("rank", &self.rank())
+            .field("size", &self.size())
+            .field("comm_id", &self.inner.comm_id)
+            .field("epoch", &self.inner.epoch)
+            .finish()
+    }
+}
+
+impl Communicator {
+    pub(crate) fn world(world: Arc<World>, epoch: u32) -> Communicator {
+        let n = world.transport.size();
+        let rank = world.transport.rank();
+        Communicator {
+            inner: Arc::new(Inner {
+                world,
+                comm_id: 0,
+                epoch,
+                rank,
+                members: (0..n).collect(),
+                p2p_next: Mutex::new(HashMap::new()),
+            }),
+        }
+    }
+
+    /// This rank's number in the communicator, `0..size()`.
+    pub fn rank(&self) -> usize {
+        self.inner.rank
+    }
+
+    /// Number of ranks in the communicator.
+    pub fn size(&self) -> usize {
+        self.inner.members.len()
+    }
+
+    /// The job id.
+    pub fn job_id(&self) -> &str {
+        &self.inner.world.job_id
+    }
+
+    /// The settings this rank runs with.
+    pub fn config(&self) -> &Config {
+        &self.inner.world.config
+    }
+
+    /// Leave the job cleanly: wait (bounded by [`Config::set_linger`]) until
+    /// every connected peer has finished with this rank, then close. Call it
+    /// once at the end of the program; afterwards every operation fails.
+    /// Dropping the last handle does the same in the background.
+    pub async fn finalize(&self) -> Result<()> {
+        self.inner.world.finish(true).await;
+        Ok(())
+    }
+
+    /// Stop at once after an error: peers waiting on this rank fail
+    /// immediately with an error naming it.
+    pub async fn shutdown_after_error(&self) {
+        self.inner.world.finish(false).await;
+    }
+
+    pub(crate) fn world_handle(&self) -> Arc<World> {
+        self.inner.world.clone()
+    }
+
+    pub(crate) fn transport(&self) -> &dyn Transport {
+        &*self.inner.world.transport
+    }
+
+    fn world_rank(&self, rank: usize) -> usize {
+        self.inner.members[rank]
+    }
+
+    fn comm_rank_of(&self, world_rank: usize) -> Option<usize> {
+        self.inner.members.iter().position(|&w| w == world_rank)
+    }
+
+    fn check_rank(&self, op: &str, what: &str, r: usize) -> Result<()> {
+        if r >= self.size() {
+            return Err(Error::InvalidArgument {
+                rank: self.rank(),
+                op: op.to_string(),
+                detail: format!(
+                    "{what} {r} is out of range: the communicator has ranks 0..{}",
+                    self.size().saturating_sub(1)
+                ),
+            });
+        }
+        Ok(())
+    }
+
+    fn check_open(&self, op: &str) -> Result<()> {
+        if self.inner.world.finalized.load(Ordering::Acquire) {
+            return Err(Error::InvalidArgument {
+                rank: self.rank(),
+                op: op.to_string(),
+                detail: "the communicator was finalized; no operation is possible after finalize"
+                    .into(),
+            });
+        }
+        Ok(())
+    }
+
+    fn lost(&self, op: &str, f: PeerFailure) -> Error {
+        let location = self.transport().peer_location(f.rank);
+        let rank = self.comm_rank_of(f.rank).unwrap_or(f.rank);
+        Error::PeerLost {
+            observer: self.rank(),
+            rank,
+            host: location,
+            op: op.to_string(),
+            reason: f.reason,
+        }
+    }
+
+    /// Run `fut` bounded by the operation timeout.
+    async fn bounded<T>(
+        &self,
+        op: &str,
+        waiting_on: &[usize],
+        fut: impl Future<Output = Result<T>>,
+    ) -> Result<T> {
+        let limit = self.config().op_timeout();
+        match tokio::time::timeout(limit, fut).await {
+            Ok(r) => r,
+            Err(_) => Err(Error::Timeout {
+                rank: self.rank(),
+                op: op.to_string(),
+                waiting_on: waiting_on.to_vec(),
+                after: limit,
+                hint: "the peer never made the matching call, or is much slower; if it is \
+                       legitimately slow raise Config::set_op_timeout (RANKMESH_OP_TIMEOUT)"
+                    .into(),
+            }),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn communicator_is_clone_send_sync() {
+        fn check<T: Clone + Send + Sync + 'static>() {}
+        check::<super::Communicator>();
+    }
+}

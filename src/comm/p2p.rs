@@ -1,0 +1,116 @@
+//! Tagged point-to-point messages.
+//!
+//! Each message of one (destination, tag) pair carries a message number
+//! assigned at `send` time; the receiver's mailbox hands messages out in that
+//! order, so messages of one sender and tag never overtake each other (MPI's
+//! non-overtaking rule) although each travels on its own stream.
+
+use super::Communicator;
+use crate::datatype::Element;
+use crate::transport::P2pKey;
+use crate::wire::{FrameKind, Header};
+use crate::{Error, Result};
+use bytes::Bytes;
+
+impl Communicator {
+    /// Send `data` to rank `dst` with `tag`. Returns once the data is owned
+    /// by rankmesh (copied), possibly before `dst` posted its receive; large
+    /// messages may wait until the receiver has room (flow control).
+    pub async fn send<T: Element>(&self, data: &[T], dst: usize, tag: u32) -> Result<()> {
+        let op = format!("send to rank {dst} tag {tag}");
+        self.check_open(&op)?;
+        self.check_rank(&op, "destination", dst)?;
+        let bytes: &[u8] = bytemuck::cast_slice(data);
+        let n = {
+            let mut next = self
+                .inner
+                .p2p_next
+                .lock()
+                .unwrap_or_else(|p| p.into_inner());
+            let c = next.entry((dst, tag)).or_insert(0);
+            *c += 1;
+            *c - 1
+        };
+        let mut h = Header::new(
+            FrameKind::P2p,
+            self.world_rank(self.rank()) as u32,
+            self.inner.comm_id,
+            self.inner.epoch,
+        );
+        h.dtype = T::DTYPE;
+        h.seq = tag as u64;
+        h.sub = n;
+        h.len = bytes.len() as u64;
+        h.total = data.len() as u64;
+        let payload = if bytes.is_empty() {
+            Vec::new()
+        } else {
+            vec![Bytes::copy_from_slice(bytes)]
+        };
+        let world_dst = self.world_rank(dst);
+        self.bounded(&op, &[dst], async {
+            self.transport()
+                .send(world_dst, h, payload)
+                .await
+                .map_err(|f| self.lost(&op, f))
+        })
+        .await
+    }
+
+    /// Receive the next message from rank `src` with `tag` into `buf`, whose
+    /// length and element type must match what was sent.
+    pub async fn recv<T: Element>(&self, buf: &mut [T], src: usize, tag: u32) -> Result<()> {
+        let op = format!("recv from rank {src} tag {tag}");
+        self.check_open(&op)?;
+        self.check_rank(&op, "source", src)?;
+        let key = P2pKey {
+            src: self.world_rank(src) as u32,
+            comm_id: self.inner.comm_id,
+            epoch: self.inner.epoch,
+            tag: tag as u64,
+        };
+        let out: &mut [u8] = bytemuck::cast_slice_mut(buf);
+        let want = out.len() as u64;
+        let me = self.rank();
+        self.bounded(&op, &[src], async {
+            let mut m = self
+                .transport()
+                .mailbox()
+                .recv_p2p(key)
+                .await
+                .map_err(|f| self.lost(&op, f))?;
+            let h = *m.header();
+            if h.dtype != T::DTYPE {
+                return Err(Error::Mismatch {
+                    rank: me,
+                    op: op.clone(),
+                    detail: format!(
+                        "rank {src} sent {} elements of {}, this rank receives into a buffer of {}",
+                        h.total,
+                        h.dtype,
+                        T::DTYPE
+                    ),
+                });
+            }
+            if h.len != want {
+                return Err(Error::InvalidArgument {
+                    rank: me,
+                    op: op.clone(),
+                    detail: format!(
+                        "rank {src} sent {} bytes ({} elements of {}), the receive buffer holds \
+                         {want} bytes ({} elements); both sides must agree on the length",
+                        h.len,
+                        h.total,
+                        h.dtype,
+                        want / T::DTYPE.size() as u64
+                    ),
+                });
+            }
+            m.read_into(out).await.map_err(|e| Error::Transport {
+                rank: Some(me),
+                detail: format!("{op}: the message from rank {src} broke off: {e}"),
+            })
+        })
+        .await
+    }
+}

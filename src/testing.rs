@@ -1,0 +1,166 @@
+//! Run a whole job inside one process: a real seed and real ranks, each with
+//! its own QUIC endpoint on 127.0.0.1 and mutual TLS, as tasks of the
+//! current tokio runtime. For tests, examples and benchmarks.
+//!
+//! [`run_mem`] runs the same program over the in-process transport instead,
+//! for fast deterministic tests of everything above the network.
+
+use crate::bootstrap::{JoinSpec, Seed, SeedConfig};
+use crate::comm::{init_with, Communicator, World};
+use crate::config::Config;
+use crate::transport::mem::MemTransport;
+use crate::{Error, Result};
+use std::collections::HashMap;
+use std::future::Future;
+use std::net::{IpAddr, Ipv4Addr};
+use std::sync::Arc;
+use tokio::task::JoinSet;
+
+/// Form a fresh `world_size`-rank cluster on loopback, run `f` on every rank,
+/// and return the outputs in rank order. The first rank error (in time)
+/// becomes the error; the other ranks are then stopped. Everything (tasks,
+/// sockets, memory) is torn down before this returns.
+pub async fn run_local<F, Fut, T>(world_size: usize, f: F) -> Result<Vec<T>>
+where
+    F: Fn(Communicator) -> Fut + Send + Sync + 'static,
+    Fut: Future<Output = Result<T>> + Send + 'static,
+    T: Send + 'static,
+{
+    run_local_with(world_size, Config::default(), f).await
+}
+
+/// [`run_local`] with explicit settings for every rank.
+pub async fn run_local_with<F, Fut, T>(world_size: usize, config: Config, f: F) -> Result<Vec<T>>
+where
+    F: Fn(Communicator) -> Fut + Send + Sync + 'static,
+    Fut: Future<Output = Result<T>> + Send + 'static,
+    T: Send + 'static,
+{
+    let mut scfg = SeedConfig::new(world_size);
+    scfg.set_formation_timeout(config.formation_timeout());
+    let seed = Seed::start(scfg)?;
+    let spec = JoinSpec {
+        seed: seed.addr()?,
+        token: seed.token().clone(),
+        job_id: Some(seed.job_id().to_string()),
+        rank: None,
+        world_size: Some(world_size),
+        host: "localhost".into(),
+    };
+    let mut cfg = config;
+    cfg.set_bind_ip(Some(IpAddr::V4(Ipv4Addr::LOCALHOST)));
+    let f = Arc::new(f);
+    let result = drive(world_size, move |rank| {
+        let mut spec = spec.clone();
+        spec.rank = Some(rank);
+        let cfg = cfg.clone();
+        let f = f.clone();
+        async move {
+            let comm = init_with(spec, cfg).await?;
+            Ok((comm.world_handle(), f(comm)))
+        }
+    })
+    .await;
+    seed.shutdown().await;
+    result
+}
+
+/// Run `f` on `world_size` ranks connected by the in-process transport.
+pub async fn run_mem<F, Fut, T>(world_size: usize, f: F) -> Result<Vec<T>>
+where
+    F: Fn(Communicator) -> Fut + Send + Sync + 'static,
+    Fut: Future<Output = Result<T>> + Send + 'static,
+    T: Send + 'static,
+{
+    run_mem_with(world_size, Config::default(), f).await
+}
+
+/// [`run_mem`] with explicit settings for every rank.
+pub async fn run_mem_with<F, Fut, T>(world_size: usize, config: Config, f: F) -> Result<Vec<T>>
+where
+    F: Fn(Communicator) -> Fut + Send + Sync + 'static,
+    Fut: Future<Output = Result<T>> + Send + 'static,
+    T: Send + 'static,
+{
+    config.validate()?;
+    let transports: Vec<Option<MemTransport>> = MemTransport::fabric(world_size)
+        .into_iter()
+        .map(Some)
+        .collect();
+    let transports = Arc::new(std::sync::Mutex::new(transports));
+    let f = Arc::new(f);
+    drive(world_size, move |rank| {
+        let t = transports
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get_mut(rank)
+            .and_then(|t| t.take());
+        let cfg = config.clone();
+        let f = f.clone();
+        async move {
+            let t = t.ok_or_else(|| Error::config("internal: transport taken twice"))?;
+            let world = Arc::new(World::new(Arc::new(t), cfg, "mem".into(), None));
+            let comm = Communicator::world(world.clone(), 1);
+            Ok((world, f(comm)))
+        }
+    })
+    .await
+}
+
+/// Start every rank with `start`, run its program, finish its world, and
+/// collect outputs in rank order.
+async fn drive<S, SFut, Fut, T>(world_size: usize, start: S) -> Result<Vec<T>>
+where
+    S: Fn(usize) -> SFut,
+    SFut: Future<Output = Result<(Arc<World>, Fut)>> + Send + 'static,
+    Fut: Future<Output = Result<T>> + Send + 'static,
+    T: Send + 'static,
+{
+    if world_size == 0 {
+        return Err(Error::config("world size must be at least 1"));
+    }
+    let mut set = JoinSet::new();
+    let mut ids = HashMap::new();
+    for rank in 0..world_size {
+        let started = start(rank);
+        let h = set.spawn(async move {
+            let (world, program) = started.await?;
+            let out = program.await;
+            world.finish(out.is_ok()).await;
+            out
+        });
+        ids.insert(h.id(), rank);
+    }
+    let mut outs: Vec<Option<T>> = (0..world_size).map(|_| None).collect();
+    let mut first_err = None;
+    while let Some(done) = set.join_next_with_id().await {
+        let (rank, res) = match done {
+            Ok((id, r)) => (ids[&id], r),
+            Err(e) => {
+                let rank = ids.get(&e.id()).copied().unwrap_or(usize::MAX);
+                let detail = if e.is_panic() {
+                    format!("rank {rank} panicked")
+                } else {
+                    format!("rank {rank} was cancelled")
+                };
+                (rank, Err(Error::transport(Some(rank), detail)))
+            }
+        };
+        match res {
+            Ok(v) => outs[rank] = Some(v),
+            Err(e) => {
+                if first_err.is_none() {
+                    first_err = Some(e);
+                    set.abort_all();
+                }
+            }
+        }
+    }
+    if let Some(e) = first_err {
+        return Err(e);
+    }
+    outs.into_iter()
+        .enumerate()
+        .map(|(r, o)| o.ok_or_else(|| Error::transport(Some(r), "rank produced no output")))
+        .collect()
+}

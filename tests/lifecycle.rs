@@ -1,0 +1,146 @@
+//! Forming and tearing down clusters: nothing leaks across `run_local`
+//! calls, errors propagate with the rank that caused them, and a rank that
+//! finishes early does not break peers that still read its data.
+
+use rankmesh::testing::{run_local, run_local_with};
+use rankmesh::{Config, Error};
+use std::time::{Duration, Instant};
+
+fn open_fds() -> usize {
+    std::fs::read_dir("/proc/self/fd")
+        .map(|d| d.count())
+        .unwrap_or(0)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn repeated_clusters_leak_no_tasks_or_sockets() {
+    let round = || async {
+        run_local(3, |comm| async move {
+            let right = (comm.rank() + 1) % comm.size();
+            let left = (comm.rank() + comm.size() - 1) % comm.size();
+            let mine = vec![comm.rank() as u32; 1000];
+            let (a, b) = tokio::join!(comm.send(&mine, right, 0), async {
+                let mut got = vec![0u32; 1000];
+                comm.recv(&mut got, left, 0).await.map(|_| got[0])
+            });
+            a?;
+            Ok(b? as usize == left)
+        })
+        .await
+        .unwrap()
+    };
+    // Warm up lazily created runtime resources first.
+    assert!(round().await.iter().all(|&ok| ok));
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let fds = open_fds();
+    let tasks = tokio::runtime::Handle::current()
+        .metrics()
+        .num_alive_tasks();
+    for _ in 0..10 {
+        assert!(round().await.iter().all(|&ok| ok));
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(
+        open_fds() <= fds,
+        "sockets leaked: {} -> {}",
+        fds,
+        open_fds()
+    );
+    let after = tokio::runtime::Handle::current()
+        .metrics()
+        .num_alive_tasks();
+    assert!(after <= tasks, "tasks leaked: {tasks} -> {after}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn first_rank_error_is_returned_and_peers_are_released() {
+    let t = Instant::now();
+    let err = run_local(3, |comm| async move {
+        if comm.rank() == 1 {
+            return Err(Error::Config {
+                detail: "rank 1 gives up".into(),
+            });
+        }
+        // The others wait for a message rank 1 never sends.
+        let mut b = [0u8; 4];
+        comm.recv(&mut b, 1, 0).await?;
+        Ok(())
+    })
+    .await
+    .unwrap_err();
+    assert!(err.to_string().contains("rank 1 gives up"), "{err}");
+    assert!(
+        t.elapsed() < Duration::from_secs(60),
+        "peers were not released"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn peers_waiting_on_a_failed_rank_get_an_error_naming_it() {
+    let mut cfg = Config::default();
+    cfg.set_op_timeout(Duration::from_secs(60));
+    let t = Instant::now();
+    let out = run_local_with(2, cfg, |comm| async move {
+        if comm.rank() == 1 {
+            // Stop after an error: peers must learn at once.
+            comm.shutdown_after_error().await;
+            return Ok(String::new());
+        }
+        let mut b = [0u8; 4];
+        let e = comm.recv(&mut b, 1, 0).await.unwrap_err();
+        Ok(e.to_string())
+    })
+    .await
+    .unwrap();
+    assert!(out[0].contains("peer rank 1"), "{}", out[0]);
+    assert!(out[0].contains("recv from rank 1"), "{}", out[0]);
+    assert!(
+        !out[0].contains("timed out"),
+        "learned by timeout, not at once: {}",
+        out[0]
+    );
+    assert!(t.elapsed() < Duration::from_secs(50));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rank_that_finishes_first_does_not_lose_data_in_flight() {
+    // Rank 0 sends large messages and finalizes at once; rank 1 reads them
+    // only later. Finalize must wait until rank 1 is done with them.
+    let out = run_local(2, |comm| async move {
+        let n = 3 << 20;
+        if comm.rank() == 0 {
+            for tag in 0..4u32 {
+                comm.send(&vec![tag as u8 + 1; n], 1, tag).await?;
+            }
+            comm.finalize().await?;
+            Ok(true)
+        } else {
+            tokio::time::sleep(Duration::from_millis(500)).await;
+            let mut ok = true;
+            for tag in 0..4u32 {
+                let mut buf = vec![0u8; n];
+                comm.recv(&mut buf, 0, tag).await?;
+                ok &= buf.iter().all(|&b| b == tag as u8 + 1);
+            }
+            Ok(ok)
+        }
+    })
+    .await
+    .unwrap();
+    assert!(out[1]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn operations_after_finalize_are_errors() {
+    run_local(2, |comm| async move {
+        comm.finalize().await?;
+        let e = comm
+            .send(&[1u8], (comm.rank() + 1) % 2, 0)
+            .await
+            .unwrap_err();
+        assert!(e.to_string().contains("finalized"), "{e}");
+        Ok(())
+    })
+    .await
+    .unwrap();
+}

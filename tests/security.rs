@@ -1,0 +1,447 @@
+//! Security negatives over real QUIC on loopback: every attack is refused
+//! with a clear error and the job keeps working.
+
+use bytes::Bytes;
+use rankmesh::bootstrap::{join, JobToken, JoinSpec, Seed, SeedConfig};
+use rankmesh::pki::{self, Credentials, JobCa, RankKey};
+use rankmesh::transport::quic::{endpoint, QuicTransport};
+use rankmesh::transport::{P2pKey, Transport};
+use rankmesh::wire::control::{self, JoinReply, JoinRequest, PREFIX_LEN};
+use rankmesh::wire::{FrameKind, Header};
+use rankmesh::{Config, Error};
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+struct Rank {
+    transport: QuicTransport,
+    creds: Credentials,
+    addr: SocketAddr,
+}
+
+fn cfg() -> Config {
+    let mut c = Config::default();
+    c.set_formation_timeout(Duration::from_secs(20));
+    c
+}
+
+fn spec(seed: &Seed, rank: usize, n: usize) -> JoinSpec {
+    JoinSpec {
+        seed: seed.addr().unwrap(),
+        token: seed.token().clone(),
+        job_id: Some(seed.job_id().to_string()),
+        rank: Some(rank),
+        world_size: Some(n),
+        host: "localhost".into(),
+    }
+}
+
+async fn join_rank(spec: JoinSpec) -> rankmesh::Result<Rank> {
+    let c = cfg();
+    let ep = endpoint::bind("127.0.0.1:0".parse().unwrap(), &c)?;
+    let addr = ep.local_addr().unwrap();
+    let joined = join(&ep, &spec, &c, |cr| {
+        QuicTransport::accept_peers(&ep, cr, &c)
+    })
+    .await?;
+    let transport = QuicTransport::start(ep, &joined.creds, joined.peers, &c)?;
+    Ok(Rank {
+        transport,
+        creds: joined.creds,
+        addr,
+    })
+}
+
+/// A seed and `n` ranks, formed.
+async fn form(n: usize) -> (Seed, Vec<Rank>) {
+    let seed = Seed::start(SeedConfig::new(n)).unwrap();
+    let mut handles = Vec::new();
+    for r in 0..n {
+        handles.push(tokio::spawn(join_rank(spec(&seed, r, n))));
+    }
+    let mut ranks = Vec::new();
+    for h in handles {
+        ranks.push(h.await.unwrap().unwrap());
+    }
+    (seed, ranks)
+}
+
+fn p2p_header(src: u32, tag: u64, n: u64, len: u64) -> Header {
+    let mut h = Header::new(FrameKind::P2p, src, 0, 1);
+    h.seq = tag;
+    h.sub = n;
+    h.len = len;
+    h
+}
+
+/// Send one p2p message from `from` to world rank `to` through the transport.
+async fn send(from: &Rank, to: usize, tag: u64, n: u64, data: &[u8]) {
+    let h = p2p_header(from.creds.rank as u32, tag, n, data.len() as u64);
+    from.transport
+        .send(to, h, vec![Bytes::copy_from_slice(data)])
+        .await
+        .unwrap();
+}
+
+async fn recv(at: &Rank, src: u32, tag: u64, limit: Duration) -> Option<Vec<u8>> {
+    let key = P2pKey {
+        src,
+        comm_id: 0,
+        epoch: 1,
+        tag,
+    };
+    let mut m = tokio::time::timeout(limit, at.transport.mailbox().recv_p2p(key))
+        .await
+        .ok()?
+        .ok()?;
+    let mut out = vec![0u8; m.header().len as usize];
+    m.read_into(&mut out).await.ok()?;
+    Some(out)
+}
+
+/// A client that accepts any server certificate and presents `cert`/`key`.
+fn rogue_client(
+    cert: rustls::pki_types::CertificateDer<'static>,
+    key: &RankKey,
+) -> quinn::ClientConfig {
+    use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified};
+    use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
+    #[derive(Debug)]
+    struct AcceptAny(Arc<rustls::crypto::CryptoProvider>);
+    impl rustls::client::danger::ServerCertVerifier for AcceptAny {
+        fn verify_server_cert(
+            &self,
+            _: &CertificateDer<'_>,
+            _: &[CertificateDer<'_>],
+            _: &ServerName<'_>,
+            _: &[u8],
+            _: UnixTime,
+        ) -> Result<ServerCertVerified, rustls::Error> {
+            Ok(ServerCertVerified::assertion())
+        }
+        fn verify_tls12_signature(
+            &self,
+            _: &[u8],
+            _: &CertificateDer<'_>,
+            _: &rustls::DigitallySignedStruct,
+        ) -> Result<HandshakeSignatureValid, rustls::Error> {
+            Ok(HandshakeSignatureValid::assertion())
+        }
+        fn verify_tls13_signature(
+            &self,
+            _: &[u8],
+            _: &CertificateDer<'_>,
+            _: &rustls::DigitallySignedStruct,
+        ) -> Result<HandshakeSignatureValid, rustls::Error> {
+            Ok(HandshakeSignatureValid::assertion())
+        }
+        fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
+            self.0.signature_verification_algorithms.supported_schemes()
+        }
+    }
+    let p = Arc::new(rustls::crypto::ring::default_provider());
+    let mut tls = rustls::ClientConfig::builder_with_provider(p.clone())
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .unwrap()
+        .dangerous()
+        .with_custom_certificate_verifier(Arc::new(AcceptAny(p)))
+        .with_client_auth_cert(vec![cert], key.private_key_der())
+        .unwrap();
+    tls.alpn_protocols = vec![pki::ALPN_PEER.to_vec()];
+    quic_client(tls)
+}
+
+fn quic_client(tls: rustls::ClientConfig) -> quinn::ClientConfig {
+    quinn::ClientConfig::new(Arc::new(
+        quinn::crypto::rustls::QuicClientConfig::try_from(tls).unwrap(),
+    ))
+}
+
+/// Dial `target` with `client` and write `bytes` on one stream. Returns the
+/// connection's close reason if the peer closed it within 5 s.
+async fn rogue_send(
+    client: quinn::ClientConfig,
+    target: SocketAddr,
+    name: &str,
+    bytes: Vec<u8>,
+) -> Option<quinn::ConnectionError> {
+    let ep = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
+    let outcome = async {
+        let conn = match ep.connect_with(client, target, name).ok()?.await {
+            Ok(c) => c,
+            Err(e) => return Some(e),
+        };
+        if let Ok(mut s) = conn.open_uni().await {
+            let _ = s.write_all(&bytes).await;
+            let _ = s.finish();
+        }
+        tokio::time::timeout(Duration::from_secs(5), conn.closed())
+            .await
+            .ok()
+    };
+    let closed = outcome.await;
+    ep.close(0u32.into(), b"");
+    closed
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn wrong_token_is_rejected_at_the_seed_with_a_clear_error() {
+    let seed = Seed::start(SeedConfig::new(1)).unwrap();
+    let mut s = spec(&seed, 0, 1);
+    s.token = JobToken::generate().unwrap();
+    let err = match join_rank(s).await {
+        Err(e) => e,
+        Ok(_) => panic!("a rank with the wrong token was admitted"),
+    };
+    assert!(matches!(err, Error::Auth { .. }), "{err}");
+    assert!(err.to_string().contains("token"), "{err}");
+    // The seed still admits the real rank afterwards.
+    let ok = join_rank(spec(&seed, 0, 1)).await.unwrap();
+    assert_eq!(ok.creds.rank, 0);
+    seed.wait_formed().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_server_without_the_token_is_not_trusted_as_the_seed() {
+    // An impostor seed with its own token: the rank refuses it because the
+    // impostor cannot prove the rank's token.
+    let impostor = Seed::start(SeedConfig::new(1)).unwrap();
+    let mut s = spec(&impostor, 0, 1);
+    s.token = JobToken::generate().unwrap();
+    s.job_id = None;
+    let err = join_rank(s).await.err().expect("joined an impostor");
+    assert!(matches!(err, Error::Auth { .. }), "{err}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn client_certificate_of_another_jobs_ca_is_rejected() {
+    let (_seed, ranks) = form(2).await;
+    let job = ranks[0].creds.job_id.clone();
+    // Same job id and rank name, but signed by a CA the job never trusted.
+    let foreign = JobCa::new(&job, Duration::from_secs(3600)).unwrap();
+    let key = RankKey::generate().unwrap();
+    let cert = foreign.sign_rank(&key.csr_der().unwrap(), 0).unwrap();
+    let frame = [p2p_header(0, 5, 0, 3).encode().to_vec(), b"bad".to_vec()].concat();
+    let name = pki::rank_dns_name(&job, 1);
+    let closed = rogue_send(rogue_client(cert, &key), ranks[1].addr, &name, frame).await;
+    assert!(
+        closed.is_some(),
+        "rank 1 kept a connection with a foreign certificate"
+    );
+    // Nothing reached rank 1, and the real rank 0 still gets through.
+    nothing_then_real_passes(&ranks, 0, 1, 5).await;
+}
+
+/// Nothing from `from` with `tag` reached rank `to`; then a real message
+/// from `from` does.
+async fn nothing_then_real_passes(ranks: &[Rank], from: u32, to: usize, tag: u64) {
+    assert_eq!(
+        recv(&ranks[to], from, tag, Duration::from_millis(300)).await,
+        None
+    );
+    send(&ranks[from as usize], to, tag, 0, b"real").await;
+    let got = recv(&ranks[to], from, tag, Duration::from_secs(10)).await;
+    assert_eq!(got.as_deref(), Some(&b"real"[..]));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn valid_certificate_for_rank_1_claiming_rank_2_is_rejected() {
+    let (_seed, ranks) = form(3).await;
+    let job = ranks[0].creds.job_id.clone();
+    // Rank 1's own credentials, used from a second endpoint to forge frames
+    // that claim to come from rank 2.
+    let client = quic_client(pki::peer_client_config(&ranks[1].creds).unwrap());
+    let frame = [p2p_header(2, 7, 0, 4).encode().to_vec(), b"fake".to_vec()].concat();
+    let closed = rogue_send(client, ranks[0].addr, &pki::rank_dns_name(&job, 0), frame).await;
+    match closed {
+        Some(quinn::ConnectionError::ApplicationClosed(c)) => {
+            let why = String::from_utf8_lossy(&c.reason).to_string();
+            assert!(why.contains("claims to come from rank 2"), "{why}");
+            assert!(why.contains("certificate is rank 1"), "{why}");
+        }
+        other => panic!("rank 0 did not close the forging connection: {other:?}"),
+    }
+    // Nothing reached rank 0, and the real rank 2 is unaffected.
+    nothing_then_real_passes(&ranks, 2, 0, 7).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_server_presenting_rank_1_when_rank_2_is_dialed_is_rejected() {
+    let (_seed, ranks) = form(3).await;
+    let job = ranks[0].creds.job_id.clone();
+    // An endpoint that serves with rank 1's certificate.
+    let server = pki::peer_server_config(&ranks[1].creds).unwrap();
+    let server = quinn::ServerConfig::with_crypto(Arc::new(
+        quinn::crypto::rustls::QuicServerConfig::try_from(server).unwrap(),
+    ));
+    let rogue = quinn::Endpoint::server(server, "127.0.0.1:0".parse().unwrap()).unwrap();
+    let rogue_addr = rogue.local_addr().unwrap();
+    let accept = tokio::spawn(async move {
+        if let Some(inc) = rogue.accept().await {
+            let _ = inc.await;
+        }
+    });
+    // Rank 0's own client configuration dials "rank 2" at the rogue address.
+    let client = quic_client(pki::peer_client_config(&ranks[0].creds).unwrap());
+    let ep = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
+    let res = ep
+        .connect_with(client, rogue_addr, &pki::rank_dns_name(&job, 2))
+        .unwrap()
+        .await;
+    let Err(err) = res else {
+        panic!("rank 0 accepted rank 1's certificate as rank 2");
+    };
+    assert!(
+        err.to_string().to_lowercase().contains("certificate"),
+        "{err}"
+    );
+    accept.abort();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn garbage_datagrams_do_not_disturb_the_job() {
+    let (seed, ranks) = form(2).await;
+    // Random datagrams at the seed's and both ranks' UDP ports.
+    let sock = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
+    for i in 0..300usize {
+        let len = 1 + (i * 37) % 1400;
+        let junk: Vec<u8> = (0..len)
+            .map(|_| {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                x as u8
+            })
+            .collect();
+        for target in [seed.addr().unwrap(), ranks[0].addr, ranks[1].addr] {
+            let _ = sock.send_to(&junk, target);
+        }
+    }
+    // The job still works in both directions.
+    send(&ranks[0], 1, 1, 0, b"ping").await;
+    assert_eq!(
+        recv(&ranks[1], 0, 1, Duration::from_secs(10))
+            .await
+            .as_deref(),
+        Some(&b"ping"[..])
+    );
+    send(&ranks[1], 0, 1, 0, b"pong").await;
+    assert_eq!(
+        recv(&ranks[0], 1, 1, Duration::from_secs(10))
+            .await
+            .as_deref(),
+        Some(&b"pong"[..])
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_truncated_frame_is_dropped_and_the_connection_keeps_working() {
+    let (_seed, ranks) = form(2).await;
+    let job = ranks[0].creds.job_id.clone();
+    let client = quic_client(pki::peer_client_config(&ranks[1].creds).unwrap());
+    let ep = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
+    let conn = ep
+        .connect_with(client, ranks[0].addr, &pki::rank_dns_name(&job, 0))
+        .unwrap()
+        .await
+        .unwrap();
+    // Stream 1: a header cut off after 30 bytes; stream 2: a frame whose
+    // payload is shorter than announced; stream 3: a valid frame.
+    let mut s = conn.open_uni().await.unwrap();
+    s.write_all(&p2p_header(1, 3, 0, 10).encode()[..30])
+        .await
+        .unwrap();
+    s.finish().unwrap();
+    let mut s = conn.open_uni().await.unwrap();
+    s.write_all(&p2p_header(1, 8, 0, 10).encode())
+        .await
+        .unwrap();
+    s.write_all(b"abc").await.unwrap();
+    let _ = s.reset(1u32.into());
+    let mut s = conn.open_uni().await.unwrap();
+    s.write_all(&p2p_header(1, 3, 0, 2).encode()).await.unwrap();
+    s.write_all(b"ok").await.unwrap();
+    s.finish().unwrap();
+    assert_eq!(
+        recv(&ranks[0], 1, 3, Duration::from_secs(10))
+            .await
+            .as_deref(),
+        Some(&b"ok"[..])
+    );
+    assert!(conn.close_reason().is_none(), "{:?}", conn.close_reason());
+    conn.close(0u32.into(), b"");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_frame_announcing_2_pow_60_bytes_is_refused_without_allocating() {
+    let (_seed, ranks) = form(2).await;
+    let job = ranks[0].creds.job_id.clone();
+    let client = quic_client(pki::peer_client_config(&ranks[1].creds).unwrap());
+    let huge = p2p_header(1, 4, 0, 1 << 60).encode().to_vec();
+    let closed = rogue_send(client, ranks[0].addr, &pki::rank_dns_name(&job, 0), huge).await;
+    match closed {
+        Some(quinn::ConnectionError::ApplicationClosed(c)) => {
+            let why = String::from_utf8_lossy(&c.reason).to_string();
+            assert!(why.contains("1152921504606846976"), "{why}");
+        }
+        other => panic!("the oversized frame was not refused: {other:?}"),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn protocol_version_mismatch_names_both_versions() {
+    let seed = Seed::start(SeedConfig::new(1)).unwrap();
+    let client = quic_client(pki::seed_client_config().unwrap());
+    let ep = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
+    let conn = ep
+        .connect_with(client, seed.addr().unwrap(), "seed")
+        .unwrap()
+        .await
+        .unwrap();
+    let (mut send, mut recv) = conn.open_bi().await.unwrap();
+    let req = JoinRequest {
+        proof: [0; 32],
+        job_id: None,
+        requested_rank: None,
+        world_size: None,
+        listen: "127.0.0.1:1".parse().unwrap(),
+        host: "future".into(),
+        pid: 1,
+        csr_der: vec![],
+    };
+    send.write_all(&control::encode_with_version(&req, 77).unwrap())
+        .await
+        .unwrap();
+    let mut pre = [0u8; PREFIX_LEN];
+    recv.read_exact(&mut pre).await.unwrap();
+    let p = control::decode_prefix(&pre).unwrap();
+    let mut body = vec![0u8; p.body_len];
+    recv.read_exact(&mut body).await.unwrap();
+    match control::decode_body::<JoinReply>(&body).unwrap() {
+        JoinReply::Rejected { reason, .. } => {
+            assert!(reason.contains("v1") && reason.contains("v77"), "{reason}");
+        }
+        other => panic!("{other:?}"),
+    }
+    conn.close(0u32.into(), b"");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn formation_deadline_names_the_missing_rank() {
+    let mut sc = SeedConfig::new(3);
+    sc.set_formation_timeout(Duration::from_millis(1500));
+    let seed = Seed::start(sc).unwrap();
+    let a = tokio::spawn(join_rank(spec(&seed, 0, 3)));
+    let b = tokio::spawn(join_rank(spec(&seed, 1, 3)));
+    for h in [a, b] {
+        let err = h.await.unwrap().err().expect("formed without rank 2");
+        let s = err.to_string();
+        assert!(
+            s.contains("2/3 ranks joined; waiting for rank(s) [2]"),
+            "{s}"
+        );
+    }
+    let s = seed.wait_formed().await.unwrap_err().to_string();
+    assert!(s.contains("[2]"), "{s}");
+}
