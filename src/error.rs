@@ -127,11 +127,17 @@ impl fmt::Display for Error {
                 waiting_on,
                 after,
                 hint,
-            } => write!(
-                f,
-                "rank {rank}: {op} timed out after {:.1?} waiting on rank(s) {:?}; {hint}",
-                after, waiting_on
-            ),
+            } => {
+                let who = match waiting_on.as_slice() {
+                    [] => "its peers".to_string(),
+                    [r] => format!("rank {r}"),
+                    many => format!("ranks {many:?}"),
+                };
+                write!(
+                    f,
+                    "rank {rank}: {op} timed out after {after:.1?} waiting on {who}; {hint}"
+                )
+            }
             Error::Mismatch { rank, op, detail } => {
                 write!(
                     f,
@@ -220,7 +226,10 @@ mod tests {
             hint: "raise Config::set_op_timeout".into(),
         };
         let s = t.to_string();
-        assert!(s.contains("[2]") && s.contains("set_op_timeout"), "{s}");
+        assert!(
+            s.contains("waiting on rank 2") && s.contains("set_op_timeout"),
+            "{s}"
+        );
     }
 
     #[test]

@@ -10,7 +10,7 @@
 //! A peer that is lost (or has finalized) fails every receive that still
 //! needs it; messages it delivered before that are still handed out.
 
-use crate::wire::{FrameKind, Header};
+use crate::wire::{CollDesc, FrameKind, Header, ABORT_MISMATCH};
 use bytes::Bytes;
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::sync::Mutex;
@@ -23,6 +23,20 @@ pub struct PeerFailure {
     pub rank: usize,
     /// Why it is gone, in words.
     pub reason: String,
+    /// True when the peer is alive but aborted this collective (it found the
+    /// ranks disagree on the call); `reason` is its explanation.
+    pub aborted: bool,
+}
+
+impl PeerFailure {
+    /// `rank` is gone for `reason`.
+    pub fn lost(rank: usize, reason: impl Into<String>) -> PeerFailure {
+        PeerFailure {
+            rank,
+            reason: reason.into(),
+            aborted: false,
+        }
+    }
 }
 
 /// Key of a collective message.
@@ -39,6 +53,47 @@ pub struct CollKey {
     /// Step/chunk within the collective.
     pub sub: u64,
 }
+
+/// A collective call that did not match another rank's call with the same
+/// sequence number, found after this rank had finished its part.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct LateMismatch {
+    /// Sequence number of the call.
+    pub seq: u64,
+    /// World rank that made the other call.
+    pub src: u32,
+    /// Its call.
+    pub theirs: CollDesc,
+    /// This rank's call.
+    pub mine: CollDesc,
+}
+
+impl LateMismatch {
+    /// As a failure of the receives of later calls.
+    fn failure(&self) -> PeerFailure {
+        PeerFailure {
+            rank: self.src as usize,
+            reason: format!(
+                "{}collective #{} did not match: world rank {} called {}, this rank called {}",
+                ABORT_MISMATCH as char, self.seq, self.src, self.theirs, self.mine
+            ),
+            aborted: true,
+        }
+    }
+}
+
+/// Recent collective calls of one communicator, to catch frames that do not
+/// match a call this rank already finished (e.g. two ranks that both think
+/// they are the root of a broadcast only send, so neither receives the
+/// other's frame in the call itself).
+#[derive(Default)]
+struct Calls {
+    recent: BTreeMap<u64, CollDesc>,
+    late: Option<LateMismatch>,
+}
+
+/// How many finished calls per communicator are remembered.
+const RECENT_CALLS: usize = 64;
 
 /// Key of a point-to-point stream of messages.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -187,6 +242,22 @@ struct State {
     coll: HashMap<CollKey, Slot>,
     p2p: HashMap<P2pKey, P2pQueue>,
     gone: HashMap<u32, String>,
+    /// Collectives (comm_id, epoch, seq) a peer aborted: who and why.
+    aborted: HashMap<(u64, u32, u64), (u32, String)>,
+    /// Calls per (comm_id, epoch).
+    calls: HashMap<(u64, u32), Calls>,
+}
+
+impl State {
+    fn aborted_failure(&self, k: &CollKey) -> Option<PeerFailure> {
+        self.aborted
+            .get(&(k.comm_id, k.epoch, k.seq))
+            .map(|(by, why)| PeerFailure {
+                rank: *by as usize,
+                reason: why.clone(),
+                aborted: true,
+            })
+    }
 }
 
 /// Received messages of one rank, waiting to be matched.
@@ -255,6 +326,16 @@ impl Mailbox {
         let h = *m.header();
         let mut st = self.lock();
         match h.kind {
+            FrameKind::Abort => {
+                let why = match &m.body {
+                    Body::Chunks(q) => q.iter().flat_map(|c| c.iter().copied()).collect(),
+                    Body::Stream(_) => Vec::new(),
+                };
+                let why = String::from_utf8_lossy(&why).into_owned();
+                self.abort_locked(&mut st, h.comm_id, h.epoch, h.seq, h.src, why);
+            }
+            FrameKind::Coll if st.aborted.contains_key(&(h.comm_id, h.epoch, h.seq)) => {}
+            FrameKind::Coll if Self::late_frame(&mut st, &h) => {}
             FrameKind::Coll => {
                 let key = CollKey {
                     src: h.src,
@@ -318,6 +399,132 @@ impl Mailbox {
         }
     }
 
+    /// A frame for a call this rank already finished: remember the
+    /// mismatch (which poisons the communicator: this and every later
+    /// collective on it fail) and drop the frame.
+    fn late_frame(st: &mut State, h: &Header) -> bool {
+        let Some(calls) = st.calls.get_mut(&(h.comm_id, h.epoch)) else {
+            return false;
+        };
+        let Some(mine) = calls.recent.get(&h.seq).copied() else {
+            return false;
+        };
+        let theirs = CollDesc::of(h);
+        if theirs != mine && calls.late.is_none() {
+            calls.late = Some(LateMismatch {
+                seq: h.seq,
+                src: h.src,
+                theirs,
+                mine,
+            });
+            let failure = calls.late.as_ref().map(LateMismatch::failure);
+            let waiting: Vec<CollKey> = st
+                .coll
+                .iter()
+                .filter(|(k, s)| {
+                    k.comm_id == h.comm_id && k.epoch == h.epoch && matches!(s, Slot::Waiting(_))
+                })
+                .map(|(k, _)| *k)
+                .collect();
+            for k in waiting {
+                if let (Some(Slot::Waiting(w)), Some(f)) = (st.coll.remove(&k), failure.clone()) {
+                    let _ = w.send(Err(f));
+                }
+            }
+        }
+        true
+    }
+
+    /// A collective call is starting: returns the mismatch found late in an
+    /// earlier call of this communicator, if any (the caller reports it).
+    pub fn begin_coll(&self, comm_id: u64, epoch: u32) -> Option<LateMismatch> {
+        let st = self.lock();
+        st.calls.get(&(comm_id, epoch)).and_then(|c| c.late.clone())
+    }
+
+    /// This rank finished its part of call `seq` described by `mine`. Frames
+    /// of it still held were never expected: if one describes a different
+    /// call, that is returned; later frames are checked on arrival.
+    pub fn end_coll(
+        &self,
+        comm_id: u64,
+        epoch: u32,
+        seq: u64,
+        mine: CollDesc,
+    ) -> Option<LateMismatch> {
+        let mut st = self.lock();
+        let stray: Vec<CollKey> = st
+            .coll
+            .keys()
+            .filter(|k| k.comm_id == comm_id && k.epoch == epoch && k.seq == seq)
+            .copied()
+            .collect();
+        let mut found = None;
+        for k in stray {
+            if let Some(Slot::Ready(m)) = st.coll.remove(&k) {
+                let theirs = CollDesc::of(m.header());
+                if theirs != mine && found.is_none() {
+                    found = Some(LateMismatch {
+                        seq,
+                        src: k.src,
+                        theirs,
+                        mine,
+                    });
+                }
+            }
+        }
+        let calls = st.calls.entry((comm_id, epoch)).or_default();
+        calls.recent.insert(seq, mine);
+        while calls.recent.len() > RECENT_CALLS {
+            calls.recent.pop_first();
+        }
+        found
+    }
+
+    /// Record that world rank `by` aborted collective `seq` (or this rank
+    /// did, with `by` = itself): every receive waiting on it fails with
+    /// `why`, and frames of it still held or still arriving are dropped.
+    pub fn abort_coll(&self, comm_id: u64, epoch: u32, seq: u64, by: usize, why: String) {
+        let mut st = self.lock();
+        self.abort_locked(&mut st, comm_id, epoch, seq, by as u32, why);
+    }
+
+    fn abort_locked(
+        &self,
+        st: &mut State,
+        comm_id: u64,
+        epoch: u32,
+        seq: u64,
+        by: u32,
+        why: String,
+    ) {
+        if st.aborted.contains_key(&(comm_id, epoch, seq)) {
+            return;
+        }
+        st.aborted.insert((comm_id, epoch, seq), (by, why));
+        let hit: Vec<CollKey> = st
+            .coll
+            .keys()
+            .filter(|k| k.comm_id == comm_id && k.epoch == epoch && k.seq == seq)
+            .copied()
+            .collect();
+        for k in hit {
+            if let Some(Slot::Waiting(w)) = st.coll.remove(&k) {
+                if let Some(f) = st.aborted_failure(&k) {
+                    let _ = w.send(Err(f));
+                }
+            }
+        }
+    }
+
+    /// The abort recorded for collective `seq`, if any: (world rank, reason).
+    pub fn coll_abort(&self, comm_id: u64, epoch: u32, seq: u64) -> Option<(usize, String)> {
+        self.lock()
+            .aborted
+            .get(&(comm_id, epoch, seq))
+            .map(|(by, why)| (*by as usize, why.clone()))
+    }
+
     /// Wait for the collective message `key`.
     pub async fn recv_coll(&self, key: CollKey) -> Result<Incoming, PeerFailure> {
         let rx = {
@@ -327,11 +534,18 @@ impl Mailbox {
                     return Ok(m);
                 }
             }
+            if let Some(f) = st.aborted_failure(&key) {
+                return Err(f);
+            }
+            let late = st
+                .calls
+                .get(&(key.comm_id, key.epoch))
+                .and_then(|c| c.late.as_ref());
+            if let Some(late) = late {
+                return Err(late.failure());
+            }
             if let Some(reason) = st.gone.get(&key.src) {
-                return Err(PeerFailure {
-                    rank: key.src as usize,
-                    reason: reason.clone(),
-                });
+                return Err(PeerFailure::lost(key.src as usize, reason.clone()));
             }
             let (tx, rx) = oneshot::channel();
             st.coll.insert(key, Slot::Waiting(tx));
@@ -352,10 +566,7 @@ impl Mailbox {
                 }
             }
             if let Some(reason) = gone {
-                return Err(PeerFailure {
-                    rank: key.src as usize,
-                    reason,
-                });
+                return Err(PeerFailure::lost(key.src as usize, reason));
             }
             let (tx, rx) = oneshot::channel();
             q.waiters.push_back(tx);
@@ -376,10 +587,7 @@ impl Mailbox {
             key,
             rx: Some(rx),
         };
-        let closed = || PeerFailure {
-            rank: src as usize,
-            reason: "this rank's transport shut down".into(),
-        };
+        let closed = || PeerFailure::lost(src as usize, "this rank's transport shut down");
         let Some(rx) = pending.rx.as_mut() else {
             return Err(closed());
         };
@@ -396,10 +604,7 @@ impl Mailbox {
         st.gone.entry(src).or_insert_with(|| reason.to_string());
         let reason = st.gone.get(&src).cloned().unwrap_or_default();
         let fail = |w: Reply| {
-            let _ = w.send(Err(PeerFailure {
-                rank,
-                reason: reason.clone(),
-            }));
+            let _ = w.send(Err(PeerFailure::lost(rank, reason.clone())));
         };
         let waiting: Vec<CollKey> = st
             .coll

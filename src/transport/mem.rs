@@ -54,16 +54,13 @@ impl Transport for MemTransport {
     ) -> BoxFut<'_, Result<(), PeerFailure>> {
         Box::pin(async move {
             let Some(mb) = self.fabric.mailboxes.get(dst) else {
-                return Err(PeerFailure {
-                    rank: dst,
-                    reason: format!("no rank {dst} in a world of {}", self.size()),
-                });
+                return Err(PeerFailure::lost(
+                    dst,
+                    format!("no rank {dst} in a world of {}", self.size()),
+                ));
             };
             if self.fabric.down[dst].load(Ordering::Acquire) {
-                return Err(PeerFailure {
-                    rank: dst,
-                    reason: "rank has shut down".into(),
-                });
+                return Err(PeerFailure::lost(dst, "rank has shut down"));
             }
             mb.deliver(Incoming::from_chunks(header, payload));
             Ok(())

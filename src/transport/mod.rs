@@ -13,7 +13,7 @@ pub mod mailbox;
 pub mod mem;
 pub mod quic;
 
-pub use mailbox::{CollKey, Incoming, Mailbox, P2pKey, PeerFailure};
+pub use mailbox::{CollKey, Incoming, LateMismatch, Mailbox, P2pKey, PeerFailure};
 
 use crate::wire::Header;
 use bytes::Bytes;

@@ -7,7 +7,7 @@
 //! |-------:|-----:|---------|------------------------------------------------------|
 //! | 0      | 2    | magic   | `b"RM"`                                              |
 //! | 2      | 1    | version | frame format version ([`FRAME_VERSION`])             |
-//! | 3      | 1    | kind    | [`FrameKind`]                                        |
+//! | 3      | 1    | kind    | [`FrameKind`]: 1 p2p, 2 coll, 3 bye, 4 abort         |
 //! | 4      | 1    | dtype   | element type tag ([`DType`])                         |
 //! | 5      | 1    | op      | reduce op tag, 0 when none                           |
 //! | 6      | 1    | coll    | collective kind tag, 0 for point-to-point            |
@@ -41,6 +41,9 @@ pub enum FrameKind {
     Coll = 2,
     /// The sender is finalizing: it will send nothing more on this connection.
     Bye = 3,
+    /// The sender aborted the collective `seq` of `comm_id`/`epoch` (the
+    /// ranks disagree on the call); the payload is its explanation (UTF-8).
+    Abort = 4,
 }
 
 impl FrameKind {
@@ -49,6 +52,7 @@ impl FrameKind {
             1 => Some(FrameKind::P2p),
             2 => Some(FrameKind::Coll),
             3 => Some(FrameKind::Bye),
+            4 => Some(FrameKind::Abort),
             _ => None,
         }
     }

@@ -5,7 +5,9 @@
 //! exhaustively. Every decoder checks lengths before it allocates and returns
 //! an error (never panics) on truncated or malformed input.
 
+pub mod coll;
 pub mod control;
 pub mod frame;
 
+pub use coll::{CollDesc, CollKind, ABORT_FAILED, ABORT_MISMATCH};
 pub use frame::{FrameKind, Header, WireError, HEADER_LEN};

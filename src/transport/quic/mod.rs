@@ -177,7 +177,7 @@ impl Shared {
     }
 
     fn failure(&self, rank: usize, reason: String) -> PeerFailure {
-        PeerFailure { rank, reason }
+        PeerFailure::lost(rank, reason)
     }
 
     async fn accept_loop(self: Arc<Self>) {
