@@ -4,7 +4,9 @@
 //! them from `RANKMESH_*` variables. This module must not read the
 //! environment or touch the network.
 
+use std::fmt;
 use std::net::IpAddr;
+use std::str::FromStr;
 use std::time::Duration;
 
 /// Settings of one rank. `Config::default()` suits training jobs on one host
@@ -24,6 +26,7 @@ pub struct Config {
     send_window: u64,
     max_streams: u32,
     bind_ip: Option<IpAddr>,
+    algorithm: Option<Algorithm>,
 }
 
 impl Default for Config {
@@ -42,6 +45,7 @@ impl Default for Config {
             send_window: 16 << 20,
             max_streams: 1024,
             bind_ip: None,
+            algorithm: None,
         }
     }
 }
@@ -194,6 +198,19 @@ impl Config {
         self.bind_ip
     }
 
+    /// Force one collective algorithm wherever it applies (for
+    /// benchmarking); `None` (default) lets the cost model choose.
+    /// Environment: `RANKMESH_ALGORITHM=ring` (see [`Algorithm`] for names).
+    pub fn set_algorithm(&mut self, a: Option<Algorithm>) -> &mut Self {
+        self.algorithm = a;
+        self
+    }
+
+    /// See [`Config::set_algorithm`].
+    pub fn algorithm(&self) -> Option<Algorithm> {
+        self.algorithm
+    }
+
     /// Check that the settings are consistent.
     pub fn validate(&self) -> crate::Result<()> {
         if self.idle_timeout <= self.keep_alive {
@@ -214,6 +231,60 @@ impl Config {
             )));
         }
         Ok(())
+    }
+}
+
+/// A collective algorithm that can be forced.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Algorithm {
+    /// Ring (allreduce; allgather and reduce-scatter always use it).
+    Ring,
+    /// Recursive doubling (allreduce).
+    RecursiveDoubling,
+    /// Recursive halving + doubling, Rabenseifner (allreduce).
+    Rabenseifner,
+    /// Binomial tree (broadcast).
+    Binomial,
+    /// Scatter + ring allgather, van de Geijn (broadcast).
+    ScatterAllgather,
+}
+
+impl Algorithm {
+    /// The name used in configuration.
+    pub fn name(self) -> &'static str {
+        match self {
+            Algorithm::Ring => "ring",
+            Algorithm::RecursiveDoubling => "recursive-doubling",
+            Algorithm::Rabenseifner => "rabenseifner",
+            Algorithm::Binomial => "binomial",
+            Algorithm::ScatterAllgather => "scatter-allgather",
+        }
+    }
+}
+
+impl fmt::Display for Algorithm {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+impl FromStr for Algorithm {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Algorithm, String> {
+        let all = [
+            Algorithm::Ring,
+            Algorithm::RecursiveDoubling,
+            Algorithm::Rabenseifner,
+            Algorithm::Binomial,
+            Algorithm::ScatterAllgather,
+        ];
+        all.into_iter().find(|a| a.name() == s).ok_or_else(|| {
+            let names: Vec<_> = all.iter().map(|a| a.name()).collect();
+            format!(
+                "unknown algorithm {s:?}; expected one of {}",
+                names.join(", ")
+            )
+        })
     }
 }
 

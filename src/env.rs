@@ -163,6 +163,13 @@ fn apply_overrides_from(cfg: &mut Config, get: Lookup<'_>) -> Result<()> {
             .map_err(|_| Error::config(format!("RANKMESH_BIND={ip:?} is not an IP address")))?;
         cfg.set_bind_ip(Some(ip));
     }
+    if let Some(a) = get("RANKMESH_ALGORITHM") {
+        let a = a
+            .trim()
+            .parse()
+            .map_err(|e| Error::config(format!("RANKMESH_ALGORITHM: {e}")))?;
+        cfg.set_algorithm(Some(a));
+    }
     cfg.validate()
 }
 

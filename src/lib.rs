@@ -26,17 +26,20 @@
 #![warn(missing_docs)]
 
 pub mod bootstrap;
+mod coll;
 mod comm;
 pub mod config;
 pub mod datatype;
 pub mod env;
 mod error;
 pub mod pki;
+pub mod reduce;
 pub mod testing;
 pub mod transport;
 pub mod wire;
 
+pub use coll::CollKind;
 pub use comm::{init, init_with, Communicator};
-pub use config::Config;
+pub use config::{Algorithm, Config};
 pub use datatype::{DType, Element, ReduceOp};
 pub use error::{Error, Result};

@@ -5,6 +5,7 @@
 //! numbers, bounded waits and the translation of transport failures into
 //! errors that name ranks and operations. Must not touch quinn directly.
 
+mod coll;
 mod init;
 mod p2p;
 
@@ -16,7 +17,7 @@ use crate::transport::{PeerFailure, Transport};
 use crate::{Error, Result};
 use std::collections::HashMap;
 use std::future::Future;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 /// Per-process state shared by every communicator of a rank.
@@ -86,6 +87,8 @@ struct Inner {
     /// World rank of each member, in communicator rank order.
     members: Vec<usize>,
     p2p_next: Mutex<HashMap<(usize, u32), u64>>,
+    /// Sequence number of the next collective.
+    coll_seq: AtomicU64,
 }
 
 /// A group of ranks that communicate; cheap to clone, usable from many tasks.
@@ -121,6 +124,23 @@ impl Communicator {
                 rank,
                 members: (0..n).collect(),
                 p2p_next: Mutex::new(HashMap::new()),
+                coll_seq: AtomicU64::new(0),
+            }),
+        }
+    }
+
+    /// A communicator over `members` (world ranks, in rank order) of the
+    /// same world, in which this rank is `rank`.
+    fn derive(&self, comm_id: u64, rank: usize, members: Vec<usize>) -> Communicator {
+        Communicator {
+            inner: Arc::new(Inner {
+                world: self.inner.world.clone(),
+                comm_id,
+                epoch: self.inner.epoch,
+                rank,
+                members,
+                p2p_next: Mutex::new(HashMap::new()),
+                coll_seq: AtomicU64::new(0),
             }),
         }
     }

@@ -1,0 +1,285 @@
+//! Runs a [`Schedule`] over a [`Transport`].
+//!
+//! Per phase: the sends are snapshotted into `Bytes` (the one copy a send
+//! needs, since the transport owns what it sends) and issued concurrently;
+//! the receives are taken in order and applied chunk by chunk as the stream
+//! delivers them, reducing straight from the received `Bytes` into the
+//! working buffer, so reducing one chunk overlaps the arrival of the next.
+//!
+//! Every received frame's descriptor (collective, element type, op, element
+//! count, root) is compared with this rank's; a difference is a
+//! [`ExecError::Mismatch`] naming both sides.
+
+use super::{CollKind, Recv, Schedule};
+use crate::datatype::{DType, ReduceOp};
+use crate::reduce::reduce_bytes;
+use crate::transport::{CollKey, PeerFailure, Transport};
+use crate::wire::{CollDesc, FrameKind, Header};
+use bytes::Bytes;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::task::Poll;
+
+/// What every rank must agree on for one collective call.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct Desc {
+    pub kind: CollKind,
+    pub dtype: DType,
+    pub op: Option<ReduceOp>,
+    /// Element count (of the whole buffer, or per rank for gather-like calls).
+    pub count: u64,
+    pub root: Option<usize>,
+}
+
+impl Desc {
+    /// The frame descriptor of this call.
+    pub(crate) fn wire(&self) -> CollDesc {
+        CollDesc {
+            coll: self.kind as u8,
+            dtype: self.dtype,
+            op: self.op_u8(),
+            total: self.count,
+            root: self.root_u32(),
+        }
+    }
+
+    fn op_u8(&self) -> u8 {
+        self.op.map_or(0, |o| o.to_u8())
+    }
+
+    fn root_u32(&self) -> u32 {
+        self.root.map_or(u32::MAX, |r| r as u32)
+    }
+
+    /// This rank's call, in words.
+    pub(crate) fn mine(&self) -> String {
+        self.wire().to_string()
+    }
+}
+
+/// Why a schedule did not complete.
+#[derive(Debug)]
+pub(crate) enum ExecError {
+    /// A peer (world rank `failure.rank`) is gone, or aborted this collective.
+    Peer { failure: PeerFailure },
+    /// A peer made a different call.
+    Mismatch { detail: String },
+    /// A message from `peer` broke off.
+    Broken { peer: usize, detail: String },
+}
+
+/// One collective call on one rank.
+pub(crate) struct Ctx<'a> {
+    pub transport: &'a dyn Transport,
+    pub comm_id: u64,
+    pub epoch: u32,
+    pub seq: u64,
+    /// World rank of each communicator rank.
+    pub members: &'a [usize],
+    pub rank: usize,
+    pub desc: Desc,
+    /// The communicator rank this rank is waiting on (for timeout errors).
+    pub waiting: &'a AtomicUsize,
+}
+
+impl Ctx<'_> {
+    fn header(&self, sub: u64, len: usize) -> Header {
+        let mut h = Header::new(
+            FrameKind::Coll,
+            self.members[self.rank] as u32,
+            self.comm_id,
+            self.epoch,
+        );
+        h.dtype = self.desc.dtype;
+        h.op = self.desc.op_u8();
+        h.coll = self.desc.kind as u8;
+        h.seq = self.seq;
+        h.sub = sub;
+        h.len = len as u64;
+        h.total = self.desc.count;
+        h.root = self.desc.root_u32();
+        h
+    }
+
+    fn check(&self, peer: usize, h: &Header, want_bytes: usize) -> Result<(), ExecError> {
+        let d = &self.desc;
+        if CollDesc::of(h) != d.wire() {
+            return Err(ExecError::Mismatch {
+                detail: format!(
+                    "rank {peer} called {}, rank {} called {}",
+                    CollDesc::of(h),
+                    self.rank,
+                    d.mine()
+                ),
+            });
+        }
+        if h.len != want_bytes as u64 {
+            return Err(ExecError::Mismatch {
+                detail: format!(
+                    "rank {peer} sent {} bytes where rank {} expects {want_bytes} ({})",
+                    h.len,
+                    self.rank,
+                    d.mine()
+                ),
+            });
+        }
+        Ok(())
+    }
+
+    /// Run `sched`. Sends read from `src` when given (all_to_all, gather),
+    /// else from `work`; receives write into `work`.
+    pub(crate) async fn run(
+        &self,
+        sched: &Schedule,
+        src: Option<&[u8]>,
+        work: &mut [u8],
+    ) -> Result<(), ExecError> {
+        let esz = self.desc.dtype.size();
+        for ph in &sched.phases {
+            let mut sends: Vec<Option<SendFut<'_>>> = Vec::with_capacity(ph.sends.len());
+            for x in &ph.sends {
+                let from: &[u8] = match src {
+                    Some(s) => s,
+                    None => &*work,
+                };
+                let bytes = &from[x.range.start * esz..x.range.end * esz];
+                let h = self.header(ph.sub, bytes.len());
+                let payload = if bytes.is_empty() {
+                    Vec::new()
+                } else {
+                    vec![Bytes::copy_from_slice(bytes)]
+                };
+                let fut = self.transport.send(self.members[x.peer], h, payload);
+                sends.push(Some(Box::pin(async move {
+                    fut.await.map_err(|failure| ExecError::Peer { failure })
+                })));
+            }
+            let recvs = async {
+                for x in &ph.recvs {
+                    let range = x.range.start * esz..x.range.end * esz;
+                    self.recv_one(ph.sub, x.peer, ph.mode, &mut work[range])
+                        .await?;
+                }
+                Ok(())
+            };
+            let (a, b) = tokio::join!(join_all(sends), recvs);
+            if let Err(e) = b.and(a) {
+                return Err(self.root_cause(e));
+            }
+        }
+        Ok(())
+    }
+
+    /// A peer that aborted this collective explains every other failure of
+    /// it (a send to a rank that left after aborting fails too, but the
+    /// abort names the cause).
+    fn root_cause(&self, e: ExecError) -> ExecError {
+        let abort = self
+            .transport
+            .mailbox()
+            .coll_abort(self.comm_id, self.epoch, self.seq);
+        match abort {
+            Some((by, reason)) if !matches!(e, ExecError::Mismatch { .. }) => ExecError::Peer {
+                failure: PeerFailure {
+                    rank: by,
+                    reason,
+                    aborted: true,
+                },
+            },
+            _ => e,
+        }
+    }
+
+    async fn recv_one(
+        &self,
+        sub: u64,
+        peer: usize,
+        mode: Recv,
+        out: &mut [u8],
+    ) -> Result<(), ExecError> {
+        self.waiting.store(peer, Ordering::Relaxed);
+        let key = CollKey {
+            src: self.members[peer] as u32,
+            comm_id: self.comm_id,
+            epoch: self.epoch,
+            seq: self.seq,
+            sub,
+        };
+        let mut m = self
+            .transport
+            .mailbox()
+            .recv_coll(key)
+            .await
+            .map_err(|failure| ExecError::Peer { failure })?;
+        self.check(peer, m.header(), out.len())?;
+        let broken = |detail: String| ExecError::Broken { peer, detail };
+        let (dtype, op) = (self.desc.dtype, self.desc.op);
+        let esz = dtype.size();
+        let mut at = 0;
+        // Bytes of an element split across two chunks.
+        let mut carry = [0u8; 8];
+        let mut held = 0;
+        while let Some(chunk) = m.next_chunk().await.map_err(broken)? {
+            let mut c = &chunk[..];
+            let Some(op) = op.filter(|_| mode == Recv::Reduce) else {
+                out[at..at + c.len()].copy_from_slice(c);
+                at += c.len();
+                continue;
+            };
+            let reduce = |dst: &mut [u8], s: &[u8]| {
+                reduce_bytes(dtype, op, dst, s).map_err(|e| broken(e.to_string()))
+            };
+            if held > 0 {
+                let take = (esz - held).min(c.len());
+                carry[held..held + take].copy_from_slice(&c[..take]);
+                held += take;
+                c = &c[take..];
+                if held == esz {
+                    reduce(&mut out[at..at + esz], &carry[..esz])?;
+                    at += esz;
+                    held = 0;
+                }
+            }
+            let whole = c.len() / esz * esz;
+            reduce(&mut out[at..at + whole], &c[..whole])?;
+            at += whole;
+            let rest = &c[whole..];
+            carry[..rest.len()].copy_from_slice(rest);
+            held += rest.len();
+        }
+        if at != out.len() || held != 0 {
+            return Err(broken(format!(
+                "message ended after {} of {} bytes",
+                at + held,
+                out.len()
+            )));
+        }
+        Ok(())
+    }
+}
+
+type SendFut<'a> = Pin<Box<dyn Future<Output = Result<(), ExecError>> + Send + 'a>>;
+
+/// Drive all sends concurrently; the first error wins (the others are
+/// dropped, which resets their streams).
+async fn join_all(mut futs: Vec<Option<SendFut<'_>>>) -> Result<(), ExecError> {
+    std::future::poll_fn(|cx| {
+        let mut pending = false;
+        for slot in futs.iter_mut() {
+            if let Some(f) = slot {
+                match f.as_mut().poll(cx) {
+                    Poll::Ready(Ok(())) => *slot = None,
+                    Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
+                    Poll::Pending => pending = true,
+                }
+            }
+        }
+        if pending {
+            Poll::Pending
+        } else {
+            Poll::Ready(Ok(()))
+        }
+    })
+    .await
+}

@@ -1,0 +1,144 @@
+//! Choosing an algorithm with an alpha-beta-gamma cost model:
+//! `alpha` seconds per message, `beta` seconds per byte moved, `gamma`
+//! seconds per byte reduced. The defaults were measured on loopback QUIC on
+//! a 2-core machine (docs/performance.md); an algorithm can be forced for
+//! benchmarking with [`crate::Config::set_algorithm`] or the
+//! `RANKMESH_ALGORITHM` environment variable.
+
+pub use crate::config::Algorithm;
+
+/// Cost model parameters.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct CostModel {
+    /// Seconds per message (latency).
+    pub alpha: f64,
+    /// Seconds per byte transferred.
+    pub beta: f64,
+    /// Seconds per byte reduced.
+    pub gamma: f64,
+}
+
+impl Default for CostModel {
+    fn default() -> CostModel {
+        CostModel {
+            alpha: 60e-6,
+            beta: 1.0 / 1.2e9,
+            gamma: 1.0 / 6e9,
+        }
+    }
+}
+
+impl CostModel {
+    /// Estimated seconds for an allreduce of `n` bytes on `p` ranks.
+    pub fn allreduce(&self, a: Algorithm, p: usize, n: usize) -> f64 {
+        let (pf, nf) = (p as f64, n as f64);
+        let p2 = super::pow2_floor(p.max(1)) as f64;
+        let lg = p2.log2();
+        let fold = if p2 < pf {
+            2.0 * (self.alpha + nf * self.beta) + nf * self.gamma
+        } else {
+            0.0
+        };
+        match a {
+            Algorithm::Ring => {
+                2.0 * (pf - 1.0) * self.alpha
+                    + 2.0 * (pf - 1.0) / pf * nf * self.beta
+                    + (pf - 1.0) / pf * nf * self.gamma
+            }
+            Algorithm::Rabenseifner => {
+                fold + 2.0 * lg * self.alpha
+                    + 2.0 * (p2 - 1.0) / p2 * nf * self.beta
+                    + (p2 - 1.0) / p2 * nf * self.gamma
+            }
+            _ => fold + lg * (self.alpha + nf * (self.beta + self.gamma)),
+        }
+    }
+
+    /// Estimated seconds for a broadcast of `n` bytes on `p` ranks.
+    pub fn broadcast(&self, a: Algorithm, p: usize, n: usize) -> f64 {
+        let (pf, nf) = (p as f64, n as f64);
+        let lg = pf.log2().ceil();
+        match a {
+            Algorithm::ScatterAllgather => {
+                (lg + pf - 1.0) * self.alpha + 2.0 * (pf - 1.0) / pf * nf * self.beta
+            }
+            _ => lg * (self.alpha + nf * self.beta),
+        }
+    }
+
+    /// The allreduce algorithm to use (`forced` wins when it is one).
+    pub fn pick_allreduce(&self, forced: Option<Algorithm>, p: usize, n: usize) -> Algorithm {
+        const CHOICES: [Algorithm; 3] = [
+            Algorithm::RecursiveDoubling,
+            Algorithm::Rabenseifner,
+            Algorithm::Ring,
+        ];
+        if let Some(f) = forced.filter(|f| CHOICES.contains(f)) {
+            return f;
+        }
+        cheapest(&CHOICES, |a| self.allreduce(a, p, n))
+    }
+
+    /// The broadcast algorithm to use (`forced` wins when it is one).
+    pub fn pick_broadcast(&self, forced: Option<Algorithm>, p: usize, n: usize) -> Algorithm {
+        const CHOICES: [Algorithm; 2] = [Algorithm::Binomial, Algorithm::ScatterAllgather];
+        if let Some(f) = forced.filter(|f| CHOICES.contains(f)) {
+            return f;
+        }
+        cheapest(&CHOICES, |a| self.broadcast(a, p, n))
+    }
+}
+
+fn cheapest(choices: &[Algorithm], cost: impl Fn(Algorithm) -> f64) -> Algorithm {
+    let mut best = choices[0];
+    for &a in &choices[1..] {
+        if cost(a) < cost(best) {
+            best = a;
+        }
+    }
+    best
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn small_buffers_use_latency_algorithms_and_large_ones_bandwidth_algorithms() {
+        let m = CostModel::default();
+        assert_eq!(m.pick_allreduce(None, 4, 4), Algorithm::RecursiveDoubling);
+        assert_eq!(
+            m.pick_allreduce(None, 16, 64 << 20),
+            Algorithm::Rabenseifner
+        );
+        assert_eq!(m.pick_allreduce(None, 3, 64 << 20), Algorithm::Ring);
+        assert_eq!(m.pick_broadcast(None, 8, 8), Algorithm::Binomial);
+        assert_eq!(
+            m.pick_broadcast(None, 8, 64 << 20),
+            Algorithm::ScatterAllgather
+        );
+        // Forcing works where the algorithm applies, and only there.
+        assert_eq!(
+            m.pick_allreduce(Some(Algorithm::Ring), 4, 4),
+            Algorithm::Ring
+        );
+        assert_eq!(
+            m.pick_broadcast(Some(Algorithm::Ring), 8, 8),
+            Algorithm::Binomial
+        );
+    }
+
+    #[test]
+    fn names_parse_back() {
+        for a in [
+            Algorithm::Ring,
+            Algorithm::RecursiveDoubling,
+            Algorithm::Rabenseifner,
+            Algorithm::Binomial,
+            Algorithm::ScatterAllgather,
+        ] {
+            assert_eq!(a.name().parse::<Algorithm>(), Ok(a));
+        }
+        assert!("tree".parse::<Algorithm>().unwrap_err().contains("ring"));
+    }
+}

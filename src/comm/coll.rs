@@ -1,0 +1,503 @@
+//! The collective operations of [`Communicator`].
+//!
+//! Each call takes the communicator's next sequence number, so concurrent
+//! collectives and point-to-point traffic never mix; picks an algorithm;
+//! runs its schedule with the executor; and turns failures into errors that
+//! name the ranks. A rank that fails a collective tells every other member
+//! (an Abort frame for that sequence number), so nobody waits for it until a
+//! timeout: all members return an error naming the cause.
+
+use super::Communicator;
+use crate::coll::exec::{Ctx, Desc, ExecError};
+use crate::coll::select::{Algorithm, CostModel};
+use crate::coll::{barrier, binomial, doubling, halving, linear, ring, CollKind, Schedule};
+use crate::datatype::{DType, Element, ReduceOp};
+use crate::transport::LateMismatch;
+use crate::wire::{FrameKind, Header, ABORT_FAILED, ABORT_MISMATCH};
+use crate::{Error, Result};
+use bytes::Bytes;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
+/// How long a failing rank spends telling the others.
+const ABORT_NOTICE: Duration = Duration::from_secs(2);
+/// How long a rank whose collective timed out waits for the rank it was
+/// waiting on to explain its own timeout.
+const TIMEOUT_GRACE: Duration = Duration::from_secs(1);
+
+impl Communicator {
+    /// Block until every rank of the communicator has called `barrier`.
+    pub async fn barrier(&self) -> Result<()> {
+        let seq = self.next_seq();
+        let desc = self.desc(CollKind::Barrier, DType::Bytes, None, 0, None);
+        let plan = barrier::plan(self.rank(), self.size());
+        self.run_coll(seq, desc, &plan, None, &mut []).await
+    }
+
+    /// Copy `buf` of rank `root` into `buf` of every rank.
+    pub async fn broadcast<T: Element>(&self, buf: &mut [T], root: usize) -> Result<()> {
+        let seq = self.next_seq();
+        let desc = self.desc(CollKind::Broadcast, T::DTYPE, None, buf.len(), Some(root));
+        self.check_root(seq, &desc, root)?;
+        let (r, p, n) = (self.rank(), self.size(), buf.len());
+        let plan =
+            match self
+                .model()
+                .pick_broadcast(self.config().algorithm(), p, n * T::DTYPE.size())
+            {
+                Algorithm::ScatterAllgather => binomial::scatter_allgather(r, p, n, root),
+                _ => binomial::broadcast(r, p, n, root),
+            };
+        self.run_coll(seq, desc, &plan, None, bytemuck::cast_slice_mut(buf))
+            .await
+    }
+
+    /// Reduce `buf` element-wise over all ranks with `op`; every rank gets
+    /// the result, bitwise identical on all ranks.
+    pub async fn all_reduce<T: Element>(&self, buf: &mut [T], op: ReduceOp) -> Result<()> {
+        let seq = self.next_seq();
+        let desc = self.desc(CollKind::AllReduce, T::DTYPE, Some(op), buf.len(), None);
+        let (r, p, n) = (self.rank(), self.size(), buf.len());
+        let plan =
+            match self
+                .model()
+                .pick_allreduce(self.config().algorithm(), p, n * T::DTYPE.size())
+            {
+                Algorithm::Ring => ring::allreduce(r, p, n),
+                Algorithm::Rabenseifner => halving::allreduce(r, p, n),
+                _ => doubling::allreduce(r, p, n),
+            };
+        self.run_coll(seq, desc, &plan, None, bytemuck::cast_slice_mut(buf))
+            .await
+    }
+
+    /// Reduce `buf` element-wise over all ranks with `op` into `buf` of
+    /// `root`. Other ranks' buffers are left unchanged.
+    pub async fn reduce<T: Element>(&self, buf: &mut [T], op: ReduceOp, root: usize) -> Result<()> {
+        let seq = self.next_seq();
+        let desc = self.desc(CollKind::Reduce, T::DTYPE, Some(op), buf.len(), Some(root));
+        self.check_root(seq, &desc, root)?;
+        let plan = binomial::reduce(self.rank(), self.size(), buf.len(), root);
+        if self.rank() == root {
+            self.run_coll(seq, desc, &plan, None, bytemuck::cast_slice_mut(buf))
+                .await
+        } else {
+            let mut acc = buf.to_vec();
+            self.run_coll(seq, desc, &plan, None, bytemuck::cast_slice_mut(&mut acc))
+                .await
+        }
+    }
+
+    /// Gather every rank's `send` into `recv` of every rank, in rank order
+    /// (`recv.len() == size * send.len()`).
+    pub async fn all_gather<T: Element>(&self, send: &[T], recv: &mut [T]) -> Result<()> {
+        let seq = self.next_seq();
+        let m = send.len();
+        let desc = self.desc(CollKind::AllGather, T::DTYPE, None, m, None);
+        self.check_len(
+            seq,
+            &desc,
+            "recv",
+            recv.len(),
+            self.size() * m,
+            "size * send.len()",
+        )?;
+        recv[self.rank() * m..(self.rank() + 1) * m].copy_from_slice(send);
+        let plan = ring::allgather(self.rank(), self.size(), m);
+        self.run_coll(seq, desc, &plan, None, bytemuck::cast_slice_mut(recv))
+            .await
+    }
+
+    /// Reduce `send` (`size` blocks of `recv.len()` elements) over all ranks
+    /// with `op`; rank r receives block r of the result.
+    pub async fn reduce_scatter<T: Element>(
+        &self,
+        send: &[T],
+        recv: &mut [T],
+        op: ReduceOp,
+    ) -> Result<()> {
+        let seq = self.next_seq();
+        let m = recv.len();
+        let desc = self.desc(CollKind::ReduceScatter, T::DTYPE, Some(op), m, None);
+        self.check_len(
+            seq,
+            &desc,
+            "send",
+            send.len(),
+            self.size() * m,
+            "size * recv.len()",
+        )?;
+        let mut work = send.to_vec();
+        let plan = ring::reduce_scatter(self.rank(), self.size(), m);
+        self.run_coll(seq, desc, &plan, None, bytemuck::cast_slice_mut(&mut work))
+            .await?;
+        recv.copy_from_slice(&work[self.rank() * m..(self.rank() + 1) * m]);
+        Ok(())
+    }
+
+    /// Gather every rank's `send` into `recv` of `root`, in rank order
+    /// (`recv.len() == size * send.len()` on the root; ignored elsewhere).
+    pub async fn gather<T: Element>(&self, send: &[T], recv: &mut [T], root: usize) -> Result<()> {
+        let seq = self.next_seq();
+        let m = send.len();
+        let desc = self.desc(CollKind::Gather, T::DTYPE, None, m, Some(root));
+        self.check_root(seq, &desc, root)?;
+        let plan = linear::gather(self.rank(), self.size(), m, root);
+        if self.rank() == root {
+            self.check_len(
+                seq,
+                &desc,
+                "recv",
+                recv.len(),
+                self.size() * m,
+                "size * send.len()",
+            )?;
+            recv[root * m..(root + 1) * m].copy_from_slice(send);
+            self.run_coll(seq, desc, &plan, None, bytemuck::cast_slice_mut(recv))
+                .await
+        } else {
+            self.run_coll(seq, desc, &plan, Some(bytemuck::cast_slice(send)), &mut [])
+                .await
+        }
+    }
+
+    /// Send block i of `send` on `root` (`size` blocks of `recv.len()`
+    /// elements) to rank i's `recv`.
+    pub async fn scatter<T: Element>(&self, send: &[T], recv: &mut [T], root: usize) -> Result<()> {
+        let seq = self.next_seq();
+        let m = recv.len();
+        let desc = self.desc(CollKind::Scatter, T::DTYPE, None, m, Some(root));
+        self.check_root(seq, &desc, root)?;
+        let plan = linear::scatter(self.rank(), self.size(), m, root);
+        if self.rank() == root {
+            self.check_len(
+                seq,
+                &desc,
+                "send",
+                send.len(),
+                self.size() * m,
+                "size * recv.len()",
+            )?;
+            recv.copy_from_slice(&send[root * m..(root + 1) * m]);
+            self.run_coll(seq, desc, &plan, Some(bytemuck::cast_slice(send)), &mut [])
+                .await
+        } else {
+            self.run_coll(seq, desc, &plan, None, bytemuck::cast_slice_mut(recv))
+                .await
+        }
+    }
+
+    /// Block j of `send` goes to rank j, and arrives as block `rank` of its
+    /// `recv` (`send.len() == recv.len()`, a multiple of `size`).
+    pub async fn all_to_all<T: Element>(&self, send: &[T], recv: &mut [T]) -> Result<()> {
+        let seq = self.next_seq();
+        let p = self.size();
+        let m = send.len() / p;
+        let desc = self.desc(CollKind::AllToAll, T::DTYPE, None, m, None);
+        self.check_len(seq, &desc, "send", send.len(), p * m, "a multiple of size")?;
+        self.check_len(seq, &desc, "recv", recv.len(), send.len(), "send.len()")?;
+        let r = self.rank();
+        recv[r * m..(r + 1) * m].copy_from_slice(&send[r * m..(r + 1) * m]);
+        let plan = linear::all_to_all(r, p, m);
+        self.run_coll(
+            seq,
+            desc,
+            &plan,
+            Some(bytemuck::cast_slice(send)),
+            bytemuck::cast_slice_mut(recv),
+        )
+        .await
+    }
+
+    /// Split into sub-communicators (MPI_Comm_split): ranks with the same
+    /// `color` form one, ordered by `key` (ties by rank in this
+    /// communicator). It reuses this communicator's connections.
+    pub async fn split(&self, color: u32, key: u32) -> Result<super::Communicator> {
+        let seq = self.next_seq();
+        let p = self.size();
+        let desc = self.desc(CollKind::Split, DType::U32, None, 2, None);
+        let mut all = vec![0u32; 2 * p];
+        all[2 * self.rank()] = color;
+        all[2 * self.rank() + 1] = key;
+        let plan = ring::allgather(self.rank(), p, 2);
+        self.run_coll(seq, desc, &plan, None, bytemuck::cast_slice_mut(&mut all))
+            .await?;
+        let mut mine: Vec<(u32, usize)> = (0..p)
+            .filter(|&i| all[2 * i] == color)
+            .map(|i| (all[2 * i + 1], i))
+            .collect();
+        mine.sort_unstable();
+        let members: Vec<usize> = mine.iter().map(|&(_, i)| self.world_rank(i)).collect();
+        let rank = mine
+            .iter()
+            .position(|&(_, i)| i == self.rank())
+            .unwrap_or(0);
+        let id = mix(mix(self.inner.comm_id ^ 0x5bd1_e995) ^ seq) ^ u64::from(color);
+        Ok(self.derive(mix(id).max(1), rank, members))
+    }
+
+    fn next_seq(&self) -> u64 {
+        self.inner.coll_seq.fetch_add(1, Ordering::Relaxed)
+    }
+
+    fn model(&self) -> CostModel {
+        CostModel::default()
+    }
+
+    fn desc(
+        &self,
+        kind: CollKind,
+        dtype: DType,
+        op: Option<ReduceOp>,
+        count: usize,
+        root: Option<usize>,
+    ) -> Desc {
+        Desc {
+            kind,
+            dtype,
+            op,
+            count: count as u64,
+            root,
+        }
+    }
+
+    fn op_name(&self, seq: u64, desc: &Desc) -> String {
+        format!("{} #{seq}", desc.kind.name())
+    }
+
+    fn check_root(&self, seq: u64, desc: &Desc, root: usize) -> Result<()> {
+        self.check_rank(&self.op_name(seq, desc), "root", root)
+    }
+
+    fn check_len(
+        &self,
+        seq: u64,
+        desc: &Desc,
+        what: &str,
+        got: usize,
+        want: usize,
+        rule: &str,
+    ) -> Result<()> {
+        if got == want {
+            return Ok(());
+        }
+        Err(Error::InvalidArgument {
+            rank: self.rank(),
+            op: self.op_name(seq, desc),
+            detail: format!("{what} holds {got} elements but must hold {rule} = {want}"),
+        })
+    }
+
+    /// Run one collective's schedule, bounded by the operation timeout; on
+    /// failure tell the other members and return an error naming the cause.
+    async fn run_coll(
+        &self,
+        seq: u64,
+        desc: Desc,
+        plan: &Schedule,
+        src: Option<&[u8]>,
+        work: &mut [u8],
+    ) -> Result<()> {
+        let op = self.op_name(seq, &desc);
+        self.check_open(&op)?;
+        let mailbox = self.transport().mailbox();
+        let (comm_id, epoch) = (self.inner.comm_id, self.inner.epoch);
+        if let Some(late) = mailbox.begin_coll(comm_id, epoch) {
+            return Err(self.late_mismatch(&op, late));
+        }
+        let waiting = AtomicUsize::new(usize::MAX);
+        let ctx = Ctx {
+            transport: self.transport(),
+            comm_id: self.inner.comm_id,
+            epoch: self.inner.epoch,
+            seq,
+            members: &self.inner.members,
+            rank: self.rank(),
+            desc,
+            waiting: &waiting,
+        };
+        let limit = self.config().op_timeout();
+        let res = tokio::time::timeout(limit, ctx.run(plan, src, work)).await;
+        let me = self.rank();
+        let (err, notice) = match res {
+            Ok(Ok(())) => {
+                return match mailbox.end_coll(comm_id, epoch, seq, desc.wire()) {
+                    Some(late) => Err(self.late_mismatch(&op, late)),
+                    None => Ok(()),
+                }
+            }
+            Err(_) => {
+                let w = waiting.load(Ordering::Relaxed);
+                let waiting_on = if w == usize::MAX { Vec::new() } else { vec![w] };
+                let e = Error::Timeout {
+                    rank: me,
+                    op: op.clone(),
+                    waiting_on,
+                    after: limit,
+                    hint: "a rank did not make the matching call (or is stuck); check that \
+                           every rank calls the same collectives in the same order, or raise \
+                           Config::set_op_timeout (RANKMESH_OP_TIMEOUT)"
+                        .into(),
+                };
+                // Tell the others first, then give the rank this one waits
+                // on a moment to explain itself: in a chain of waiting
+                // ranks, every one times out at about the same time, and
+                // only the last one knows the culprit.
+                self.send_abort(seq, ABORT_FAILED, &e.to_string()).await;
+                let e = match self.abort_from(seq, w, TIMEOUT_GRACE).await {
+                    Some(reason) => Error::Aborted {
+                        by_rank: w,
+                        reason: format!("{op}: {}", reason.get(1..).unwrap_or_default()),
+                    },
+                    None => e,
+                };
+                self.record_abort(seq, ABORT_FAILED, &e.to_string());
+                (e, None)
+            }
+            Ok(Err(ExecError::Mismatch { detail, .. })) => {
+                let n = Some((ABORT_MISMATCH, detail.clone()));
+                (
+                    Error::Mismatch {
+                        rank: me,
+                        op: op.clone(),
+                        detail,
+                    },
+                    n,
+                )
+            }
+            Ok(Err(ExecError::Broken { peer, detail })) => {
+                let e = Error::Transport {
+                    rank: Some(me),
+                    detail: format!("{op}: the message from rank {peer} broke off: {detail}"),
+                };
+                let n = Some((ABORT_FAILED, e.to_string()));
+                (e, n)
+            }
+            Ok(Err(ExecError::Peer { failure, .. })) if failure.aborted => {
+                let by = self.comm_rank_of(failure.rank).unwrap_or(failure.rank);
+                let (kind, why) = match failure.reason.as_bytes().first() {
+                    Some(&k) => (k, failure.reason.get(1..).unwrap_or_default().to_string()),
+                    None => (ABORT_FAILED, String::new()),
+                };
+                // Pass the notice on: a peer waiting on this rank must not
+                // mistake its exit for the cause.
+                let (e, text) = if kind == ABORT_MISMATCH {
+                    let detail = format!("reported by rank {by}: {why}");
+                    let e = Error::Mismatch {
+                        rank: me,
+                        op: op.clone(),
+                        detail: detail.clone(),
+                    };
+                    (e, detail)
+                } else {
+                    let e = Error::Aborted {
+                        by_rank: by,
+                        reason: format!("{op}: {why}"),
+                    };
+                    let t = e.to_string();
+                    (e, t)
+                };
+                (e, Some((kind, text)))
+            }
+            Ok(Err(ExecError::Peer { failure, .. })) => {
+                let e = self.lost(&op, failure);
+                let n = Some((ABORT_FAILED, e.to_string()));
+                (e, n)
+            }
+        };
+        if let Some((kind, text)) = notice {
+            self.abort_collective(seq, kind, &text).await;
+        }
+        Err(err)
+    }
+
+    fn late_mismatch(&self, op: &str, late: LateMismatch) -> Error {
+        let src = self
+            .comm_rank_of(late.src as usize)
+            .unwrap_or(late.src as usize);
+        Error::Mismatch {
+            rank: self.rank(),
+            op: op.to_string(),
+            detail: format!(
+                "collective #{} did not match: rank {src} called {}, rank {} called {}",
+                late.seq,
+                late.theirs,
+                self.rank(),
+                late.mine
+            ),
+        }
+    }
+
+    /// Record that this rank abandoned collective `seq` and tell every other
+    /// member, so that none of them waits for it.
+    async fn abort_collective(&self, seq: u64, kind: u8, text: &str) {
+        self.record_abort(seq, kind, text);
+        self.send_abort(seq, kind, text).await;
+    }
+
+    fn record_abort(&self, seq: u64, kind: u8, text: &str) {
+        let me = self.world_rank(self.rank());
+        let reason = format!("{}{text}", kind as char);
+        self.transport().mailbox().abort_coll(
+            self.inner.comm_id,
+            self.inner.epoch,
+            seq,
+            me,
+            reason,
+        );
+    }
+
+    async fn send_abort(&self, seq: u64, kind: u8, text: &str) {
+        let t = self.transport();
+        let me = self.world_rank(self.rank());
+        let mut payload = Vec::with_capacity(text.len() + 1);
+        payload.push(kind);
+        payload.extend_from_slice(text.as_bytes());
+        let payload = Bytes::from(payload);
+        let mut h = Header::new(
+            FrameKind::Abort,
+            me as u32,
+            self.inner.comm_id,
+            self.inner.epoch,
+        );
+        h.seq = seq;
+        h.len = payload.len() as u64;
+        let sends: Vec<_> = self
+            .inner
+            .members
+            .iter()
+            .filter(|&&w| w != me)
+            .map(|&w| t.send(w, h, vec![payload.clone()]))
+            .collect();
+        let all = async {
+            for s in sends {
+                let _ = s.await;
+            }
+        };
+        let _ = tokio::time::timeout(ABORT_NOTICE, all).await;
+    }
+
+    /// Wait up to `grace` for communicator rank `peer` to abort collective
+    /// `seq`; its reason if it did.
+    async fn abort_from(&self, seq: u64, peer: usize, grace: Duration) -> Option<String> {
+        let world = *self.inner.members.get(peer)?;
+        let mailbox = self.transport().mailbox();
+        let until = tokio::time::Instant::now() + grace;
+        loop {
+            match mailbox.coll_abort(self.inner.comm_id, self.inner.epoch, seq) {
+                Some((by, reason)) if by == world => return Some(reason),
+                Some(_) => return None,
+                None if tokio::time::Instant::now() >= until => return None,
+                None => tokio::time::sleep(Duration::from_millis(10)).await,
+            }
+        }
+    }
+}
+
+/// SplitMix64 finalizer: a well-mixed 64-bit hash step.
+fn mix(mut z: u64) -> u64 {
+    z = z.wrapping_add(0x9e37_79b9_7f4a_7c15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    z ^ (z >> 31)
+}
