@@ -82,6 +82,8 @@ struct Inner {
     world_size: usize,
     state: Mutex<SeedState>,
     phase: watch::Sender<Phase>,
+    /// Ranks that joined and are ready (formation progress for launchers).
+    joined: watch::Sender<Vec<usize>>,
 }
 
 /// A running seed: the job's certificate authority and formation point.
@@ -128,6 +130,7 @@ impl Seed {
             world_size: cfg.world_size,
             state: Mutex::new(state),
             phase: watch::channel(Phase::Forming).0,
+            joined: watch::channel(Vec::new()).0,
         });
         let tasks = Arc::new(Mutex::new(JoinSet::new()));
         let (i, ep, t) = (inner.clone(), endpoint.clone(), tasks.clone());
@@ -194,6 +197,13 @@ impl Seed {
                 detail: "formation did not complete".into(),
             }),
         }
+    }
+
+    /// Formation progress: the ranks that have joined so far, in rank
+    /// order. The receiver changes whenever a rank joins or leaves before
+    /// formation completed (for launchers that show progress).
+    pub fn joined_ranks(&self) -> watch::Receiver<Vec<usize>> {
+        self.inner.joined.subscribe()
     }
 
     /// Stop the seed and every task it runs.
@@ -301,6 +311,9 @@ async fn handle(inner: Arc<Inner>, incoming: quinn::Incoming) -> Result<()> {
         let left = {
             let mut st = inner.state.lock().unwrap_or_else(|p| p.into_inner());
             st.handle_leave(rank);
+            if matches!(st.phase(), Phase::Forming) {
+                inner.joined.send_modify(|j| j.retain(|&r| r != rank));
+            }
             st.progress()
         };
         tracing::warn!("seed: rank {rank} left before formation completed ({why}); {left}");
@@ -345,6 +358,11 @@ async fn handle(inner: Arc<Inner>, incoming: quinn::Incoming) -> Result<()> {
         st.handle_ready(rank);
         (st.progress(), st.phase().clone())
     };
+    inner.joined.send_modify(|j| {
+        if let Err(i) = j.binary_search(&rank) {
+            j.insert(i, rank);
+        }
+    });
     tracing::info!(
         "seed: rank {rank} joined from {} ({}); {progress}",
         req.host,

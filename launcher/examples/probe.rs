@@ -1,0 +1,48 @@
+//! A rank program for rankrun's tests (not for users).
+//!
+//! Prints `pid=<pid>`, joins the job, then passes a token around the ring:
+//! once (`PROBE=ring`, the default) or forever (`PROBE=loop`). With
+//! `PROBE_VICTIM=r`, rank r kills itself with SIGKILL in the middle of the
+//! loop.
+
+use rankmesh::Result;
+
+#[tokio::main(flavor = "current_thread")]
+async fn main() -> Result<()> {
+    println!("pid={}", std::process::id());
+    let mode = std::env::var("PROBE").unwrap_or_else(|_| "ring".into());
+    let victim: Option<usize> = std::env::var("PROBE_VICTIM")
+        .ok()
+        .and_then(|v| v.parse().ok());
+    let comm = rankmesh::init().await?;
+    let (rank, size) = (comm.rank(), comm.size());
+    let right = (rank + 1) % size;
+    let left = (rank + size - 1) % size;
+    let mut round: u64 = 0;
+    loop {
+        let mut token = [0u64];
+        if rank == 0 {
+            token[0] = 1;
+            comm.send(&token, right, 7).await?;
+            comm.recv(&mut token, left, 7).await?;
+        } else {
+            comm.recv(&mut token, left, 7).await?;
+            token[0] += 1;
+            comm.send(&token, right, 7).await?;
+        }
+        round += 1;
+        if mode != "loop" {
+            println!("rank {rank}/{size}: token {}", token[0]);
+            break;
+        }
+        if round == 20 && Some(rank) == victim {
+            println!("rank {rank}: killing myself mid-loop");
+            // SAFETY: kill(2) on our own pid; no memory is involved.
+            unsafe {
+                libc::kill(libc::getpid(), libc::SIGKILL);
+            }
+        }
+    }
+    comm.finalize().await?;
+    Ok(())
+}

@@ -1,0 +1,435 @@
+//! rankrun end to end: real processes, real signals, real network
+//! namespaces (root only).
+//!
+//! Rank programs: the root package's `hello` example when it was built
+//! (`cargo test --workspace` builds it), else this package's `probe`
+//! example (built by `cargo test` for this package), and `sh -c` scripts.
+
+use std::io::{BufRead, BufReader, Read};
+use std::path::PathBuf;
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+/// Generous: the CI machine may be small and busy.
+const LIMIT: Duration = Duration::from_secs(120);
+
+fn rankrun() -> Command {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_rankrun"));
+    c.env_remove("SLURM_JOB_ID");
+    c
+}
+
+fn examples_dir() -> PathBuf {
+    PathBuf::from(env!("CARGO_BIN_EXE_rankrun"))
+        .parent()
+        .expect("rankrun has a directory")
+        .join("examples")
+}
+
+fn probe() -> PathBuf {
+    let p = examples_dir().join("probe");
+    assert!(
+        p.exists(),
+        "{} is missing: run the tests with `cargo test` (which builds this package's examples)",
+        p.display()
+    );
+    p
+}
+
+/// The root package's hello example, or probe (same ring) when it was not
+/// built.
+fn hello() -> PathBuf {
+    let p = examples_dir().join("hello");
+    if p.exists() {
+        p
+    } else {
+        eprintln!(
+            "NOTE: {} not built (run `cargo test --workspace`); using the probe example",
+            p.display()
+        );
+        probe()
+    }
+}
+
+/// Wait for `child`, killing it and failing the test after `limit`.
+fn wait_limited(mut child: Child, limit: Duration) -> Output {
+    let t0 = Instant::now();
+    let mut out = child.stdout.take();
+    let mut err = child.stderr.take();
+    let ho = std::thread::spawn(move || {
+        let mut v = Vec::new();
+        if let Some(o) = &mut out {
+            let _ = o.read_to_end(&mut v);
+        }
+        v
+    });
+    let he = std::thread::spawn(move || {
+        let mut v = Vec::new();
+        if let Some(e) = &mut err {
+            let _ = e.read_to_end(&mut v);
+        }
+        v
+    });
+    loop {
+        if let Some(status) = child.try_wait().expect("wait") {
+            return Output {
+                status,
+                stdout: ho.join().unwrap_or_default(),
+                stderr: he.join().unwrap_or_default(),
+            };
+        }
+        if t0.elapsed() > limit {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!(
+                "rankrun did not finish within {limit:?}; stderr so far:\n{}",
+                String::from_utf8_lossy(&he.join().unwrap_or_default())
+            );
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+fn run(cmd: &mut Command) -> (Output, Duration) {
+    let t0 = Instant::now();
+    let child = cmd
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start rankrun");
+    let out = wait_limited(child, LIMIT);
+    (out, t0.elapsed())
+}
+
+fn text(b: &[u8]) -> String {
+    String::from_utf8_lossy(b).into_owned()
+}
+
+fn pids(stdout: &str) -> Vec<i32> {
+    stdout
+        .lines()
+        .filter_map(|l| l.split("pid=").nth(1))
+        .filter_map(|p| p.trim().parse().ok())
+        .collect()
+}
+
+/// Gone: no such process, or a zombie waiting for a reaper (in containers
+/// PID 1 may never reap orphans).
+fn gone(pid: i32) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Err(_) => true,
+        Ok(s) => s
+            .rsplit_once(')')
+            .map(|(_, rest)| rest.trim_start().starts_with('Z'))
+            .unwrap_or(false),
+    }
+}
+
+fn assert_all_gone(pids: &[i32]) {
+    let t0 = Instant::now();
+    for &p in pids {
+        while !gone(p) {
+            assert!(
+                t0.elapsed() < Duration::from_secs(20),
+                "process {p} survived the job"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
+#[test]
+fn four_ranks_ring_tagged_lines() {
+    let (out, _) = run(rankrun().arg("-n").arg("4").arg(hello()));
+    let (so, se) = (text(&out.stdout), text(&out.stderr));
+    assert_eq!(out.status.code(), Some(0), "stdout:\n{so}\nstderr:\n{se}");
+    for r in 0..4 {
+        let tag = format!("[{r}] ");
+        let lines: Vec<&str> = so
+            .lines()
+            .filter(|l| l.starts_with(&tag) && l.contains("token"))
+            .collect();
+        assert_eq!(lines.len(), 1, "rank {r}: {so}");
+        assert!(lines[0].contains(&format!("rank {r}/4")), "{so}");
+        // The ring passes a token through all four ranks.
+        if r == 0 {
+            assert!(lines[0].ends_with("token 4"), "{so}");
+        }
+    }
+    assert!(
+        so.lines().all(|l| l.starts_with('[')),
+        "untagged line: {so}"
+    );
+    assert!(se.contains("all 4 process(es) exited with code 0"), "{se}");
+}
+
+#[test]
+fn a_rank_exiting_7_ends_the_job_with_7() {
+    let script =
+        r#"echo pid=$$; if [ "$RANKMESH_RANK" = 2 ]; then sleep 1; exit 7; fi; exec sleep 1000"#;
+    let (out, took) = run(rankrun()
+        .args(["-n", "4", "--grace", "3", "sh", "-c"])
+        .arg(script));
+    let (so, se) = (text(&out.stdout), text(&out.stderr));
+    assert_eq!(out.status.code(), Some(7), "stdout:\n{so}\nstderr:\n{se}");
+    assert!(took < Duration::from_secs(60), "took {took:?}");
+    let ps = pids(&so);
+    assert_eq!(ps.len(), 4, "{so}");
+    let victim = so
+        .lines()
+        .find(|l| l.starts_with("[2] pid="))
+        .and_then(|l| l.split("pid=").nth(1))
+        .expect("rank 2's pid")
+        .to_string();
+    assert!(
+        se.contains(&format!(
+            "rank 2 (pid {victim} on localhost) exited with code 7"
+        )),
+        "{se}"
+    );
+    assert!(se.contains("first failure: rank 2"), "{se}");
+    assert_all_gone(&ps);
+}
+
+#[test]
+fn a_rank_killed_mid_loop_ends_the_job_with_137() {
+    let (out, took) = run(rankrun()
+        .args(["-n", "3", "--grace", "3"])
+        .args(["-x", "PROBE=loop", "-x", "PROBE_VICTIM=1"])
+        .arg(probe()));
+    let (so, se) = (text(&out.stdout), text(&out.stderr));
+    assert_eq!(out.status.code(), Some(137), "stdout:\n{so}\nstderr:\n{se}");
+    assert!(took < Duration::from_secs(60), "took {took:?}");
+    assert!(so.contains("[1] rank 1: killing myself mid-loop"), "{so}");
+    assert!(se.contains("was killed by SIGKILL"), "{se}");
+    assert!(se.contains("first failure: rank 1 (pid"), "{se}");
+    let ps = pids(&so);
+    assert_eq!(ps.len(), 3, "{so}");
+    assert_all_gone(&ps);
+}
+
+#[test]
+fn sigint_to_rankrun_ends_every_rank() {
+    let mut child = rankrun()
+        .args([
+            "-n",
+            "3",
+            "--grace",
+            "3",
+            "sh",
+            "-c",
+            "echo pid=$$; exec sleep 1000",
+        ])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start rankrun");
+    let mut lines = BufReader::new(child.stdout.take().expect("stdout")).lines();
+    let mut ps = Vec::new();
+    while ps.len() < 3 {
+        let l = lines
+            .next()
+            .expect("rankrun ended before every rank started")
+            .expect("read");
+        ps.extend(pids(&l));
+    }
+    // SAFETY: kill(2) on our own child's pid.
+    let rc = unsafe { libc::kill(child.id() as i32, libc::SIGINT) };
+    assert_eq!(rc, 0);
+    std::thread::spawn(move || for _ in lines {});
+    let out = wait_limited(child, LIMIT);
+    let se = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(130), "{se}");
+    assert!(se.contains("received SIGINT; forwarding it to 3"), "{se}");
+    assert_all_gone(&ps);
+}
+
+#[test]
+fn join_timeout_names_the_missing_rank_and_host() {
+    let script = format!(
+        r#"if [ "$RANKMESH_RANK" = 2 ]; then exec sleep 1000; else exec '{}'; fi"#,
+        hello().display()
+    );
+    let (out, _) = run(rankrun()
+        .args(["-n", "3", "--join-timeout", "4", "--grace", "2", "sh", "-c"])
+        .arg(script));
+    let se = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(124), "{se}");
+    assert!(
+        se.contains("formation failed after --join-timeout 4s")
+            && se.contains("waiting for rank(s) [2] on localhost"),
+        "{se}"
+    );
+}
+
+#[test]
+fn environment_quoting_env_files_output_dir_and_quiet() {
+    let dir = std::env::temp_dir().join(format!("rankrun-test-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).expect("tmp dir");
+    let envf = dir.join("env");
+    std::fs::write(&envf, "# comment\nexport FROM_FILE=\"file value\"\n").expect("env file");
+    let outdir = dir.join("out");
+    let (out, _) = run(rankrun()
+        .args(["-n", "2", "-q", "-x", "V=it's \"quoted\" $HOME"])
+        .arg("--env-file")
+        .arg(&envf)
+        .arg("--output-dir")
+        .arg(&outdir)
+        .args([
+            "sh",
+            "-c",
+            r#"printf '%s|%s|%s|%s\n' "$V" "$FROM_FILE" "$RANK" "$LOCAL_RANK"; [ -z "$RANKMESH_TOKEN" ] && [ -r "$RANKMESH_TOKEN_FILE" ] && echo token-in-file; printf partial"#,
+        ]));
+    let (so, se) = (text(&out.stdout), text(&out.stderr));
+    assert_eq!(out.status.code(), Some(0), "{so}\n{se}");
+    assert!(
+        so.contains("it's \"quoted\" $HOME|file value|0|0\n"),
+        "{so}"
+    );
+    assert!(
+        so.contains("it's \"quoted\" $HOME|file value|1|1\n"),
+        "{so}"
+    );
+    assert_eq!(so.matches("token-in-file\n").count(), 2, "{so}");
+    // Partial last lines come out whole, untagged under --quiet.
+    assert_eq!(so.matches("partial\n").count(), 2, "{so}");
+    assert!(!so.contains('['), "{so}");
+    assert!(se.is_empty(), "--quiet: {se}");
+    let f = std::fs::read_to_string(outdir.join("rank.1.log")).expect("rank.1.log");
+    assert!(f.starts_with("it's"), "{f}");
+    assert!(f.ends_with("partial\n"), "{f}");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn bad_command_lines_exit_2_with_one_line() {
+    let dir = std::env::temp_dir();
+    let cases: Vec<Vec<String>> = vec![
+        vec!["--no-such-flag".into(), "true".into()],
+        vec!["-n".into(), "0".into(), "true".into()],
+        vec!["-n".into(), "2".into()],
+        vec![],
+        vec![
+            "--hostfile".into(),
+            dir.join("rankrun-no-such-hostfile").display().to_string(),
+            "true".into(),
+        ],
+        vec!["-n".into(), "x".into(), "true".into()],
+        vec![
+            "-n".into(),
+            "3".into(),
+            "--host".into(),
+            "a:1".into(),
+            "true".into(),
+        ],
+        vec![
+            "-x".into(),
+            "NOT_SET_ANYWHERE_4711".into(),
+            "-n".into(),
+            "1".into(),
+            "true".into(),
+        ],
+        vec![
+            "--grace".into(),
+            "-1".into(),
+            "-n".into(),
+            "1".into(),
+            "true".into(),
+        ],
+    ];
+    for args in cases {
+        let (out, _) = run(rankrun().args(&args).env_remove("NOT_SET_ANYWHERE_4711"));
+        let se = text(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{args:?}: {se}");
+        assert_eq!(se.lines().count(), 1, "{args:?}: {se}");
+        assert!(se.starts_with("rankrun: error: "), "{args:?}: {se}");
+        assert!(!se.contains("panicked"), "{args:?}: {se}");
+    }
+    let (out, _) = run(rankrun().arg("--help"));
+    assert_eq!(out.status.code(), Some(0));
+    assert!(text(&out.stdout).contains("--launch-agent"));
+}
+
+/// Two network namespaces joined by a veth pair; rankrun runs in the first
+/// and reaches both through `ip netns exec` as its launch agent.
+struct Netns {
+    names: [String; 2],
+}
+
+impl Netns {
+    fn ip(args: &[&str]) {
+        let out = Command::new("ip").args(args).output().expect("run ip");
+        assert!(
+            out.status.success(),
+            "ip {}: {}",
+            args.join(" "),
+            text(&out.stderr)
+        );
+    }
+
+    fn new() -> Netns {
+        let id = std::process::id() % 100_000;
+        let a = format!("rmA{id}");
+        let b = format!("rmB{id}");
+        let n = Netns {
+            names: [a.clone(), b.clone()],
+        };
+        let (va, vb) = (format!("vA{id}"), format!("vB{id}"));
+        Self::ip(&["netns", "add", &a]);
+        Self::ip(&["netns", "add", &b]);
+        Self::ip(&["link", "add", &va, "type", "veth", "peer", "name", &vb]);
+        Self::ip(&["link", "set", &va, "netns", &a]);
+        Self::ip(&["link", "set", &vb, "netns", &b]);
+        Self::ip(&["-n", &a, "addr", "add", "10.213.7.1/24", "dev", &va]);
+        Self::ip(&["-n", &b, "addr", "add", "10.213.7.2/24", "dev", &vb]);
+        for (ns, v) in [(&a, &va), (&b, &vb)] {
+            Self::ip(&["-n", ns, "link", "set", "lo", "up"]);
+            Self::ip(&["-n", ns, "link", "set", v, "up"]);
+        }
+        n
+    }
+}
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        for n in &self.names {
+            let _ = Command::new("ip").args(["netns", "del", n]).output();
+        }
+    }
+}
+
+#[test]
+fn four_ranks_across_two_network_namespaces() {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        eprintln!(
+            "\n\n*** SKIPPED four_ranks_across_two_network_namespaces: needs root \
+             (ip netns); CI runs it as root ***\n"
+        );
+        return;
+    }
+    let ns = Netns::new();
+    let hosts = format!("{}:2,{}:2", ns.names[0], ns.names[1]);
+    let (out, _) = run(Command::new("ip")
+        .args(["netns", "exec", &ns.names[0]])
+        .arg(env!("CARGO_BIN_EXE_rankrun"))
+        .args(["--host", &hosts, "--tag-output=host"])
+        .args(["--launch-agent", "ip netns exec {host} sh -c"])
+        .args(["--seed-addr", "10.213.7.1", "--join-timeout", "60"])
+        .arg(hello()));
+    let (so, se) = (text(&out.stdout), text(&out.stderr));
+    assert_eq!(out.status.code(), Some(0), "stdout:\n{so}\nstderr:\n{se}");
+    for (r, host) in [(0, 0), (1, 0), (2, 1), (3, 1)] {
+        let tag = format!("[{}:{r}] ", ns.names[host]);
+        assert!(
+            so.lines()
+                .any(|l| l.starts_with(&tag) && l.contains(&format!("rank {r}/4"))),
+            "{tag}: {so}"
+        );
+    }
+    assert!(so.contains("token 4"), "{so}");
+    assert!(se.contains("all 4 process(es) exited with code 0"), "{se}");
+}
