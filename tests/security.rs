@@ -1,7 +1,6 @@
 //! Security negatives over real QUIC on loopback: every attack is refused
 //! with a clear error and the job keeps working.
 
-use bytes::Bytes;
 use rankmesh::bootstrap::{join, JobToken, JoinSpec, Seed, SeedConfig};
 use rankmesh::pki::{self, Credentials, JobCa, RankKey};
 use rankmesh::transport::quic::{endpoint, QuicTransport};
@@ -78,7 +77,7 @@ fn p2p_header(src: u32, tag: u64, n: u64, len: u64) -> Header {
 async fn send(from: &Rank, to: usize, tag: u64, n: u64, data: &[u8]) {
     let h = p2p_header(from.creds.rank as u32, tag, n, data.len() as u64);
     from.transport
-        .send(to, h, vec![Bytes::copy_from_slice(data)])
+        .send(to, h, rankmesh::transport::Payload::Borrowed(data))
         .await
         .unwrap();
 }

@@ -10,13 +10,14 @@
 //! count, root) is compared with this rank's; a difference is a
 //! [`ExecError::Mismatch`] naming both sides.
 
-use super::{CollKind, Recv, Schedule};
+use super::{CollKind, Phase, Recv, Schedule, Xfer};
 use crate::datatype::{DType, ReduceOp};
 use crate::reduce::reduce_bytes;
-use crate::transport::{CollKey, PeerFailure, Transport};
+use crate::transport::{CollKey, Payload, PeerFailure, Transport};
 use crate::wire::{CollDesc, FrameKind, Header};
 use bytes::Bytes;
 use std::future::Future;
+use std::ops::Range;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::task::Poll;
@@ -135,38 +136,93 @@ impl Ctx<'_> {
         src: Option<&[u8]>,
         work: &mut [u8],
     ) -> Result<(), ExecError> {
-        let esz = self.desc.dtype.size();
         for ph in &sched.phases {
-            let mut sends: Vec<Option<SendFut<'_>>> = Vec::with_capacity(ph.sends.len());
-            for x in &ph.sends {
-                let from: &[u8] = match src {
-                    Some(s) => s,
-                    None => &*work,
-                };
-                let bytes = &from[x.range.start * esz..x.range.end * esz];
-                let h = self.header(ph.sub, bytes.len());
-                let payload = if bytes.is_empty() {
-                    Vec::new()
-                } else {
-                    vec![Bytes::copy_from_slice(bytes)]
-                };
-                let fut = self.transport.send(self.members[x.peer], h, payload);
-                sends.push(Some(Box::pin(async move {
-                    fut.await.map_err(|failure| ExecError::Peer { failure })
-                })));
-            }
-            let recvs = async {
-                for x in &ph.recvs {
-                    let range = x.range.start * esz..x.range.end * esz;
-                    self.recv_one(ph.sub, x.peer, ph.mode, &mut work[range])
-                        .await?;
-                }
-                Ok(())
-            };
-            let (a, b) = tokio::join!(join_all(sends), recvs);
-            if let Err(e) = b.and(a) {
+            if let Err(e) = self.phase(ph, src, work).await {
                 return Err(self.root_cause(e));
             }
+        }
+        Ok(())
+    }
+
+    /// One phase. Sends borrow the data they send whenever nothing in the
+    /// phase writes it (the transport then copies it piece by piece while
+    /// sending); only a phase that receives into what it sends (recursive
+    /// doubling) snapshots its sends first.
+    async fn phase(
+        &self,
+        ph: &Phase,
+        src: Option<&[u8]>,
+        work: &mut [u8],
+    ) -> Result<(), ExecError> {
+        let esz = self.desc.dtype.size();
+        let bytes = |r: &Range<usize>| r.start * esz..r.end * esz;
+        if let Some(src) = src {
+            let sends = self.sends(ph, |x| Payload::Borrowed(&src[bytes(&x.range)]));
+            return both(join_all(sends), self.recvs(ph, work)).await;
+        }
+        if ph.recvs.is_empty() {
+            let work: &[u8] = work;
+            return join_all(self.sends(ph, |x| Payload::Borrowed(&work[bytes(&x.range)]))).await;
+        }
+        if let ([sx], [rx]) = (ph.sends.as_slice(), ph.recvs.as_slice()) {
+            let (sr, rr) = (bytes(&sx.range), bytes(&rx.range));
+            if sr.end <= rr.start || rr.end <= sr.start {
+                // Disjoint: split the buffer between the send and the receive.
+                let at = if sr.end <= rr.start {
+                    rr.start
+                } else {
+                    sr.start
+                };
+                let (lo, hi) = work.split_at_mut(at);
+                let (out, data): (&mut [u8], &[u8]) = if sr.end <= rr.start {
+                    (&mut hi[..rr.len()], &lo[sr])
+                } else {
+                    (&mut lo[rr], &hi[..sr.len()])
+                };
+                let send = self.sends(ph, |_| Payload::Borrowed(data));
+                return both(join_all(send), self.recv_one(ph.sub, rx.peer, ph.mode, out)).await;
+            }
+        }
+        let snapshot: Vec<Bytes> = ph
+            .sends
+            .iter()
+            .map(|x| Bytes::copy_from_slice(&work[bytes(&x.range)]))
+            .collect();
+        let mut it = snapshot.into_iter();
+        let sends = self.sends(ph, |_| {
+            Payload::Owned(it.next().filter(|b| !b.is_empty()).into_iter().collect())
+        });
+        both(join_all(sends), self.recvs(ph, work)).await
+    }
+
+    /// The send futures of a phase, payloads from `data`.
+    fn sends<'a>(
+        &'a self,
+        ph: &Phase,
+        mut data: impl FnMut(&Xfer) -> Payload<'a>,
+    ) -> Vec<Option<SendFut<'a>>> {
+        ph.sends
+            .iter()
+            .map(|x| {
+                let payload = data(x);
+                let h = self.header(ph.sub, payload.len());
+                let fut = self.transport.send(self.members[x.peer], h, payload);
+                let f: SendFut<'a> =
+                    Box::pin(
+                        async move { fut.await.map_err(|failure| ExecError::Peer { failure }) },
+                    );
+                Some(f)
+            })
+            .collect()
+    }
+
+    /// The receives of a phase, one after the other.
+    async fn recvs(&self, ph: &Phase, work: &mut [u8]) -> Result<(), ExecError> {
+        let esz = self.desc.dtype.size();
+        for x in &ph.recvs {
+            let range = x.range.start * esz..x.range.end * esz;
+            self.recv_one(ph.sub, x.peer, ph.mode, &mut work[range])
+                .await?;
         }
         Ok(())
     }
@@ -257,6 +313,16 @@ impl Ctx<'_> {
         }
         Ok(())
     }
+}
+
+/// Run sends and receives together; a receive error wins (it usually
+/// explains why a send failed too).
+async fn both(
+    sends: impl Future<Output = Result<(), ExecError>>,
+    recvs: impl Future<Output = Result<(), ExecError>>,
+) -> Result<(), ExecError> {
+    let (a, b) = tokio::join!(sends, recvs);
+    b.and(a)
 }
 
 type SendFut<'a> = Pin<Box<dyn Future<Output = Result<(), ExecError>> + Send + 'a>>;

@@ -12,7 +12,7 @@ use crate::coll::exec::{Ctx, Desc, ExecError};
 use crate::coll::select::{Algorithm, CostModel};
 use crate::coll::{barrier, binomial, doubling, halving, linear, ring, CollKind, Schedule};
 use crate::datatype::{DType, Element, ReduceOp};
-use crate::transport::LateMismatch;
+use crate::transport::{LateMismatch, Payload};
 use crate::wire::{FrameKind, Header, ABORT_FAILED, ABORT_MISMATCH};
 use crate::{Error, Result};
 use bytes::Bytes;
@@ -467,7 +467,7 @@ impl Communicator {
             .members
             .iter()
             .filter(|&&w| w != me)
-            .map(|&w| t.send(w, h, vec![payload.clone()]))
+            .map(|&w| t.send(w, h, Payload::Owned(vec![payload.clone()])))
             .collect();
         let all = async {
             for s in sends {

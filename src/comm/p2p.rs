@@ -7,10 +7,9 @@
 
 use super::Communicator;
 use crate::datatype::Element;
-use crate::transport::P2pKey;
+use crate::transport::{P2pKey, Payload};
 use crate::wire::{FrameKind, Header};
 use crate::{Error, Result};
-use bytes::Bytes;
 
 impl Communicator {
     /// Send `data` to rank `dst` with `tag`. Returns once the data is owned
@@ -42,15 +41,10 @@ impl Communicator {
         h.sub = n;
         h.len = bytes.len() as u64;
         h.total = data.len() as u64;
-        let payload = if bytes.is_empty() {
-            Vec::new()
-        } else {
-            vec![Bytes::copy_from_slice(bytes)]
-        };
         let world_dst = self.world_rank(dst);
         self.bounded(&op, &[dst], async {
             self.transport()
-                .send(world_dst, h, payload)
+                .send(world_dst, h, Payload::Borrowed(bytes))
                 .await
                 .map_err(|f| self.lost(&op, f))
         })

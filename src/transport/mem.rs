@@ -4,9 +4,8 @@
 //! moves the same frames as the QUIC transport, so the code under test is the
 //! same; only the wire is missing.
 
-use super::{BoxFut, Incoming, Mailbox, PeerFailure, Transport};
+use super::{BoxFut, Incoming, Mailbox, Payload, PeerFailure, Transport};
 use crate::wire::Header;
-use bytes::Bytes;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
@@ -46,12 +45,12 @@ impl Transport for MemTransport {
         self.fabric.mailboxes.len()
     }
 
-    fn send(
-        &self,
+    fn send<'a>(
+        &'a self,
         dst: usize,
         header: Header,
-        payload: Vec<Bytes>,
-    ) -> BoxFut<'_, Result<(), PeerFailure>> {
+        payload: Payload<'a>,
+    ) -> BoxFut<'a, Result<(), PeerFailure>> {
         Box::pin(async move {
             let Some(mb) = self.fabric.mailboxes.get(dst) else {
                 return Err(PeerFailure::lost(
@@ -62,7 +61,7 @@ impl Transport for MemTransport {
             if self.fabric.down[dst].load(Ordering::Acquire) {
                 return Err(PeerFailure::lost(dst, "rank has shut down"));
             }
-            mb.deliver(Incoming::from_chunks(header, payload));
+            mb.deliver(Incoming::from_chunks(header, payload.into_owned()));
             Ok(())
         })
     }

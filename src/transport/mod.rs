@@ -23,6 +23,41 @@ use std::pin::Pin;
 /// A boxed, sendable future (keeps [`Transport`] object safe).
 pub type BoxFut<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
 
+/// The payload of one message.
+#[derive(Debug)]
+pub enum Payload<'a> {
+    /// Buffers the transport may keep.
+    Owned(Vec<Bytes>),
+    /// The caller's data, borrowed until the send completes. The transport
+    /// copies it as it sends (piece by piece over QUIC, so copying overlaps
+    /// transmission).
+    Borrowed(&'a [u8]),
+}
+
+impl Payload<'_> {
+    /// Total bytes.
+    pub fn len(&self) -> usize {
+        match self {
+            Payload::Owned(v) => v.iter().map(|b| b.len()).sum(),
+            Payload::Borrowed(s) => s.len(),
+        }
+    }
+
+    /// Whether there are no bytes.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Owned buffers (copies borrowed data).
+    pub fn into_owned(self) -> Vec<Bytes> {
+        match self {
+            Payload::Owned(v) => v,
+            Payload::Borrowed(s) if s.is_empty() => Vec::new(),
+            Payload::Borrowed(s) => vec![Bytes::copy_from_slice(s)],
+        }
+    }
+}
+
 /// Moves messages between the ranks of one job.
 pub trait Transport: Send + Sync + 'static {
     /// This rank's world rank.
@@ -34,12 +69,12 @@ pub trait Transport: Send + Sync + 'static {
     /// Send one message to world rank `dst`. Completes once the payload is
     /// owned by the transport (it may not have been received yet).
     /// `header.len` must equal the total payload length.
-    fn send(
-        &self,
+    fn send<'a>(
+        &'a self,
         dst: usize,
         header: Header,
-        payload: Vec<Bytes>,
-    ) -> BoxFut<'_, Result<(), PeerFailure>>;
+        payload: Payload<'a>,
+    ) -> BoxFut<'a, Result<(), PeerFailure>>;
 
     /// Where received messages wait to be matched.
     fn mailbox(&self) -> &Mailbox;

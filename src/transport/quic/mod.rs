@@ -13,7 +13,7 @@
 
 pub mod endpoint;
 
-use super::{BoxFut, Incoming, Mailbox, PeerFailure, Transport};
+use super::{BoxFut, Incoming, Mailbox, Payload, PeerFailure, Transport};
 use crate::config::Config;
 use crate::pki::{self, Credentials};
 use crate::wire::control::PeerInfo;
@@ -401,7 +401,7 @@ impl Shared {
         self: &Arc<Self>,
         dst: usize,
         header: Header,
-        payload: Vec<Bytes>,
+        payload: Payload<'_>,
     ) -> std::result::Result<(), PeerFailure> {
         if dst >= self.peers.len() {
             return Err(self.failure(
@@ -410,7 +410,8 @@ impl Shared {
             ));
         }
         if dst == self.rank {
-            self.mailbox.deliver(Incoming::from_chunks(header, payload));
+            self.mailbox
+                .deliver(Incoming::from_chunks(header, payload.into_owned()));
             return Ok(());
         }
         if self.closing.load(Ordering::Acquire) {
@@ -429,11 +430,32 @@ impl Shared {
         };
         let s = conn.open_uni().await.map_err(|e| lost(&e))?;
         let mut guard = ResetOnDrop(Some(s));
-        let mut bufs = Vec::with_capacity(payload.len() + 1);
-        bufs.push(Bytes::copy_from_slice(&header.encode()));
-        bufs.extend(payload);
         if let Some(s) = guard.0.as_mut() {
-            s.write_all_chunks(&mut bufs).await.map_err(|e| lost(&e))?;
+            match payload {
+                Payload::Owned(v) => {
+                    let mut bufs = Vec::with_capacity(v.len() + 1);
+                    bufs.push(Bytes::copy_from_slice(&header.encode()));
+                    bufs.extend(v);
+                    s.write_all_chunks(&mut bufs).await.map_err(|e| lost(&e))?;
+                }
+                Payload::Borrowed(data) => {
+                    // Copy a piece at a time: the copy of one piece overlaps
+                    // the transmission of the previous ones, and small
+                    // messages go out with their header in one write.
+                    let first = data.len().min(COPY_PIECE - HEADER_LEN);
+                    let mut head = Vec::with_capacity(HEADER_LEN + first);
+                    head.extend_from_slice(&header.encode());
+                    head.extend_from_slice(&data[..first]);
+                    s.write_chunk(Bytes::from(head))
+                        .await
+                        .map_err(|e| lost(&e))?;
+                    for piece in data[first..].chunks(COPY_PIECE) {
+                        s.write_chunk(Bytes::copy_from_slice(piece))
+                            .await
+                            .map_err(|e| lost(&e))?;
+                    }
+                }
+            }
             s.finish().map_err(|e| lost(&e))?;
         }
         guard.0 = None;
@@ -537,6 +559,9 @@ impl Shared {
     }
 }
 
+/// Bytes of borrowed payload copied per write.
+const COPY_PIECE: usize = 1 << 20;
+
 /// How long an aborting rank tries to reach peers it never talked to.
 const ABORT_NOTICE_WAIT: Duration = Duration::from_secs(2);
 
@@ -561,12 +586,12 @@ impl Transport for QuicTransport {
         self.sh.peers.len()
     }
 
-    fn send(
-        &self,
+    fn send<'a>(
+        &'a self,
         dst: usize,
         header: Header,
-        payload: Vec<Bytes>,
-    ) -> BoxFut<'_, std::result::Result<(), PeerFailure>> {
+        payload: Payload<'a>,
+    ) -> BoxFut<'a, std::result::Result<(), PeerFailure>> {
         Box::pin(self.sh.send(dst, header, payload))
     }
 
