@@ -390,9 +390,18 @@ impl Communicator {
                     };
                     (e, detail)
                 } else {
+                    // If this rank was itself still waiting on another one,
+                    // say so: the rank that gave up first may only have been
+                    // waiting on this one, and the culprit is further down.
+                    let w = waiting.load(Ordering::Relaxed);
+                    let also = if w != usize::MAX && w != by {
+                        format!("; rank {me} was itself still waiting on rank {w}")
+                    } else {
+                        String::new()
+                    };
                     let e = Error::Aborted {
                         by_rank: by,
-                        reason: format!("{op}: {why}"),
+                        reason: format!("{op}: {why}{also}"),
                     };
                     let t = e.to_string();
                     (e, t)
