@@ -11,7 +11,7 @@
 //! Depends only on `datatype`.
 
 use crate::datatype::{DType, ReduceOp};
-use half::{bf16, f16};
+use half::{bf16, f16, slice::HalfFloatSliceExt};
 
 /// Why two byte buffers could not be reduced.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -71,15 +71,6 @@ macro_rules! float_kernel {
     }};
 }
 
-fn combine_f32(op: ReduceOp, a: f32, b: f32) -> f32 {
-    match op {
-        ReduceOp::Sum => a + b,
-        ReduceOp::Prod => a * b,
-        ReduceOp::Min => a.min(b),
-        ReduceOp::Max => a.max(b),
-    }
-}
-
 /// Reduce typed slices: `dst[i] = dst[i] op src[i]`. Lengths must match.
 pub fn reduce_slice<T: Reducible>(op: ReduceOp, dst: &mut [T], src: &[T]) {
     debug_assert_eq!(dst.len(), src.len());
@@ -110,9 +101,19 @@ macro_rules! reducible {
     (half: $($t:ty),*) => {$(
         impl Reducible for $t {
             fn reduce(op: ReduceOp, dst: &mut [Self], src: &[Self]) {
-                dst.iter_mut().zip(src).for_each(|(a, b)| {
-                    *a = <$t>::from_f32(combine_f32(op, a.to_f32(), b.to_f32()))
-                })
+                // Widen a block at a time with the slice conversions (which
+                // use the CPU's conversion instructions where it has them),
+                // combine in f32, round once.
+                const BLOCK: usize = 512;
+                let mut a = [0f32; BLOCK];
+                let mut b = [0f32; BLOCK];
+                for (dc, sc) in dst.chunks_mut(BLOCK).zip(src.chunks(BLOCK)) {
+                    let (a, b) = (&mut a[..dc.len()], &mut b[..dc.len()]);
+                    dc.convert_to_f32_slice(a);
+                    sc.convert_to_f32_slice(b);
+                    f32::reduce(op, a, b);
+                    dc.convert_from_f32_slice(a);
+                }
             }
         }
     )*};

@@ -52,7 +52,7 @@ impl Payload<'_> {
     pub fn into_owned(self) -> Vec<Bytes> {
         match self {
             Payload::Owned(v) => v,
-            Payload::Borrowed(s) if s.is_empty() => Vec::new(),
+            Payload::Borrowed([]) => Vec::new(),
             Payload::Borrowed(s) => vec![Bytes::copy_from_slice(s)],
         }
     }
