@@ -5,7 +5,9 @@ use super::{read_msg, write_msg};
 use crate::config::Config;
 use crate::pki::{self, Credentials, RankKey};
 use crate::transport::quic::endpoint;
-use crate::wire::control::{Formation, JoinReply, JoinRequest, PeerInfo, Ready, RejectKind};
+use crate::wire::control::{
+    Formation, JoinReply, JoinRequest, Notice, PeerInfo, Ready, RejectKind,
+};
 use crate::{Error, Result};
 use quinn::crypto::rustls::QuicClientConfig;
 use rustls::pki_types::CertificateDer;
@@ -30,15 +32,49 @@ pub struct JoinSpec {
     pub host: String,
 }
 
-/// The connection to the seed, held for the job's lifetime.
+/// The connection to the seed, held for the job's lifetime: the seed tells
+/// the rank when another rank leaves, and relays a rank's abort to all.
 pub struct SeedLink {
     conn: quinn::Connection,
+    send: tokio::sync::Mutex<quinn::SendStream>,
+    recv: std::sync::Mutex<Option<quinn::RecvStream>>,
+}
+
+/// The notices the seed sends to a rank after formation.
+pub struct Notices {
+    recv: quinn::RecvStream,
+}
+
+impl Notices {
+    /// The next notice; `None` once the link to the seed ended.
+    pub async fn next(&mut self) -> Option<Notice> {
+        read_msg(&mut self.recv, "the seed").await.ok()
+    }
 }
 
 impl SeedLink {
-    /// Close the link (the rank is done).
-    pub fn close(&self) {
-        self.conn.close(quinn::VarInt::from_u32(0), b"rank done");
+    /// Close the link: `graceful` when the rank finalized, otherwise it
+    /// stopped after an error (`why` tells the seed, which tells the others).
+    pub fn close(&self, graceful: bool, why: &str) {
+        let code = if graceful { 0u32 } else { 1 };
+        self.conn
+            .close(quinn::VarInt::from_u32(code), why.as_bytes());
+    }
+
+    /// The stream of notices (once; `None` afterwards).
+    pub fn notices(&self) -> Option<Notices> {
+        let mut g = self.recv.lock().unwrap_or_else(|p| p.into_inner());
+        g.take().map(|recv| Notices { recv })
+    }
+
+    /// Ask the seed to end the job for every rank.
+    pub async fn request_abort(&self, rank: usize, reason: &str) -> Result<()> {
+        let mut send = self.send.lock().await;
+        let n = Notice::Abort {
+            rank: rank as u32,
+            reason: reason.to_string(),
+        };
+        write_msg(&mut send, &n).await
     }
 }
 
@@ -198,7 +234,11 @@ async fn exchange(
                 world_size,
                 epoch,
                 peers,
-                seed: SeedLink { conn: conn.clone() },
+                seed: SeedLink {
+                    conn: conn.clone(),
+                    send: tokio::sync::Mutex::new(send),
+                    recv: std::sync::Mutex::new(Some(recv)),
+                },
             })
         }
         Formation::Failed { reason } => Err(membership(reason)),

@@ -16,7 +16,7 @@ mod seed;
 pub mod state;
 mod token;
 
-pub use join::{join, JoinSpec, Joined, SeedLink};
+pub use join::{join, JoinSpec, Joined, Notices, SeedLink};
 pub use seed::{Seed, SeedConfig};
 pub use token::{random_job_id, JobToken};
 

@@ -8,7 +8,9 @@ use super::{read_msg, write_msg};
 use crate::config::Config;
 use crate::pki::{self, JobCa};
 use crate::transport::quic::endpoint;
-use crate::wire::control::{Formation, JoinReply, JoinRequest, PeerInfo, Ready, RejectKind};
+use crate::wire::control::{
+    Formation, JoinReply, JoinRequest, Notice, PeerInfo, Ready, RejectKind,
+};
 use crate::{Error, Result};
 use quinn::crypto::rustls::QuicServerConfig;
 use quinn::VarInt;
@@ -84,6 +86,9 @@ struct Inner {
     phase: watch::Sender<Phase>,
     /// Ranks that joined and are ready (formation progress for launchers).
     joined: watch::Sender<Vec<usize>>,
+    /// Notices for every rank after formation (a rank left, the job was
+    /// aborted).
+    notices: tokio::sync::broadcast::Sender<Notice>,
 }
 
 /// A running seed: the job's certificate authority and formation point.
@@ -131,6 +136,7 @@ impl Seed {
             state: Mutex::new(state),
             phase: watch::channel(Phase::Forming).0,
             joined: watch::channel(Vec::new()).0,
+            notices: tokio::sync::broadcast::channel(256).0,
         });
         let tasks = Arc::new(Mutex::new(JoinSet::new()));
         let (i, ep, t) = (inner.clone(), endpoint.clone(), tasks.clone());
@@ -394,8 +400,63 @@ async fn handle(inner: Arc<Inner>, incoming: quinn::Incoming) -> Result<()> {
             return Ok(());
         }
     }
-    // Hold the connection for the job's lifetime; its end is worth a log line.
-    let why = conn.closed().await;
-    tracing::debug!("seed: rank {rank} disconnected: {why}");
+    relay(&inner, rank, &conn, &mut send, &mut recv).await;
     Ok(())
+}
+
+/// For the job's lifetime: pass notices to this rank, take its abort
+/// requests, and tell every other rank when this one leaves.
+async fn relay(
+    inner: &Inner,
+    rank: usize,
+    conn: &quinn::Connection,
+    send: &mut quinn::SendStream,
+    recv: &mut quinn::RecvStream,
+) {
+    let mut notices = inner.notices.subscribe();
+    let mut listening = true;
+    let why = loop {
+        tokio::select! {
+            why = conn.closed() => break why,
+            n = notices.recv() => match n {
+                Ok(n) => {
+                    let from = match &n {
+                        Notice::RankGone { rank, .. } | Notice::Abort { rank, .. } => *rank as usize,
+                    };
+                    if from != rank && write_msg(send, &n).await.is_err() {
+                        break conn.closed().await;
+                    }
+                }
+                Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {}
+                Err(_) => break conn.closed().await,
+            },
+            m = read_msg::<Notice>(recv, "rank"), if listening => match m {
+                Ok(Notice::Abort { reason, .. }) => {
+                    tracing::warn!("seed: rank {rank} aborted the job: {reason}");
+                    let _ = inner.notices.send(Notice::Abort { rank: rank as u32, reason });
+                }
+                Ok(_) => {}
+                Err(_) => listening = false,
+            },
+        }
+    };
+    let reason = match &why {
+        quinn::ConnectionError::ApplicationClosed(c) if c.error_code == VarInt::from_u32(0) => {
+            "the rank finalized".to_string()
+        }
+        quinn::ConnectionError::ApplicationClosed(c) => {
+            format!("the rank stopped: {}", String::from_utf8_lossy(&c.reason))
+        }
+        quinn::ConnectionError::TimedOut => {
+            "the seed lost contact with it (idle timeout): its process was killed, its host \
+             is down, or the network is cut"
+                .to_string()
+        }
+        other => format!("its link to the seed ended: {other}"),
+    };
+    tracing::debug!("seed: rank {rank} left: {reason}");
+    let _ = inner.notices.send(Notice::RankGone {
+        rank: rank as u32,
+        reason,
+    });
 }

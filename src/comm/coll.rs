@@ -13,7 +13,7 @@ use crate::coll::select::{Algorithm, CostModel};
 use crate::coll::{barrier, binomial, doubling, halving, linear, ring, CollKind, Schedule};
 use crate::datatype::{DType, Element, ReduceOp};
 use crate::transport::{LateMismatch, Payload};
-use crate::wire::{FrameKind, Header, ABORT_FAILED, ABORT_MISMATCH};
+use crate::wire::{FrameKind, Header, ABORT_FAILED, ABORT_JOB, ABORT_MISMATCH};
 use crate::{Error, Result};
 use bytes::Bytes;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -372,6 +372,12 @@ impl Communicator {
                 };
                 let n = Some((ABORT_FAILED, e.to_string()));
                 (e, n)
+            }
+            Ok(Err(ExecError::Peer { failure, .. }))
+                if failure.aborted && failure.reason.as_bytes().first() == Some(&ABORT_JOB) =>
+            {
+                // The whole job was aborted: every rank heard it already.
+                (self.lost(&op, failure), None)
             }
             Ok(Err(ExecError::Peer { failure, .. })) if failure.aborted => {
                 let by = self.comm_rank_of(failure.rank).unwrap_or(failure.rank);

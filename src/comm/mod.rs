@@ -14,11 +14,14 @@ pub use init::{init, init_with};
 use crate::bootstrap::SeedLink;
 use crate::config::Config;
 use crate::transport::{PeerFailure, Transport};
+use crate::wire::control::Notice;
+use crate::wire::ABORT_JOB;
 use crate::{Error, Result};
 use std::collections::HashMap;
 use std::future::Future;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 /// Per-process state shared by every communicator of a rank.
 pub(crate) struct World {
@@ -27,6 +30,8 @@ pub(crate) struct World {
     pub(crate) job_id: String,
     seed: Option<SeedLink>,
     finalized: AtomicBool,
+    /// Listens to the seed's notices (a rank left; the job was aborted).
+    listener: Option<tokio::task::JoinHandle<()>>,
 }
 
 impl World {
@@ -36,12 +41,32 @@ impl World {
         job_id: String,
         seed: Option<SeedLink>,
     ) -> World {
+        let listener = seed.as_ref().and_then(|s| s.notices()).map(|mut notices| {
+            let t = transport.clone();
+            tokio::spawn(async move {
+                while let Some(n) = notices.next().await {
+                    match n {
+                        // A connected peer's own connection tells, in order
+                        // with its data (Bye, close); the seed's notice is for
+                        // peers this rank never talked to.
+                        Notice::RankGone { rank, reason } if !t.connected(rank as usize) => {
+                            t.mailbox().fail_peer(rank as usize, &reason)
+                        }
+                        Notice::RankGone { .. } => {}
+                        Notice::Abort { rank, reason } => {
+                            t.mailbox().abort_job(rank as usize, &reason)
+                        }
+                    }
+                }
+            })
+        });
         World {
             transport,
             config,
             job_id,
             seed,
             finalized: AtomicBool::new(false),
+            listener,
         }
     }
 
@@ -52,15 +77,37 @@ impl World {
         if self.finalized.swap(true, Ordering::AcqRel) {
             return;
         }
+        if let Some(l) = &self.listener {
+            l.abort();
+        }
         self.transport.shutdown(graceful).await;
         if let Some(s) = &self.seed {
-            s.close();
+            let why = if graceful {
+                "rank finalized"
+            } else {
+                "rank stopped after an error"
+            };
+            s.close(graceful, why);
         }
+    }
+
+    /// End the job for every rank: the seed relays `reason` to all.
+    pub(crate) async fn abort(&self, rank: usize, reason: &str) {
+        if let Some(s) = &self.seed {
+            let _ =
+                tokio::time::timeout(Duration::from_secs(2), s.request_abort(rank, reason)).await;
+        }
+        let me = self.transport.rank();
+        self.transport.mailbox().abort_job(me, reason);
+        self.finish(false).await;
     }
 }
 
 impl Drop for World {
     fn drop(&mut self) {
+        if let Some(l) = &self.listener {
+            l.abort();
+        }
         if self.finalized.load(Ordering::Acquire) {
             return;
         }
@@ -72,7 +119,7 @@ impl Drop for World {
             rt.spawn(async move {
                 t.shutdown(true).await;
                 if let Some(s) = seed {
-                    s.close();
+                    s.close(true, "rank finalized");
                 }
             });
         }
@@ -174,6 +221,15 @@ impl Communicator {
         Ok(())
     }
 
+    /// End the job for every rank: every rank's pending and later
+    /// operations fail with [`Error::Aborted`] naming this rank and
+    /// `reason`. This rank is finished afterwards. Peers learn through the
+    /// seed, and at once over any connection they share with this rank.
+    pub async fn abort(&self, reason: &str) {
+        let world_rank = self.world_rank(self.rank());
+        self.inner.world.abort(world_rank, reason).await;
+    }
+
     /// Stop at once after an error: peers waiting on this rank fail
     /// immediately with an error naming it.
     pub async fn shutdown_after_error(&self) {
@@ -223,6 +279,12 @@ impl Communicator {
     }
 
     fn lost(&self, op: &str, f: PeerFailure) -> Error {
+        if f.aborted && f.reason.as_bytes().first() == Some(&ABORT_JOB) {
+            return Error::Aborted {
+                by_rank: self.comm_rank_of(f.rank).unwrap_or(f.rank),
+                reason: format!("{op}: {}", f.reason.get(1..).unwrap_or_default()),
+            };
+        }
         let location = self.transport().peer_location(f.rank);
         let rank = self.comm_rank_of(f.rank).unwrap_or(f.rank);
         Error::PeerLost {

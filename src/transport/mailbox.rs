@@ -10,7 +10,7 @@
 //! A peer that is lost (or has finalized) fails every receive that still
 //! needs it; messages it delivered before that are still handed out.
 
-use crate::wire::{CollDesc, FrameKind, Header, ABORT_MISMATCH};
+use crate::wire::{CollDesc, FrameKind, Header, ABORT_JOB, ABORT_MISMATCH};
 use bytes::Bytes;
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::sync::Mutex;
@@ -246,9 +246,19 @@ struct State {
     aborted: HashMap<(u64, u32, u64), (u32, String)>,
     /// Calls per (comm_id, epoch).
     calls: HashMap<(u64, u32), Calls>,
+    /// The job was aborted: by which world rank, and why.
+    job_abort: Option<(u32, String)>,
 }
 
 impl State {
+    fn job_failure(&self) -> Option<PeerFailure> {
+        self.job_abort.as_ref().map(|(by, why)| PeerFailure {
+            rank: *by as usize,
+            reason: format!("{}{why}", ABORT_JOB as char),
+            aborted: true,
+        })
+    }
+
     fn aborted_failure(&self, k: &CollKey) -> Option<PeerFailure> {
         self.aborted
             .get(&(k.comm_id, k.epoch, k.seq))
@@ -534,7 +544,7 @@ impl Mailbox {
                     return Ok(m);
                 }
             }
-            if let Some(f) = st.aborted_failure(&key) {
+            if let Some(f) = st.job_failure().or_else(|| st.aborted_failure(&key)) {
                 return Err(f);
             }
             let late = st
@@ -565,6 +575,10 @@ impl Mailbox {
                     return Ok(m);
                 }
             }
+            if let Some(f) = st.job_failure() {
+                return Err(f);
+            }
+            let q = st.p2p.entry(key).or_default();
             if let Some(reason) = gone {
                 return Err(PeerFailure::lost(key.src as usize, reason));
             }
@@ -623,6 +637,33 @@ impl Mailbox {
                 while let Some(w) = q.waiters.pop_front() {
                     fail(w);
                 }
+            }
+        }
+    }
+
+    /// World rank `by` ended the job for everyone: every receive waiting
+    /// fails with `reason`, and so does every later one.
+    pub fn abort_job(&self, by: usize, reason: &str) {
+        let mut st = self.lock();
+        if st.job_abort.is_some() {
+            return;
+        }
+        st.job_abort = Some((by as u32, reason.to_string()));
+        let Some(f) = st.job_failure() else { return };
+        let waiting: Vec<CollKey> = st
+            .coll
+            .iter()
+            .filter(|(_, s)| matches!(s, Slot::Waiting(_)))
+            .map(|(k, _)| *k)
+            .collect();
+        for k in waiting {
+            if let Some(Slot::Waiting(w)) = st.coll.remove(&k) {
+                let _ = w.send(Err(f.clone()));
+            }
+        }
+        for q in st.p2p.values_mut() {
+            while let Some(w) = q.waiters.pop_front() {
+                let _ = w.send(Err(f.clone()));
             }
         }
     }

@@ -66,6 +66,10 @@ impl Transport for MemTransport {
         })
     }
 
+    fn connected(&self, rank: usize) -> bool {
+        rank < self.size()
+    }
+
     fn mailbox(&self) -> &Mailbox {
         &self.fabric.mailboxes[self.rank]
     }

@@ -79,6 +79,10 @@ pub trait Transport: Send + Sync + 'static {
     /// Where received messages wait to be matched.
     fn mailbox(&self) -> &Mailbox;
 
+    /// Whether this rank has a live connection with `rank` (messages and the
+    /// end of that connection then arrive in order over it).
+    fn connected(&self, rank: usize) -> bool;
+
     /// A human-readable location of `rank` (address, host) for messages.
     fn peer_location(&self, rank: usize) -> String;
 

@@ -233,6 +233,26 @@ pub struct PeerInfo {
     pub pid: u32,
 }
 
+/// After formation, on the join stream in both directions: a rank asks the
+/// seed to end the job, and the seed tells every rank when one left.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Notice {
+    /// `rank` left the job (its link to the seed ended), for `reason`.
+    RankGone {
+        /// The rank.
+        rank: u32,
+        /// How it ended, in words.
+        reason: String,
+    },
+    /// `rank` ended the job for everyone (`Communicator::abort`).
+    Abort {
+        /// The rank.
+        rank: u32,
+        /// Its reason.
+        reason: String,
+    },
+}
+
 /// Seed -> rank, after [`JoinReply::Accepted`]: the outcome of formation.
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
 pub enum Formation {

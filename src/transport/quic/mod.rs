@@ -599,6 +599,14 @@ impl Transport for QuicTransport {
         &self.sh.mailbox
     }
 
+    fn connected(&self, rank: usize) -> bool {
+        self.sh.links.get(rank).is_some_and(|_| {
+            self.sh
+                .registered(rank)
+                .is_some_and(|c| c.close_reason().is_none())
+        })
+    }
+
     fn peer_location(&self, rank: usize) -> String {
         match self.sh.peers.get(rank) {
             Some(p) => format!("{} on {} pid {}", p.addr, p.host, p.pid),
