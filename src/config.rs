@@ -14,6 +14,7 @@ use std::time::Duration;
 #[derive(Clone, Debug)]
 pub struct Config {
     op_timeout: Duration,
+    hang_warning: Duration,
     formation_timeout: Duration,
     idle_timeout: Duration,
     keep_alive: Duration,
@@ -33,6 +34,7 @@ impl Default for Config {
     fn default() -> Self {
         Config {
             op_timeout: Duration::from_secs(600),
+            hang_warning: Duration::from_secs(30),
             formation_timeout: Duration::from_secs(60),
             idle_timeout: Duration::from_secs(5),
             keep_alive: Duration::from_millis(1000),
@@ -62,6 +64,19 @@ impl Config {
     /// See [`Config::set_op_timeout`].
     pub fn op_timeout(&self) -> Duration {
         self.op_timeout
+    }
+
+    /// A collective still waiting after this long logs a warning (tracing
+    /// WARN) naming the operation, its sequence number and the rank it
+    /// waits on, and again every interval until it completes or times out.
+    /// Default 30 s.
+    pub fn set_hang_warning(&mut self, t: Duration) -> &mut Self {
+        self.hang_warning = t;
+        self
+    }
+    /// See [`Config::set_hang_warning`].
+    pub fn hang_warning(&self) -> Duration {
+        self.hang_warning
     }
 
     /// Deadline for forming the cluster (all ranks joining the seed) and for

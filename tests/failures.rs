@@ -76,3 +76,104 @@ async fn a_rank_that_leaves_mid_job_is_named_by_survivors_it_never_talked_to() {
         t.elapsed()
     );
 }
+
+/// Log lines, captured for the hang-warning test.
+static LOG: std::sync::Mutex<Vec<u8>> = std::sync::Mutex::new(Vec::new());
+
+struct Capture;
+
+impl std::io::Write for Capture {
+    fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+        LOG.lock().unwrap().extend_from_slice(b);
+        Ok(b.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_waiting_collective_warns_naming_the_rank_it_waits_on() {
+    let _ = tracing_subscriber::fmt()
+        .with_writer(|| Capture)
+        .with_ansi(false)
+        .with_max_level(tracing::Level::WARN)
+        .try_init();
+    let mut cfg = Config::default();
+    cfg.set_hang_warning(Duration::from_millis(200));
+    cfg.set_op_timeout(Duration::from_secs(3));
+    run_local_with(2, cfg, |comm| async move {
+        if comm.rank() == 1 {
+            tokio::time::sleep(Duration::from_secs(4)).await;
+            return Ok(());
+        }
+        let mut v = [0u8; 4];
+        assert!(comm.all_reduce(&mut v, ReduceOp::Max).await.is_err());
+        Ok(())
+    })
+    .await
+    .unwrap();
+    let log = String::from_utf8_lossy(&LOG.lock().unwrap()).to_string();
+    assert!(
+        log.contains("all_reduce #0 has waited") && log.contains("on rank 1"),
+        "{log}"
+    );
+}
+
+/// A rank whose process stops responding (its runtime blocked, so no
+/// packets and no keep-alives) is declared lost after the idle timeout,
+/// long before the operation timeout.
+#[test]
+fn a_silent_rank_is_detected_within_the_idle_timeout() {
+    use rankmesh::bootstrap::{JoinSpec, Seed, SeedConfig};
+    let rt = |threads: usize| {
+        tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(threads)
+            .enable_all()
+            .build()
+            .unwrap()
+    };
+    let seed_rt = rt(1);
+    let seed = seed_rt
+        .block_on(async { Seed::start(SeedConfig::new(2)) })
+        .unwrap();
+    let mut cfg = patient();
+    cfg.set_idle_timeout(Duration::from_secs(2));
+    cfg.set_keep_alive(Duration::from_millis(500));
+    let spec = |r: usize| JoinSpec {
+        seed: seed.addr().unwrap(),
+        token: seed.token().clone(),
+        job_id: Some(seed.job_id().to_string()),
+        rank: Some(r),
+        world_size: Some(2),
+        host: "localhost".into(),
+    };
+    let (s0, s1, c0, c1) = (spec(0), spec(1), cfg.clone(), cfg);
+    let silent = std::thread::spawn(move || {
+        let rt = rt(1);
+        rt.block_on(async move {
+            let comm = rankmesh::init_with(s1, c1).await.unwrap();
+            comm.send(&[1u8], 0, 0).await.unwrap();
+            // Freeze this rank's only runtime thread.
+            std::thread::sleep(Duration::from_secs(5));
+            drop(comm);
+        });
+    });
+    let t = Instant::now();
+    let err = rt(1)
+        .block_on(async move {
+            let comm = rankmesh::init_with(s0, c0).await.unwrap();
+            let mut b = [0u8; 1];
+            comm.recv(&mut b, 1, 0).await.unwrap();
+            let e = comm.recv(&mut b, 1, 0).await.unwrap_err();
+            comm.shutdown_after_error().await;
+            e
+        })
+        .to_string();
+    let took = t.elapsed();
+    assert!(err.contains("rank 1"), "{err}");
+    assert!(err.contains("idle timeout"), "{err}");
+    assert!(took < Duration::from_secs(30), "took {took:?}");
+    silent.join().unwrap();
+    seed_rt.block_on(seed.shutdown());
+}

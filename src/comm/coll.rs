@@ -317,7 +317,8 @@ impl Communicator {
             waiting: &waiting,
         };
         let limit = self.config().op_timeout();
-        let res = tokio::time::timeout(limit, ctx.run(plan, src, work)).await;
+        let run = ctx.run(plan, src, work);
+        let res = tokio::time::timeout(limit, self.warn_while(run, &op, &waiting)).await;
         let me = self.rank();
         let (err, notice) = match res {
             Ok(Ok(())) => {
@@ -440,6 +441,42 @@ impl Communicator {
                 self.rank(),
                 late.mine
             ),
+        }
+    }
+
+    /// Drive `run`, logging a warning every [`Config::hang_warning`] while it
+    /// waits, naming the rank it waits on.
+    async fn warn_while<T>(
+        &self,
+        run: impl std::future::Future<Output = T>,
+        op: &str,
+        waiting: &AtomicUsize,
+    ) -> T {
+        let every = self.config().hang_warning().max(Duration::from_millis(10));
+        let started = tokio::time::Instant::now();
+        tokio::pin!(run);
+        loop {
+            match tokio::time::timeout(every, &mut run).await {
+                Ok(v) => return v,
+                Err(_) => {
+                    let w = waiting.load(Ordering::Relaxed);
+                    let on = if w == usize::MAX {
+                        "its peers".to_string()
+                    } else {
+                        format!(
+                            "rank {w} ({})",
+                            self.transport().peer_location(self.world_rank(w))
+                        )
+                    };
+                    tracing::warn!(
+                        rank = self.rank(),
+                        "{op} has waited {:.0?} on {on}; it fails after {:?} \
+                         (Config::set_op_timeout)",
+                        started.elapsed(),
+                        self.config().op_timeout()
+                    );
+                }
+            }
         }
     }
 
