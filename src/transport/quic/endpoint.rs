@@ -22,8 +22,15 @@ pub fn bind(addr: SocketAddr, cfg: &Config) -> Result<quinn::Endpoint> {
     sock.set_nonblocking(true).map_err(|e| io("configure", e))?;
     sock.bind(&addr.into()).map_err(|e| io("bind", e))?;
     let std_sock: std::net::UdpSocket = sock.into();
+    // quinn caps the UDP payload it accepts (and so the path MTU it can
+    // discover) at 1472 bytes unless told otherwise; raise the cap to the
+    // configured MTU upper bound so that discovery can reach it.
+    let mut ep_cfg = quinn::EndpointConfig::default();
+    ep_cfg
+        .max_udp_payload_size(cfg.mtu_upper_bound())
+        .map_err(|e| Error::config(format!("MTU upper bound: {e}")))?;
     quinn::Endpoint::new(
-        quinn::EndpointConfig::default(),
+        ep_cfg,
         None,
         std_sock,
         Arc::new(quinn::TokioRuntime),
