@@ -29,13 +29,8 @@ pub fn bind(addr: SocketAddr, cfg: &Config) -> Result<quinn::Endpoint> {
     ep_cfg
         .max_udp_payload_size(cfg.mtu_upper_bound())
         .map_err(|e| Error::config(format!("MTU upper bound: {e}")))?;
-    quinn::Endpoint::new(
-        ep_cfg,
-        None,
-        std_sock,
-        Arc::new(quinn::TokioRuntime),
-    )
-    .map_err(|e| io("start endpoint on", e))
+    quinn::Endpoint::new(ep_cfg, None, std_sock, Arc::new(quinn::TokioRuntime))
+        .map_err(|e| io("start endpoint on", e))
 }
 
 /// quinn transport settings for rank-to-rank connections.
