@@ -25,6 +25,7 @@
 
 #![warn(missing_docs)]
 
+pub mod blocking;
 pub mod bootstrap;
 mod coll;
 mod comm;

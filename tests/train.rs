@@ -1,0 +1,267 @@
+//! The data-parallel training example (`examples/train.rs`, included here as
+//! a module): N ranks train the same model as one rank, every rank ends
+//! each step with bitwise-identical parameters, checkpoints resume exactly,
+//! and corrupt checkpoints are refused.
+
+#[allow(dead_code)] // the example's `main` and flag parsing are not used here
+#[path = "../examples/train.rs"]
+mod train;
+
+use rankmesh::testing::run_local;
+use std::path::PathBuf;
+use std::sync::Arc;
+use train::{Checkpoint, Data, Outcome, TrainConfig, TrainError};
+
+/// Small and quick: 2 epochs of 20 steps (global batch 64 of 1,279 wines).
+fn small() -> TrainConfig {
+    TrainConfig {
+        epochs: 2,
+        batch: 64,
+        hidden: 16,
+        verify_sync: true,
+        verbose: false,
+        ..TrainConfig::default()
+    }
+}
+
+/// Train on `ranks` ranks; every rank's outcome, in rank order.
+async fn run(
+    ranks: usize,
+    data: &Arc<Data>,
+    cfg: &TrainConfig,
+) -> Vec<Result<Outcome, TrainError>> {
+    let (data, cfg) = (data.clone(), cfg.clone());
+    run_local(ranks, move |comm| {
+        train::train_rank(comm, data.clone(), cfg.clone())
+    })
+    .await
+    .expect("cluster")
+}
+
+/// Every rank succeeded with bitwise-identical parameters; rank 0's outcome.
+fn agreed(outs: Vec<Result<Outcome, TrainError>>) -> Outcome {
+    let outs: Vec<Outcome> = outs.into_iter().map(|o| o.expect("training")).collect();
+    for (r, o) in outs.iter().enumerate() {
+        let same = o
+            .params
+            .iter()
+            .zip(&outs[0].params)
+            .all(|(a, b)| a.to_bits() == b.to_bits());
+        assert!(same, "rank {r} ended with different parameters than rank 0");
+        assert_eq!(o.step, outs[0].step);
+    }
+    outs.into_iter().next().expect("rank 0")
+}
+
+fn scratch_dir(name: &str) -> PathBuf {
+    let d = std::env::temp_dir().join(format!("rankmesh-train-{}-{name}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    d
+}
+
+/// N ranks with the same global batch train the same model as one rank.
+///
+/// Not bitwise: one rank sums a minibatch's 64 per-sample gradients in one
+/// f32 loop, N ranks sum contiguous shards and then add the N partial sums
+/// inside the all_reduce, so the roundings differ (each is at most
+/// 64 * 2^-24 ~ 4e-6 of the summed magnitudes). Over 40 SGD steps these
+/// stay of that order because training is contracting here, so the bound
+/// is 1e-5 of the largest parameter magnitude (observed: about 1e-7).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn n_ranks_train_the_same_model_as_one_rank() {
+    let data = Arc::new(train::load_data());
+    let cfg = small();
+    let one = agreed(run(1, &data, &cfg).await);
+    let scale = one.params.iter().fold(1f32, |m, p| m.max(p.abs()));
+    for ranks in [2, 3] {
+        let many = agreed(run(ranks, &data, &cfg).await);
+        assert_eq!(many.step, one.step);
+        let worst = one
+            .params
+            .iter()
+            .zip(&many.params)
+            .map(|(a, b)| (a - b).abs())
+            .fold(0f32, f32::max);
+        eprintln!("{ranks} ranks vs 1: max |diff| {worst:e}, scale {scale}");
+        assert!(
+            worst <= 1e-5 * scale,
+            "{ranks} ranks differ from 1 rank by {worst:e} (bound {:e})",
+            1e-5 * scale
+        );
+        for (a, b) in one.log.iter().zip(&many.log) {
+            assert!((a.train_mse - b.train_mse).abs() <= 1e-5 * a.train_mse);
+            assert!((a.test_rmse - b.test_rmse).abs() <= 1e-5 * a.test_rmse);
+        }
+    }
+}
+
+/// Stopping after a checkpoint and resuming gives exactly (bitwise) the
+/// parameters and loss curve of an uninterrupted run.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn resume_continues_exactly() {
+    let data = Arc::new(train::load_data());
+    let dir = scratch_dir("resume");
+    let full = TrainConfig {
+        epochs: 3,
+        ..small()
+    };
+    let whole = agreed(run(2, &data, &full).await);
+
+    // Checkpoint every 7 steps (20 per epoch) and stop at step 27: the last
+    // checkpoint is at step 21, in the middle of epoch 2.
+    let first = TrainConfig {
+        checkpoint_dir: Some(dir.clone()),
+        checkpoint_every: 7,
+        stop_after_step: Some(27),
+        ..full.clone()
+    };
+    let part = agreed(run(2, &data, &first).await);
+    assert_eq!(part.step, 27);
+    assert_eq!(
+        Checkpoint::load_from_dir(&dir)
+            .expect("load")
+            .expect("a checkpoint")
+            .step,
+        21
+    );
+    // A write interrupted before its rename leaves a stray temporary file;
+    // it must not matter.
+    std::fs::write(dir.join("checkpoint.bin.tmp"), b"half a checkpoint").expect("write");
+
+    let second = TrainConfig {
+        resume: true,
+        checkpoint_dir: Some(dir.clone()),
+        checkpoint_every: 7,
+        ..full.clone()
+    };
+    let rest = agreed(run(2, &data, &second).await);
+    assert_eq!(rest.step, whole.step);
+    assert!(
+        rest.params
+            .iter()
+            .zip(&whole.params)
+            .all(|(a, b)| a.to_bits() == b.to_bits()),
+        "resumed parameters differ from the uninterrupted run"
+    );
+    assert_eq!(rest.velocity, whole.velocity);
+    // The loss curve continues: epochs 2 and 3 as in the uninterrupted run.
+    assert_eq!(rest.log.len(), 2);
+    for (a, b) in rest.log.iter().zip(&whole.log[1..]) {
+        assert_eq!(
+            (a.epoch, a.train_mse, a.test_rmse),
+            (b.epoch, b.train_mse, b.test_rmse)
+        );
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+fn sample_checkpoint() -> Checkpoint {
+    Checkpoint {
+        hidden: 16,
+        batch: 64,
+        seed: 1,
+        step: 21,
+        loss_sum: 12.5,
+        loss_count: 64,
+        params: (0..225).map(|i| i as f32 * 0.01).collect(),
+        velocity: (0..225).map(|i| -(i as f32)).collect(),
+    }
+}
+
+#[test]
+fn checkpoint_round_trips_and_refuses_corruption() {
+    let dir = scratch_dir("corrupt-unit");
+    let c = sample_checkpoint();
+    c.save_to_dir(&dir).expect("save");
+    let path = Checkpoint::path_in(&dir);
+    assert_eq!(
+        Checkpoint::load_from_dir(&dir).expect("load"),
+        Some(c.clone())
+    );
+    let good = std::fs::read(&path).expect("read");
+
+    let mut flipped = good.clone();
+    flipped[100] ^= 0x10;
+    let e = Checkpoint::from_bytes(&flipped, &path).expect_err("bad checksum accepted");
+    assert!(e.to_string().contains("checksum mismatch"), "{e}");
+
+    for len in [good.len() - 1, good.len() / 2, 10, 0] {
+        let e = Checkpoint::from_bytes(&good[..len], &path).expect_err("truncated accepted");
+        assert!(e.to_string().contains("truncated"), "{len} bytes: {e}");
+        assert!(e.to_string().contains("checkpoint.bin"), "{e}");
+    }
+    let mut longer = good.clone();
+    longer.push(0);
+    assert!(Checkpoint::from_bytes(&longer, &path).is_err());
+
+    // No checkpoint at all is not an error (a fresh start).
+    assert_eq!(
+        Checkpoint::load_from_dir(&dir.join("none")).expect("load"),
+        None
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// Resuming from a corrupt checkpoint stops every rank (none hangs) with a
+/// clear error on rank 0, and leaves the file as it was.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn corrupt_checkpoint_is_refused_by_every_rank() {
+    let data = Arc::new(train::load_data());
+    let dir = scratch_dir("corrupt-run");
+    let c = sample_checkpoint();
+    c.save_to_dir(&dir).expect("save");
+    let path = Checkpoint::path_in(&dir);
+    let mut bytes = std::fs::read(&path).expect("read");
+    let last = bytes.len() - 20;
+    bytes[last] ^= 1;
+    std::fs::write(&path, &bytes).expect("corrupt");
+
+    let cfg = TrainConfig {
+        resume: true,
+        checkpoint_dir: Some(dir.clone()),
+        ..small()
+    };
+    let outs = run(2, &data, &cfg).await;
+    for (r, o) in outs.iter().enumerate() {
+        match o {
+            Err(TrainError::Checkpoint(msg)) => {
+                if r == 0 {
+                    assert!(msg.contains("checksum mismatch"), "{msg}");
+                }
+            }
+            other => panic!("rank {r}: expected a checkpoint error, got {other:?}"),
+        }
+    }
+    assert_eq!(
+        std::fs::read(&path).expect("read"),
+        bytes,
+        "file was changed"
+    );
+
+    // A checkpoint of another model is refused too, naming the settings.
+    sample_checkpoint().save_to_dir(&dir).expect("save");
+    let other = TrainConfig { hidden: 8, ..cfg };
+    let outs = run(1, &data, &other).await;
+    match &outs[0] {
+        Err(TrainError::Checkpoint(msg)) => assert!(msg.contains("--hidden 16"), "{msg}"),
+        o => panic!("expected a checkpoint error, got {o:?}"),
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn flags_parse() {
+    let args: Vec<String> = "--epochs 3 --batch 32 --lr 0.05 --seed 9 --checkpoint-dir d --checkpoint-every 5 --resume --ranks 2"
+        .split(' ')
+        .map(String::from)
+        .collect();
+    let (cfg, ranks) = train::parse_args(&args).expect("parse");
+    assert_eq!(
+        (cfg.epochs, cfg.batch, cfg.seed, cfg.checkpoint_every, ranks),
+        (3, 32, 9, 5, 2)
+    );
+    assert!(cfg.resume && cfg.checkpoint_dir.is_some() && (cfg.lr - 0.05).abs() < 1e-9);
+    assert!(train::parse_args(&["--resume".to_string()]).is_err());
+    assert!(train::parse_args(&["--epochs".to_string()]).is_err());
+    assert!(train::parse_args(&["--bogus".to_string()]).is_err());
+}
