@@ -1,4 +1,4 @@
-//! Pass a token around a ring of ranks.
+//! Pass a token around a ring of ranks, then allreduce.
 //!
 //! Under the launcher: `rankrun -n 4 target/debug/examples/hello`.
 //! Alone (`cargo run --example hello`): forms a 4-rank cluster in this
@@ -20,9 +20,13 @@ async fn ring(comm: Communicator) -> Result<String> {
         token[0] += 1;
         comm.send(&token, right, 7).await?;
     }
+    // And an allreduce: the sum of 1..=size on every rank.
+    let mut sum = [rank as u64 + 1];
+    comm.all_reduce(&mut sum, rankmesh::ReduceOp::Sum).await?;
     Ok(format!(
-        "rank {rank}/{size} of job {}: token {}",
+        "rank {rank}/{size} of job {}: allreduce {}, token {}",
         comm.job_id(),
+        sum[0],
         token[0]
     ))
 }

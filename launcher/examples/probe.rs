@@ -1,6 +1,7 @@
 //! A rank program for rankrun's tests (not for users).
 //!
-//! Prints `pid=<pid>`, joins the job, then passes a token around the ring:
+//! Prints `pid=<pid>`, joins the job, then passes a token around the ring
+//! and allreduces:
 //! once (`PROBE=ring`, the default) or forever (`PROBE=loop`). With
 //! `PROBE_VICTIM=r`, rank r kills itself with SIGKILL in the middle of the
 //! loop.
@@ -29,6 +30,14 @@ async fn main() -> Result<()> {
             comm.recv(&mut token, left, 7).await?;
             token[0] += 1;
             comm.send(&token, right, 7).await?;
+        }
+        // A collective every round, so that a victim dies mid-collective.
+        let mut v = vec![rank as u64 + 1; 1024];
+        comm.all_reduce(&mut v, rankmesh::ReduceOp::Sum).await?;
+        let want = (size * (size + 1) / 2) as u64;
+        if v.iter().any(|&x| x != want) {
+            eprintln!("rank {rank}: allreduce gave a wrong result");
+            std::process::exit(3);
         }
         round += 1;
         if mode != "loop" {

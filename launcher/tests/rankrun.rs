@@ -156,6 +156,10 @@ fn four_ranks_ring_tagged_lines() {
         if r == 0 {
             assert!(lines[0].ends_with("token 4"), "{so}");
         }
+        // hello also allreduces rank+1 over four ranks (probe does not print it).
+        if lines[0].contains("allreduce") {
+            assert!(lines[0].contains("allreduce 10,"), "{so}");
+        }
     }
     assert!(
         so.lines().all(|l| l.starts_with('[')),
