@@ -472,11 +472,13 @@ impl Shared {
                 .filter_map(|r| self.registered(r).map(|c| (r, c)))
                 .filter(|(_, c)| c.close_reason().is_none())
                 .collect();
+            let mut byes = Vec::with_capacity(live.len());
             for (r, c) in &live {
                 let bye = Header::new(FrameKind::Bye, self.rank as u32, 0, 0);
                 if let Ok(mut s) = c.open_uni().await {
                     if s.write_all(&bye.encode()).await.is_ok() {
                         let _ = s.finish();
+                        byes.push(s);
                     }
                 } else {
                     tracing::debug!(rank = self.rank, peer = r, "could not send Bye");
@@ -500,6 +502,14 @@ impl Shared {
                     );
                     break;
                 }
+            }
+            // Our Byes must have arrived before the connections close: a
+            // peer that misses both the Bye and the close (packets lost just
+            // before this process exits) would otherwise wait out its idle
+            // timeout. `stopped` resolves once the peer acknowledged them.
+            let deadline = tokio::time::Instant::now() + BYE_ACK_WAIT;
+            for s in &byes {
+                let _ = tokio::time::timeout_at(deadline, s.stopped()).await;
             }
         }
         let mut notified = Vec::new();
@@ -561,6 +571,9 @@ impl Shared {
 
 /// Bytes of borrowed payload copied per write.
 const COPY_PIECE: usize = 1 << 20;
+
+/// How long a finalizing rank waits for its Byes to be acknowledged.
+const BYE_ACK_WAIT: Duration = Duration::from_secs(2);
 
 /// How long an aborting rank tries to reach peers it never talked to.
 const ABORT_NOTICE_WAIT: Duration = Duration::from_secs(2);
