@@ -255,7 +255,9 @@ fn a_partitioned_host_is_named_by_the_survivors_within_the_idle_timeout() {
                 .expect("first allreduce");
             comm.barrier().await.expect("barrier");
             if r == 2 {
-                // Cut host B off: its link goes down.
+                // Let the barrier's last messages arrive, then cut host B
+                // off: its link goes down.
+                tokio::time::sleep(Duration::from_secs(1)).await;
                 run("ip", &["-n", &ns_b, "link", "set", &dev_b, "down"]);
             }
             if r >= 2 {
