@@ -102,7 +102,14 @@ pub fn init_with(spec: JoinSpec, cfg: Config) -> Result<Communicator> {
 }
 
 impl Communicator {
-    fn block<T>(&self, fut: impl Future<Output = T>) -> T {
+    fn block<T>(&self, fut: impl Future<Output = Result<T>>) -> Result<T> {
+        // Blocking inside an async runtime would panic in tokio.
+        if tokio::runtime::Handle::try_current().is_ok() {
+            return Err(Error::config(
+                "a rankmesh::blocking method was called from async code; use \
+                 Communicator::as_async() there",
+            ));
+        }
         self.shared.rt.block_on(fut)
     }
 
@@ -203,8 +210,11 @@ impl Communicator {
     }
 
     /// See [`crate::Communicator::abort`].
-    pub fn abort(&self, reason: &str) {
-        self.block(self.comm.abort(reason))
+    pub fn abort(&self, reason: &str) -> Result<()> {
+        self.block(async {
+            self.comm.abort(reason).await;
+            Ok(())
+        })
     }
 
     /// Leave the job cleanly (see [`crate::Communicator::finalize`]). Call

@@ -242,6 +242,28 @@ impl Config {
                 "op and formation timeouts must be greater than zero",
             ));
         }
+        // Bounds that keep deadline arithmetic (now + timeout) far from
+        // overflow, and flow control able to move data at all.
+        const LONGEST: Duration = Duration::from_secs(365 * 24 * 3600);
+        let timeouts = [
+            ("op timeout", self.op_timeout),
+            ("formation timeout", self.formation_timeout),
+            ("idle timeout", self.idle_timeout),
+            ("linger", self.linger),
+            ("hang warning", self.hang_warning),
+        ];
+        for (name, t) in timeouts {
+            if t > LONGEST {
+                return Err(crate::Error::config(format!(
+                    "{name} {t:?} is longer than a year; use a finite value"
+                )));
+            }
+        }
+        if self.max_streams == 0 || self.stream_receive_window == 0 || self.send_window == 0 {
+            return Err(crate::Error::config(
+                "max_streams, stream_receive_window and send_window must be greater than zero",
+            ));
+        }
         if self.mtu_upper_bound < 1200 {
             return Err(crate::Error::config(format!(
                 "MTU upper bound {} is below QUIC's minimum of 1200 bytes",
@@ -318,6 +340,18 @@ mod tests {
         assert!(c.validate().unwrap_err().to_string().contains("keep-alive"));
         let mut c = Config::default();
         c.set_mtu_upper_bound(1000);
+        assert!(c.validate().is_err());
+        // Deadlines are computed as now + timeout: "forever" is refused
+        // instead of overflowing later.
+        let mut c = Config::default();
+        c.set_linger(Duration::MAX);
+        assert!(c
+            .validate()
+            .unwrap_err()
+            .to_string()
+            .contains("longer than a year"));
+        let mut c = Config::default();
+        c.set_max_streams(0);
         assert!(c.validate().is_err());
     }
 }

@@ -200,6 +200,15 @@ async fn exchange(
              job's seed (check RANKMESH_SEED and RANKMESH_TOKEN)"
         )));
     }
+    let asked =
+        spec.rank.is_some_and(|r| r != rank) || spec.world_size.is_some_and(|w| w != world_size);
+    if world_size == 0 || rank >= world_size || asked {
+        return Err(Error::protocol(format!(
+            "the seed at {seed} assigned rank {rank} of {world_size}, but this rank asked \
+             for rank {:?} of {:?}; check RANKMESH_RANK and RANKMESH_WORLD_SIZE",
+            spec.rank, spec.world_size
+        )));
+    }
     pki::validate_job_id(&job_id)?;
     let creds = Credentials::new(
         &job_id,

@@ -315,12 +315,14 @@ impl Ctx<'_> {
     }
 }
 
-/// Run sends and receives together; a receive error wins (it usually
-/// explains why a send failed too).
+/// Run sends and receives together until both finish.
 async fn both(
     sends: impl Future<Output = Result<(), ExecError>>,
     recvs: impl Future<Output = Result<(), ExecError>>,
 ) -> Result<(), ExecError> {
+    // Both halves run to their end: a receive error wins (it usually
+    // explains why a send failed too), and a send that completes delivers
+    // this rank's part, so peers see the same call fail the same way.
     let (a, b) = tokio::join!(sends, recvs);
     b.and(a)
 }

@@ -19,6 +19,8 @@ use bytes::Bytes;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
+/// Longest explanation an Abort frame carries.
+const ABORT_TEXT_MAX: usize = 4096;
 /// How long a failing rank spends telling the others.
 const ABORT_NOTICE: Duration = Duration::from_secs(2);
 /// How long a rank whose collective timed out waits for the rank it was
@@ -38,7 +40,7 @@ impl Communicator {
     pub async fn broadcast<T: Element>(&self, buf: &mut [T], root: usize) -> Result<()> {
         let seq = self.next_seq();
         let desc = self.desc(CollKind::Broadcast, T::DTYPE, None, buf.len(), Some(root));
-        self.check_root(seq, &desc, root)?;
+        self.check_root(seq, &desc, root).await?;
         let (r, p, n) = (self.rank(), self.size(), buf.len());
         let plan =
             match self
@@ -76,7 +78,7 @@ impl Communicator {
     pub async fn reduce<T: Element>(&self, buf: &mut [T], op: ReduceOp, root: usize) -> Result<()> {
         let seq = self.next_seq();
         let desc = self.desc(CollKind::Reduce, T::DTYPE, Some(op), buf.len(), Some(root));
-        self.check_root(seq, &desc, root)?;
+        self.check_root(seq, &desc, root).await?;
         let plan = binomial::reduce(self.rank(), self.size(), buf.len(), root);
         if self.rank() == root {
             self.run_coll(seq, desc, &plan, None, bytemuck::cast_slice_mut(buf))
@@ -101,7 +103,8 @@ impl Communicator {
             recv.len(),
             self.size() * m,
             "size * send.len()",
-        )?;
+        )
+        .await?;
         recv[self.rank() * m..(self.rank() + 1) * m].copy_from_slice(send);
         let plan = ring::allgather(self.rank(), self.size(), m);
         self.run_coll(seq, desc, &plan, None, bytemuck::cast_slice_mut(recv))
@@ -126,7 +129,8 @@ impl Communicator {
             send.len(),
             self.size() * m,
             "size * recv.len()",
-        )?;
+        )
+        .await?;
         let mut work = send.to_vec();
         let plan = ring::reduce_scatter(self.rank(), self.size(), m);
         self.run_coll(seq, desc, &plan, None, bytemuck::cast_slice_mut(&mut work))
@@ -141,7 +145,7 @@ impl Communicator {
         let seq = self.next_seq();
         let m = send.len();
         let desc = self.desc(CollKind::Gather, T::DTYPE, None, m, Some(root));
-        self.check_root(seq, &desc, root)?;
+        self.check_root(seq, &desc, root).await?;
         let plan = linear::gather(self.rank(), self.size(), m, root);
         if self.rank() == root {
             self.check_len(
@@ -151,7 +155,8 @@ impl Communicator {
                 recv.len(),
                 self.size() * m,
                 "size * send.len()",
-            )?;
+            )
+            .await?;
             recv[root * m..(root + 1) * m].copy_from_slice(send);
             self.run_coll(seq, desc, &plan, None, bytemuck::cast_slice_mut(recv))
                 .await
@@ -167,7 +172,7 @@ impl Communicator {
         let seq = self.next_seq();
         let m = recv.len();
         let desc = self.desc(CollKind::Scatter, T::DTYPE, None, m, Some(root));
-        self.check_root(seq, &desc, root)?;
+        self.check_root(seq, &desc, root).await?;
         let plan = linear::scatter(self.rank(), self.size(), m, root);
         if self.rank() == root {
             self.check_len(
@@ -177,7 +182,8 @@ impl Communicator {
                 send.len(),
                 self.size() * m,
                 "size * recv.len()",
-            )?;
+            )
+            .await?;
             recv.copy_from_slice(&send[root * m..(root + 1) * m]);
             self.run_coll(seq, desc, &plan, Some(bytemuck::cast_slice(send)), &mut [])
                 .await
@@ -194,8 +200,10 @@ impl Communicator {
         let p = self.size();
         let m = send.len() / p;
         let desc = self.desc(CollKind::AllToAll, T::DTYPE, None, m, None);
-        self.check_len(seq, &desc, "send", send.len(), p * m, "a multiple of size")?;
-        self.check_len(seq, &desc, "recv", recv.len(), send.len(), "send.len()")?;
+        self.check_len(seq, &desc, "send", send.len(), p * m, "a multiple of size")
+            .await?;
+        self.check_len(seq, &desc, "recv", recv.len(), send.len(), "send.len()")
+            .await?;
         let r = self.rank();
         recv[r * m..(r + 1) * m].copy_from_slice(&send[r * m..(r + 1) * m]);
         let plan = linear::all_to_all(r, p, m);
@@ -265,11 +273,23 @@ impl Communicator {
         format!("{} #{seq}", desc.kind.name())
     }
 
-    fn check_root(&self, seq: u64, desc: &Desc, root: usize) -> Result<()> {
-        self.check_rank(&self.op_name(seq, desc), "root", root)
+    /// Refuse a bad root. Like every refusal after the sequence number was
+    /// taken, it tells the other members, who would otherwise wait for this
+    /// rank's part until their timeout.
+    async fn check_root(&self, seq: u64, desc: &Desc, root: usize) -> Result<()> {
+        let res = self.check_rank(&self.op_name(seq, desc), "root", root);
+        self.refused(seq, res).await
     }
 
-    fn check_len(
+    async fn refused(&self, seq: u64, res: Result<()>) -> Result<()> {
+        if let Err(e) = &res {
+            self.abort_collective(seq, ABORT_FAILED, &e.to_string())
+                .await;
+        }
+        res
+    }
+
+    async fn check_len(
         &self,
         seq: u64,
         desc: &Desc,
@@ -281,11 +301,12 @@ impl Communicator {
         if got == want {
             return Ok(());
         }
-        Err(Error::InvalidArgument {
+        let e = Err(Error::InvalidArgument {
             rank: self.rank(),
             op: self.op_name(seq, desc),
             detail: format!("{what} holds {got} elements but must hold {rule} = {want}"),
-        })
+        });
+        self.refused(seq, e).await
     }
 
     /// Run one collective's schedule, bounded by the operation timeout; on
@@ -303,7 +324,10 @@ impl Communicator {
         let mailbox = self.transport().mailbox();
         let (comm_id, epoch) = (self.inner.comm_id, self.inner.epoch);
         if let Some(late) = mailbox.begin_coll(comm_id, epoch) {
-            return Err(self.late_mismatch(&op, late));
+            let e = self.late_mismatch(&op, late);
+            self.abort_collective(seq, ABORT_MISMATCH, &e.to_string())
+                .await;
+            return Err(e);
         }
         let waiting = AtomicUsize::new(usize::MAX);
         let ctx = Ctx {
@@ -322,10 +346,12 @@ impl Communicator {
         let me = self.rank();
         let (err, notice) = match res {
             Ok(Ok(())) => {
-                return match mailbox.end_coll(comm_id, epoch, seq, desc.wire()) {
-                    Some(late) => Err(self.late_mismatch(&op, late)),
-                    None => Ok(()),
-                }
+                let Some(late) = mailbox.end_coll(comm_id, epoch, seq, desc.wire()) else {
+                    return Ok(());
+                };
+                let e = self.late_mismatch(&op, late);
+                self.send_abort(seq, ABORT_MISMATCH, &e.to_string()).await;
+                return Err(e);
             }
             Err(_) => {
                 let w = waiting.load(Ordering::Relaxed);
@@ -500,6 +526,12 @@ impl Communicator {
     }
 
     async fn send_abort(&self, seq: u64, kind: u8, text: &str) {
+        // Far below the eager limit, so that receivers read it in one piece.
+        let mut cut = text.len().min(ABORT_TEXT_MAX);
+        while !text.is_char_boundary(cut) {
+            cut -= 1;
+        }
+        let text = &text[..cut];
         let t = self.transport();
         let me = self.world_rank(self.rank());
         let mut payload = Vec::with_capacity(text.len() + 1);

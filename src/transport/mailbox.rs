@@ -344,8 +344,10 @@ impl Mailbox {
                 let why = String::from_utf8_lossy(&why).into_owned();
                 self.abort_locked(&mut st, h.comm_id, h.epoch, h.seq, h.src, why);
             }
-            FrameKind::Coll if st.aborted.contains_key(&(h.comm_id, h.epoch, h.seq)) => {}
+            // A frame for a call this rank finished is checked even if that
+            // call was aborted since: it may be the evidence of a mismatch.
             FrameKind::Coll if Self::late_frame(&mut st, &h) => {}
+            FrameKind::Coll if st.aborted.contains_key(&(h.comm_id, h.epoch, h.seq)) => {}
             FrameKind::Coll => {
                 let key = CollKey {
                     src: h.src,

@@ -475,11 +475,16 @@ impl Shared {
             let mut byes = Vec::with_capacity(live.len());
             for (r, c) in &live {
                 let bye = Header::new(FrameKind::Bye, self.rank as u32, 0, 0);
-                if let Ok(mut s) = c.open_uni().await {
-                    if s.write_all(&bye.encode()).await.is_ok() {
-                        let _ = s.finish();
-                        byes.push(s);
-                    }
+                // Bounded: a live peer that gives no stream credit must not
+                // hold finalize forever.
+                let opened = tokio::time::timeout_at(deadline, async {
+                    let mut s = c.open_uni().await.ok()?;
+                    s.write_all(&bye.encode()).await.ok()?;
+                    Some(s)
+                });
+                if let Ok(Some(mut s)) = opened.await {
+                    let _ = s.finish();
+                    byes.push(s);
                 } else {
                     tracing::debug!(rank = self.rank, peer = r, "could not send Bye");
                 }
