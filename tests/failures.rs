@@ -177,3 +177,28 @@ fn a_silent_rank_is_detected_within_the_idle_timeout() {
     silent.join().unwrap();
     seed_rt.block_on(seed.shutdown());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rank_that_refuses_its_arguments_releases_the_others_at_once() {
+    let t = Instant::now();
+    let out = run_local_with(2, patient(), |comm| async move {
+        let mine = [comm.rank() as u32; 3];
+        // Rank 1 passes a receive buffer of the wrong length: refused
+        // locally, and rank 0, already waiting for rank 1's block, is told.
+        let mut all = vec![0u32; if comm.rank() == 1 { 5 } else { 6 }];
+        Ok(comm
+            .all_gather(&mine, &mut all)
+            .await
+            .unwrap_err()
+            .to_string())
+    })
+    .await
+    .unwrap();
+    assert!(out[1].contains("size * send.len() = 6"), "{}", out[1]);
+    assert!(out[0].contains("rank 1"), "{}", out[0]);
+    assert!(out[0].contains("size * send.len() = 6"), "{}", out[0]);
+    assert!(
+        t.elapsed() < Duration::from_secs(60),
+        "rank 0 waited for its timeout"
+    );
+}
