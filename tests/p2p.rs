@@ -199,3 +199,24 @@ async fn send_to_self_works() {
     .await
     .unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_message_over_the_limit_is_refused_by_the_sender() {
+    let mut cfg = rankmesh::Config::default();
+    cfg.set_max_message_bytes(1000);
+    rankmesh::testing::run_local_with(2, cfg, |comm| async move {
+        if comm.rank() == 0 {
+            let e = comm.send(&[0u8; 1001], 1, 0).await.unwrap_err();
+            assert!(e.to_string().contains("set_max_message_bytes"), "{e}");
+            // The connection is intact: a message within the limit works.
+            comm.send(&[7u8; 1000], 1, 0).await?;
+        } else {
+            let mut b = [0u8; 1000];
+            comm.recv(&mut b, 0, 0).await?;
+            assert_eq!(b, [7u8; 1000]);
+        }
+        Ok(())
+    })
+    .await
+    .unwrap();
+}

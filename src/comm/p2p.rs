@@ -20,6 +20,20 @@ impl Communicator {
         self.check_open(&op)?;
         self.check_rank(&op, "destination", dst)?;
         let bytes: &[u8] = bytemuck::cast_slice(data);
+        let limit = self.config().max_message_bytes();
+        if bytes.len() as u64 > limit {
+            // Refused here: the receiver would refuse it too, and close the
+            // whole connection as a protocol violation.
+            return Err(Error::InvalidArgument {
+                rank: self.rank(),
+                op,
+                detail: format!(
+                    "{} bytes is more than the largest message, {limit} bytes; send it in \
+                     parts or raise Config::set_max_message_bytes on every rank",
+                    bytes.len()
+                ),
+            });
+        }
         let n = {
             let mut next = self
                 .inner
