@@ -7,9 +7,10 @@
 
 use super::Communicator;
 use crate::datatype::Element;
-use crate::transport::{P2pKey, Payload};
+use crate::transport::{P2pKey, Payload, Transport};
 use crate::wire::{FrameKind, Header};
 use crate::{Error, Result};
+use std::sync::Arc;
 
 impl Communicator {
     /// Send `data` to rank `dst` with `tag`. Returns once the data is owned
@@ -56,13 +57,26 @@ impl Communicator {
         h.len = bytes.len() as u64;
         h.total = data.len() as u64;
         let world_dst = self.world_rank(dst);
-        self.bounded(&op, &[dst], async {
-            self.transport()
-                .send(world_dst, h, Payload::Borrowed(bytes))
-                .await
-                .map_err(|f| self.lost(&op, f))
-        })
-        .await
+        // If this send does not complete (cancelled, timed out, failed), the
+        // receiver is told to skip message number `n`, so that later
+        // messages of this tag are not held behind it.
+        let mut skip = SkipOnDrop {
+            transport: Some(self.inner.world.transport.clone()),
+            dst: world_dst,
+            header: h,
+        };
+        let res = self
+            .bounded(&op, &[dst], async {
+                self.transport()
+                    .send(world_dst, h, Payload::Borrowed(bytes))
+                    .await
+                    .map_err(|f| self.lost(&op, f))
+            })
+            .await;
+        if res.is_ok() {
+            skip.transport = None;
+        }
+        res
     }
 
     /// Receive the next message from rank `src` with `tag` into `buf`, whose
@@ -120,5 +134,35 @@ impl Communicator {
             })
         })
         .await
+    }
+}
+
+/// Sends a Skip frame for a point-to-point message whose send did not
+/// complete (see [`Communicator::send`]).
+struct SkipOnDrop {
+    transport: Option<Arc<dyn Transport>>,
+    dst: usize,
+    header: Header,
+}
+
+impl Drop for SkipOnDrop {
+    fn drop(&mut self) {
+        let Some(t) = self.transport.take() else {
+            return;
+        };
+        let Ok(rt) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        let mut h = self.header;
+        h.kind = FrameKind::Skip;
+        h.len = 0;
+        let dst = self.dst;
+        rt.spawn(async move {
+            let _ = tokio::time::timeout(
+                std::time::Duration::from_secs(10),
+                t.send(dst, h, Payload::Owned(Vec::new())),
+            )
+            .await;
+        });
     }
 }

@@ -213,8 +213,9 @@ struct P2pQueue {
     next: u64,
     /// Messages in order, ready to hand out.
     ready: VecDeque<Incoming>,
-    /// Messages that overtook an earlier one in transit.
-    early: BTreeMap<u64, Incoming>,
+    /// Messages that overtook an earlier one in transit (`None`: the sender
+    /// cancelled that message number; it is skipped).
+    early: BTreeMap<u64, Option<Incoming>>,
     /// Receives waiting, in the order they were posted.
     waiters: VecDeque<Reply>,
 }
@@ -378,7 +379,7 @@ impl Mailbox {
                     }
                 }
             }
-            FrameKind::P2p => {
+            FrameKind::P2p | FrameKind::Skip => {
                 let key = P2pKey {
                     src: h.src,
                     comm_id: h.comm_id,
@@ -395,11 +396,12 @@ impl Mailbox {
                     );
                     return;
                 }
+                let m = (h.kind == FrameKind::P2p).then_some(m);
                 if h.sub == q.next {
-                    q.ready.push_back(m);
+                    q.ready.extend(m);
                     q.next += 1;
                     while let Some(m) = q.early.remove(&q.next) {
-                        q.ready.push_back(m);
+                        q.ready.extend(m);
                         q.next += 1;
                     }
                 } else {

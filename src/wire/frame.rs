@@ -7,7 +7,7 @@
 //! |-------:|-----:|---------|------------------------------------------------------|
 //! | 0      | 2    | magic   | `b"RM"`                                              |
 //! | 2      | 1    | version | frame format version ([`FRAME_VERSION`])             |
-//! | 3      | 1    | kind    | [`FrameKind`]: 1 p2p, 2 coll, 3 bye, 4 abort         |
+//! | 3      | 1    | kind    | [`FrameKind`]: 1 p2p 2 coll 3 bye 4 abort 5 skip    |
 //! | 4      | 1    | dtype   | element type tag ([`DType`])                         |
 //! | 5      | 1    | op      | reduce op tag, 0 when none                           |
 //! | 6      | 1    | coll    | collective kind tag, 0 for point-to-point            |
@@ -44,6 +44,9 @@ pub enum FrameKind {
     /// The sender aborted the collective `seq` of `comm_id`/`epoch` (the
     /// ranks disagree on the call); the payload is its explanation (UTF-8).
     Abort = 4,
+    /// The sender cancelled point-to-point message number `sub` of tag
+    /// `seq`: the receiver skips that number. No payload.
+    Skip = 5,
 }
 
 impl FrameKind {
@@ -53,6 +56,7 @@ impl FrameKind {
             2 => Some(FrameKind::Coll),
             3 => Some(FrameKind::Bye),
             4 => Some(FrameKind::Abort),
+            5 => Some(FrameKind::Skip),
             _ => None,
         }
     }
