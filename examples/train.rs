@@ -573,14 +573,14 @@ pub async fn train(
                     )));
                 }
             }
-            let end_of_epoch = step % steps_per_epoch == 0;
+            let end_of_epoch = step.is_multiple_of(steps_per_epoch);
             if let (0, Some(dir)) = (rank, &cfg.checkpoint_dir) {
                 let last = step == cfg.epochs * steps_per_epoch;
                 let due = last
                     || if cfg.checkpoint_every == 0 {
                         end_of_epoch
                     } else {
-                        step % cfg.checkpoint_every == 0
+                        step.is_multiple_of(cfg.checkpoint_every)
                     };
                 if due {
                     let (ls, lc) = if end_of_epoch {

@@ -118,7 +118,7 @@ element!(
 );
 
 /// A reduction operation.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum ReduceOp {
     /// Element-wise sum (wrapping for integers).
     Sum,

@@ -13,7 +13,8 @@
 //!
 //! Optional overrides of [`Config`] fields: `RANKMESH_OP_TIMEOUT`,
 //! `RANKMESH_FORMATION_TIMEOUT`, `RANKMESH_IDLE_TIMEOUT` (seconds, decimals
-//! allowed) and `RANKMESH_BIND` (IP address to bind).
+//! allowed) and `RANKMESH_BIND` (IP address to bind). `RANKMESH_GPU_DEVICE`
+//! picks the GPU of a process (default: its local rank).
 
 use crate::bootstrap::{JobToken, JoinSpec};
 use crate::config::Config;
@@ -173,6 +174,25 @@ fn apply_overrides_from(cfg: &mut Config, get: Lookup<'_>) -> Result<()> {
     cfg.validate()
 }
 
+/// Which GPU this process should use: `RANKMESH_GPU_DEVICE` when set,
+/// else its rank on this host (`RANKMESH_LOCAL_RANK`, else
+/// `SLURM_LOCALID`), else 0. Backends take it modulo their device count.
+pub fn gpu_device_index() -> Result<usize> {
+    gpu_device_index_from(&process_env)
+}
+
+fn gpu_device_index_from(get: Lookup<'_>) -> Result<usize> {
+    Ok(parse_usize(
+        get,
+        &[
+            "RANKMESH_GPU_DEVICE",
+            "RANKMESH_LOCAL_RANK",
+            "SLURM_LOCALID",
+        ],
+    )?
+    .unwrap_or(0))
+}
+
 /// This host's name (for messages that name a rank's location).
 pub fn hostname() -> String {
     std::fs::read_to_string("/proc/sys/kernel/hostname")
@@ -193,6 +213,18 @@ mod tests {
             .iter()
             .map(|(k, v)| (k.to_string(), v.to_string()))
             .collect()
+    }
+
+    #[test]
+    fn gpu_device_follows_the_local_rank_unless_set() {
+        let e = env(&[("RANKMESH_LOCAL_RANK", "3")]);
+        assert_eq!(gpu_device_index_from(&|k| e.get(k).cloned()).unwrap(), 3);
+        let e = env(&[("RANKMESH_LOCAL_RANK", "3"), ("RANKMESH_GPU_DEVICE", "1")]);
+        assert_eq!(gpu_device_index_from(&|k| e.get(k).cloned()).unwrap(), 1);
+        let e = env(&[]);
+        assert_eq!(gpu_device_index_from(&|k| e.get(k).cloned()).unwrap(), 0);
+        let e = env(&[("RANKMESH_GPU_DEVICE", "x")]);
+        assert!(gpu_device_index_from(&|k| e.get(k).cloned()).is_err());
     }
 
     #[test]

@@ -33,6 +33,7 @@ pub mod config;
 pub mod datatype;
 pub mod env;
 mod error;
+pub mod gpu;
 pub mod pki;
 pub mod reduce;
 pub mod testing;

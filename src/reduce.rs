@@ -134,7 +134,7 @@ pub fn reduce_bytes(
     src: &[u8],
 ) -> Result<(), ReduceError> {
     let size = dtype.size();
-    if dst.len() != src.len() || dst.len() % size != 0 {
+    if dst.len() != src.len() || !dst.len().is_multiple_of(size) {
         return Err(ReduceError::Length {
             dst: dst.len(),
             src: src.len(),

@@ -45,7 +45,7 @@ impl Fold {
         let ph = Phase::new(0, Recv::Reduce);
         if rank >= 2 * self.rem {
             ph
-        } else if rank % 2 == 0 {
+        } else if rank.is_multiple_of(2) {
             ph.send(rank + 1, 0..len)
         } else {
             ph.recv(rank - 1, 0..len)
@@ -57,7 +57,7 @@ impl Fold {
         let ph = Phase::new(sub, Recv::Copy);
         if rank >= 2 * self.rem {
             ph
-        } else if rank % 2 == 0 {
+        } else if rank.is_multiple_of(2) {
             ph.recv(rank + 1, 0..len)
         } else {
             ph.send(rank - 1, 0..len)

@@ -13,7 +13,7 @@
 use super::{CollKind, Phase, Recv, Schedule, Xfer};
 use crate::datatype::{DType, ReduceOp};
 use crate::reduce::reduce_bytes;
-use crate::transport::{CollKey, Payload, PeerFailure, Transport};
+use crate::transport::{CollKey, Incoming, Payload, PeerFailure, Transport};
 use crate::wire::{CollDesc, FrameKind, Header};
 use bytes::Bytes;
 use std::future::Future;
@@ -68,6 +68,8 @@ pub(crate) enum ExecError {
     Mismatch { detail: String },
     /// A message from `peer` broke off.
     Broken { peer: usize, detail: String },
+    /// This rank's device failed.
+    Device { detail: String },
 }
 
 /// One collective call on one rank.
@@ -85,7 +87,7 @@ pub(crate) struct Ctx<'a> {
 }
 
 impl Ctx<'_> {
-    fn header(&self, sub: u64, len: usize) -> Header {
+    pub(super) fn header(&self, sub: u64, len: usize) -> Header {
         let mut h = Header::new(
             FrameKind::Coll,
             self.members[self.rank] as u32,
@@ -103,7 +105,12 @@ impl Ctx<'_> {
         h
     }
 
-    fn check(&self, peer: usize, h: &Header, want_bytes: usize) -> Result<(), ExecError> {
+    pub(super) fn check(
+        &self,
+        peer: usize,
+        h: &Header,
+        want_bytes: usize,
+    ) -> Result<(), ExecError> {
         let d = &self.desc;
         if CollDesc::of(h) != d.wire() {
             return Err(ExecError::Mismatch {
@@ -230,7 +237,7 @@ impl Ctx<'_> {
     /// A peer that aborted this collective explains every other failure of
     /// it (a send to a rank that left after aborting fails too, but the
     /// abort names the cause).
-    fn root_cause(&self, e: ExecError) -> ExecError {
+    pub(super) fn root_cause(&self, e: ExecError) -> ExecError {
         let abort = self
             .transport
             .mailbox()
@@ -247,13 +254,14 @@ impl Ctx<'_> {
         }
     }
 
-    async fn recv_one(
+    /// The message of phase `sub` from communicator rank `peer`, checked
+    /// against this rank's call and expected to carry `want_bytes`.
+    pub(super) async fn message(
         &self,
         sub: u64,
         peer: usize,
-        mode: Recv,
-        out: &mut [u8],
-    ) -> Result<(), ExecError> {
+        want_bytes: usize,
+    ) -> Result<Incoming, ExecError> {
         self.waiting.store(peer, Ordering::Relaxed);
         let key = CollKey {
             src: self.members[peer] as u32,
@@ -262,13 +270,24 @@ impl Ctx<'_> {
             seq: self.seq,
             sub,
         };
-        let mut m = self
+        let m = self
             .transport
             .mailbox()
             .recv_coll(key)
             .await
             .map_err(|failure| ExecError::Peer { failure })?;
-        self.check(peer, m.header(), out.len())?;
+        self.check(peer, m.header(), want_bytes)?;
+        Ok(m)
+    }
+
+    async fn recv_one(
+        &self,
+        sub: u64,
+        peer: usize,
+        mode: Recv,
+        out: &mut [u8],
+    ) -> Result<(), ExecError> {
+        let mut m = self.message(sub, peer, out.len()).await?;
         let broken = |detail: String| ExecError::Broken { peer, detail };
         let (dtype, op) = (self.desc.dtype, self.desc.op);
         let esz = dtype.size();
@@ -316,7 +335,7 @@ impl Ctx<'_> {
 }
 
 /// Run sends and receives together until both finish.
-async fn both(
+pub(super) async fn both(
     sends: impl Future<Output = Result<(), ExecError>>,
     recvs: impl Future<Output = Result<(), ExecError>>,
 ) -> Result<(), ExecError> {
@@ -327,11 +346,11 @@ async fn both(
     b.and(a)
 }
 
-type SendFut<'a> = Pin<Box<dyn Future<Output = Result<(), ExecError>> + Send + 'a>>;
+pub(super) type SendFut<'a> = Pin<Box<dyn Future<Output = Result<(), ExecError>> + Send + 'a>>;
 
 /// Drive all sends concurrently; the first error wins (the others are
 /// dropped, which resets their streams).
-async fn join_all(mut futs: Vec<Option<SendFut<'_>>>) -> Result<(), ExecError> {
+pub(super) async fn join_all(mut futs: Vec<Option<SendFut<'_>>>) -> Result<(), ExecError> {
     std::future::poll_fn(|cx| {
         let mut pending = false;
         for slot in futs.iter_mut() {

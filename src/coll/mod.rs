@@ -14,6 +14,7 @@
 
 pub(crate) mod barrier;
 pub(crate) mod binomial;
+pub(crate) mod device;
 pub(crate) mod doubling;
 pub(crate) mod exec;
 pub(crate) mod halving;

@@ -19,6 +19,17 @@ use bytes::Bytes;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
+/// The working memory of one collective call.
+pub(super) enum Work<'a> {
+    /// Host memory: sends read `src` when given, else `work`.
+    Host {
+        src: Option<&'a [u8]>,
+        work: &'a mut [u8],
+    },
+    /// A device buffer.
+    Device(&'a dyn crate::gpu::DeviceBuffer),
+}
+
 /// Longest explanation an Abort frame carries.
 const ABORT_TEXT_MAX: usize = 4096;
 /// How long a failing rank spends telling the others.
@@ -41,15 +52,7 @@ impl Communicator {
         let seq = self.next_seq();
         let desc = self.desc(CollKind::Broadcast, T::DTYPE, None, buf.len(), Some(root));
         self.check_root(seq, &desc, root).await?;
-        let (r, p, n) = (self.rank(), self.size(), buf.len());
-        let plan =
-            match self
-                .model()
-                .pick_broadcast(self.config().algorithm(), p, n * T::DTYPE.size())
-            {
-                Algorithm::ScatterAllgather => binomial::scatter_allgather(r, p, n, root),
-                _ => binomial::broadcast(r, p, n, root),
-            };
+        let plan = self.broadcast_plan(buf.len(), T::DTYPE, root);
         self.run_coll(seq, desc, &plan, None, bytemuck::cast_slice_mut(buf))
             .await
     }
@@ -59,16 +62,7 @@ impl Communicator {
     pub async fn all_reduce<T: Element>(&self, buf: &mut [T], op: ReduceOp) -> Result<()> {
         let seq = self.next_seq();
         let desc = self.desc(CollKind::AllReduce, T::DTYPE, Some(op), buf.len(), None);
-        let (r, p, n) = (self.rank(), self.size(), buf.len());
-        let plan =
-            match self
-                .model()
-                .pick_allreduce(self.config().algorithm(), p, n * T::DTYPE.size())
-            {
-                Algorithm::Ring => ring::allreduce(r, p, n),
-                Algorithm::Rabenseifner => halving::allreduce(r, p, n),
-                _ => doubling::allreduce(r, p, n),
-            };
+        let plan = self.allreduce_plan(buf.len(), T::DTYPE);
         self.run_coll(seq, desc, &plan, None, bytemuck::cast_slice_mut(buf))
             .await
     }
@@ -244,15 +238,40 @@ impl Communicator {
         Ok(self.derive(mix(id).max(1), rank, members))
     }
 
-    fn next_seq(&self) -> u64 {
+    /// The broadcast schedule for `n` elements of `dtype`.
+    pub(super) fn broadcast_plan(&self, n: usize, dtype: DType, root: usize) -> Schedule {
+        let (r, p) = (self.rank(), self.size());
+        match self
+            .model()
+            .pick_broadcast(self.config().algorithm(), p, n * dtype.size())
+        {
+            Algorithm::ScatterAllgather => binomial::scatter_allgather(r, p, n, root),
+            _ => binomial::broadcast(r, p, n, root),
+        }
+    }
+
+    /// The allreduce schedule for `n` elements of `dtype`.
+    pub(super) fn allreduce_plan(&self, n: usize, dtype: DType) -> Schedule {
+        let (r, p) = (self.rank(), self.size());
+        match self
+            .model()
+            .pick_allreduce(self.config().algorithm(), p, n * dtype.size())
+        {
+            Algorithm::Ring => ring::allreduce(r, p, n),
+            Algorithm::Rabenseifner => halving::allreduce(r, p, n),
+            _ => doubling::allreduce(r, p, n),
+        }
+    }
+
+    pub(super) fn next_seq(&self) -> u64 {
         self.inner.coll_seq.fetch_add(1, Ordering::Relaxed)
     }
 
-    fn model(&self) -> CostModel {
+    pub(super) fn model(&self) -> CostModel {
         CostModel::default()
     }
 
-    fn desc(
+    pub(super) fn desc(
         &self,
         kind: CollKind,
         dtype: DType,
@@ -269,19 +288,19 @@ impl Communicator {
         }
     }
 
-    fn op_name(&self, seq: u64, desc: &Desc) -> String {
+    pub(super) fn op_name(&self, seq: u64, desc: &Desc) -> String {
         format!("{} #{seq}", desc.kind.name())
     }
 
     /// Refuse a bad root. Like every refusal after the sequence number was
     /// taken, it tells the other members, who would otherwise wait for this
     /// rank's part until their timeout.
-    async fn check_root(&self, seq: u64, desc: &Desc, root: usize) -> Result<()> {
+    pub(super) async fn check_root(&self, seq: u64, desc: &Desc, root: usize) -> Result<()> {
         let res = self.check_rank(&self.op_name(seq, desc), "root", root);
         self.refused(seq, res).await
     }
 
-    async fn refused(&self, seq: u64, res: Result<()>) -> Result<()> {
+    pub(super) async fn refused<T>(&self, seq: u64, res: Result<T>) -> Result<T> {
         if let Err(e) = &res {
             self.abort_collective(seq, ABORT_FAILED, &e.to_string())
                 .await;
@@ -289,7 +308,7 @@ impl Communicator {
         res
     }
 
-    async fn check_len(
+    pub(super) async fn check_len(
         &self,
         seq: u64,
         desc: &Desc,
@@ -319,6 +338,18 @@ impl Communicator {
         src: Option<&[u8]>,
         work: &mut [u8],
     ) -> Result<()> {
+        self.run_coll_on(seq, desc, plan, Work::Host { src, work })
+            .await
+    }
+
+    /// [`Self::run_coll`] on host memory or on a device buffer.
+    pub(super) async fn run_coll_on(
+        &self,
+        seq: u64,
+        desc: Desc,
+        plan: &Schedule,
+        work: Work<'_>,
+    ) -> Result<()> {
         let op = self.op_name(seq, &desc);
         self.check_open(&op)?;
         let mailbox = self.transport().mailbox();
@@ -341,7 +372,12 @@ impl Communicator {
             waiting: &waiting,
         };
         let limit = self.config().op_timeout();
-        let run = ctx.run(plan, src, work);
+        let run = async {
+            match work {
+                Work::Host { src, work } => ctx.run(plan, src, work).await,
+                Work::Device(buf) => ctx.run_device(plan, buf).await,
+            }
+        };
         let res = tokio::time::timeout(limit, self.warn_while(run, &op, &waiting)).await;
         let me = self.rank();
         let (err, notice) = match res {
@@ -391,6 +427,13 @@ impl Communicator {
                     },
                     n,
                 )
+            }
+            Ok(Err(ExecError::Device { detail })) => {
+                let e = Error::Gpu {
+                    detail: format!("rank {me}: {op}: {detail}"),
+                };
+                let n = Some((ABORT_FAILED, e.to_string()));
+                (e, n)
             }
             Ok(Err(ExecError::Broken { peer, detail })) => {
                 let e = Error::Transport {

@@ -61,7 +61,13 @@ impl Transport for MemTransport {
             if self.fabric.down[dst].load(Ordering::Acquire) {
                 return Err(PeerFailure::lost(dst, "rank has shut down"));
             }
-            mb.deliver(Incoming::from_chunks(header, payload.into_owned()));
+            let Some(chunks) = payload.collect().await else {
+                return Err(PeerFailure::lost(
+                    self.rank,
+                    "this rank's payload producer stopped early",
+                ));
+            };
+            mb.deliver(Incoming::from_chunks(header, chunks));
             Ok(())
         })
     }

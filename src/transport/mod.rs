@@ -32,6 +32,15 @@ pub enum Payload<'a> {
     /// copies it as it sends (piece by piece over QUIC, so copying overlaps
     /// transmission).
     Borrowed(&'a [u8]),
+    /// Buffers produced while the message is sent (staged from device
+    /// memory, say): `len` bytes in all, arriving on `chunks`. If the
+    /// producer stops short, the send fails and the message is discarded.
+    Stream {
+        /// Total bytes the producer will deliver.
+        len: usize,
+        /// The buffers, in order.
+        chunks: tokio::sync::mpsc::Receiver<Bytes>,
+    },
 }
 
 impl Payload<'_> {
@@ -40,6 +49,7 @@ impl Payload<'_> {
         match self {
             Payload::Owned(v) => v.iter().map(|b| b.len()).sum(),
             Payload::Borrowed(s) => s.len(),
+            Payload::Stream { len, .. } => *len,
         }
     }
 
@@ -48,12 +58,22 @@ impl Payload<'_> {
         self.len() == 0
     }
 
-    /// Owned buffers (copies borrowed data).
-    pub fn into_owned(self) -> Vec<Bytes> {
+    /// Owned buffers (copies borrowed data, waits for a stream's), or
+    /// `None` when a stream ended short of its length.
+    pub async fn collect(self) -> Option<Vec<Bytes>> {
         match self {
-            Payload::Owned(v) => v,
-            Payload::Borrowed([]) => Vec::new(),
-            Payload::Borrowed(s) => vec![Bytes::copy_from_slice(s)],
+            Payload::Owned(v) => Some(v),
+            Payload::Borrowed([]) => Some(Vec::new()),
+            Payload::Borrowed(s) => Some(vec![Bytes::copy_from_slice(s)]),
+            Payload::Stream { len, mut chunks } => {
+                let mut v = Vec::new();
+                let mut got = 0;
+                while let Some(b) = chunks.recv().await {
+                    got += b.len();
+                    v.push(b);
+                }
+                (got == len).then_some(v)
+            }
         }
     }
 }

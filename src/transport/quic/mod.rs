@@ -410,8 +410,10 @@ impl Shared {
             ));
         }
         if dst == self.rank {
-            self.mailbox
-                .deliver(Incoming::from_chunks(header, payload.into_owned()));
+            let Some(chunks) = payload.collect().await else {
+                return Err(self.failure(dst, "this rank's payload producer stopped early".into()));
+            };
+            self.mailbox.deliver(Incoming::from_chunks(header, chunks));
             return Ok(());
         }
         if self.closing.load(Ordering::Acquire) {
@@ -453,6 +455,27 @@ impl Shared {
                         s.write_chunk(Bytes::copy_from_slice(piece))
                             .await
                             .map_err(|e| lost(&e))?;
+                    }
+                }
+                Payload::Stream { len, mut chunks } => {
+                    s.write_chunk(Bytes::copy_from_slice(&header.encode()))
+                        .await
+                        .map_err(|e| lost(&e))?;
+                    let mut sent = 0;
+                    while let Some(b) = chunks.recv().await {
+                        sent += b.len();
+                        if sent > len {
+                            break;
+                        }
+                        s.write_chunk(b).await.map_err(|e| lost(&e))?;
+                    }
+                    if sent != len {
+                        // Dropping the guard resets the stream: the peer
+                        // discards the partial message.
+                        return Err(self.failure(
+                            self.rank,
+                            format!("this rank's payload producer delivered {sent} of {len} bytes"),
+                        ));
                     }
                 }
             }

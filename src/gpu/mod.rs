@@ -1,0 +1,275 @@
+//! Collectives on device memory.
+//!
+//! A [`DeviceBuffer`] is a typed array in a GPU's memory. The collectives
+//! (`Communicator::all_reduce_device` and its siblings) run the same
+//! schedules as on host memory, but every chunk travels device -> host
+//! staging -> network -> host staging -> device, and reductions run **on the
+//! device** in a compute kernel. Each backend keeps a pool of staging
+//! buffers per device; one call uses a small ring of them, so the copy of
+//! one chunk, the network transfer of another and the device reduction of a
+//! third overlap, and nothing is allocated per chunk once the pool is warm.
+//!
+//! Backends (cargo features, off by default):
+//! - `wgpu`: [`Wgpu`] and [`WgpuBuffer`] (WGSL compute shaders; any Vulkan
+//!   or Metal adapter, including Mesa's lavapipe on a CPU).
+//! - `cuda`: `Cuda` and `CudaBuffer` (cudarc, loaded at run time; kernels
+//!   compiled with NVRTC on first use).
+//!
+//! This module sees only the host types of this crate (`error`,
+//! `datatype`, `reduce`); `coll` drives buffers through the trait alone.
+
+use crate::datatype::{DType, ReduceOp};
+use crate::transport::BoxFut;
+use crate::{Error, Result};
+use bytes::Bytes;
+use std::any::Any;
+use std::ops::Range;
+use tokio::sync::mpsc;
+
+#[cfg(feature = "cuda")]
+mod cuda_backend;
+#[cfg(feature = "wgpu")]
+mod wgpu_backend;
+
+#[cfg(feature = "cuda")]
+pub use cuda_backend::{Cuda, CudaBuffer, CudaElement, CudaOptions};
+/// The cudarc version this crate is built against.
+#[cfg(feature = "cuda")]
+pub use cudarc;
+/// The wgpu version this crate is built against.
+#[cfg(feature = "wgpu")]
+pub use wgpu;
+#[cfg(feature = "wgpu")]
+pub use wgpu_backend::{Wgpu, WgpuBuffer, WgpuElement, WgpuOptions};
+
+/// Default size of one staged chunk (bytes).
+pub const DEFAULT_CHUNK_BYTES: usize = 1 << 20;
+/// Default number of staging buffers one transfer keeps in flight.
+pub const DEFAULT_RING: usize = 3;
+
+/// A typed array in device memory that collectives can run on.
+///
+/// Implemented by the backends of this module; the methods are the staging
+/// primitives the collective executor needs. All of them take `&self`: the
+/// collective that drives a buffer holds it mutably, and the executor never
+/// writes a range while it reads an overlapping one.
+pub trait DeviceBuffer: Send + Sync {
+    /// Element type.
+    fn dtype(&self) -> DType;
+
+    /// Number of elements.
+    fn len(&self) -> usize;
+
+    /// Whether the buffer holds no elements.
+    fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Backend and device, for messages (e.g. "wgpu (llvmpipe, Vulkan)").
+    fn describe(&self) -> String;
+
+    /// Stage the elements `range` to the host, in order, one chunk at a
+    /// time, sending each chunk on `out`. Stops early without error when
+    /// `out` is closed (the consumer gave up and reports why).
+    fn download(&self, range: Range<usize>, out: mpsc::Sender<Bytes>) -> BoxFut<'_, Result<()>>;
+
+    /// Apply the bytes arriving on `input` (chunks of any size, `range`'s
+    /// byte length in all) to the elements `range`: overwrite them when `op`
+    /// is `None`, else `self[i] = self[i] op incoming[i]` on the device.
+    /// Completes once the device has applied all of it. Input that ends
+    /// early is an error.
+    fn upload(
+        &self,
+        range: Range<usize>,
+        op: Option<ReduceOp>,
+        input: mpsc::Receiver<Bytes>,
+    ) -> BoxFut<'_, Result<()>>;
+
+    /// A new buffer on the same device holding a copy of the elements
+    /// `range` (scratch space for collectives that must not write the
+    /// caller's buffer).
+    fn duplicate(&self, range: Range<usize>) -> Result<Box<dyn DeviceBuffer>>;
+
+    /// Copy the elements `range` of `src` (a buffer of the same backend and
+    /// device) into this buffer starting at element `at`.
+    fn copy_from(&self, src: &dyn DeviceBuffer, range: Range<usize>, at: usize) -> Result<()>;
+
+    /// For backends to recognise their own buffers.
+    fn as_any(&self) -> &dyn Any;
+}
+
+/// An error of a GPU backend.
+#[cfg_attr(not(any(feature = "wgpu", feature = "cuda")), allow(dead_code))]
+pub(crate) fn gpu_err(detail: impl std::fmt::Display) -> Error {
+    Error::Gpu {
+        detail: detail.to_string(),
+    }
+}
+
+/// Check that `range` lies within a buffer of `len` elements.
+#[cfg_attr(not(any(feature = "wgpu", feature = "cuda")), allow(dead_code))]
+pub(crate) fn check_range(what: &str, range: &Range<usize>, len: usize) -> Result<()> {
+    if range.start > range.end || range.end > len {
+        return Err(gpu_err(format!(
+            "{what}: elements {}..{} are outside a buffer of {len} elements",
+            range.start, range.end
+        )));
+    }
+    Ok(())
+}
+
+/// The byte range of the elements `range` of a buffer of `len` elements
+/// of `esz` bytes, checked.
+#[cfg_attr(not(any(feature = "wgpu", feature = "cuda")), allow(dead_code))]
+pub(crate) fn byte_range(
+    what: &str,
+    range: &Range<usize>,
+    len: usize,
+    esz: usize,
+) -> Result<Range<usize>> {
+    check_range(what, range, len)?;
+    Ok(range.start * esz..range.end * esz)
+}
+
+/// `src` as a buffer of the backend type `B`, with `range` of it and
+/// `at..at + range.len()` of `dst` checked: the common part of
+/// [`DeviceBuffer::copy_from`].
+#[cfg_attr(not(any(feature = "wgpu", feature = "cuda")), allow(dead_code))]
+pub(crate) fn copy_source<'a, B: DeviceBuffer + 'static>(
+    dst: &dyn DeviceBuffer,
+    src: &'a dyn DeviceBuffer,
+    range: &Range<usize>,
+    at: usize,
+) -> Result<&'a B> {
+    let Some(b) = src.as_any().downcast_ref::<B>() else {
+        return Err(gpu_err(format!(
+            "cannot copy from a {} buffer of {:?} into a {} buffer of {:?}; use buffers of one \
+             backend and element type",
+            src.describe(),
+            src.dtype(),
+            dst.describe(),
+            dst.dtype()
+        )));
+    };
+    check_range("copy source", range, src.len())?;
+    check_range("copy destination", &(at..at + range.len()), dst.len())?;
+    Ok(b)
+}
+
+/// Gathers network chunks (of any size) into staging chunks of exactly
+/// `chunk` bytes (the last one shorter) without copying: a staging chunk is
+/// a list of pieces of the received `Bytes`.
+#[cfg_attr(not(any(feature = "wgpu", feature = "cuda")), allow(dead_code))]
+pub(crate) struct Packer {
+    input: mpsc::Receiver<Bytes>,
+    pending: Option<Bytes>,
+    left: usize,
+    chunk: usize,
+}
+
+#[cfg_attr(not(any(feature = "wgpu", feature = "cuda")), allow(dead_code))]
+impl Packer {
+    /// Pack `total` bytes from `input` into chunks of `chunk` bytes.
+    pub(crate) fn new(input: mpsc::Receiver<Bytes>, total: usize, chunk: usize) -> Packer {
+        Packer {
+            input,
+            pending: None,
+            left: total,
+            chunk: chunk.max(1),
+        }
+    }
+
+    /// The next staging chunk as pieces, or `None` when all bytes were
+    /// delivered. Input that ends early, or carries more than expected, is
+    /// an error.
+    pub(crate) async fn next(&mut self, pieces: &mut Vec<Bytes>) -> Result<Option<usize>> {
+        pieces.clear();
+        if self.left == 0 {
+            if self.pending.as_ref().is_some_and(|b| !b.is_empty()) {
+                return Err(gpu_err("more bytes arrived than the range holds"));
+            }
+            return Ok(None);
+        }
+        let want = self.chunk.min(self.left);
+        let mut have = 0;
+        while have < want {
+            let mut b = match self.pending.take() {
+                Some(b) if !b.is_empty() => b,
+                _ => match self.input.recv().await {
+                    Some(b) => b,
+                    None => {
+                        return Err(gpu_err(format!(
+                            "input ended {} bytes short",
+                            self.left - have
+                        )))
+                    }
+                },
+            };
+            let take = (want - have).min(b.len());
+            let rest = b.split_off(take);
+            if !rest.is_empty() {
+                self.pending = Some(rest);
+            }
+            have += take;
+            pieces.push(b);
+        }
+        self.left -= want;
+        Ok(Some(want))
+    }
+}
+
+/// Copy `pieces` one after the other into `dst` (which holds their total).
+#[cfg_attr(not(any(feature = "wgpu", feature = "cuda")), allow(dead_code))]
+pub(crate) fn concat_into(pieces: &[Bytes], mut write: impl FnMut(usize, &[u8])) {
+    let mut at = 0;
+    for p in pieces {
+        write(at, p);
+        at += p.len();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn packer_regroups_without_losing_bytes() {
+        let (tx, rx) = mpsc::channel(16);
+        let data: Vec<u8> = (0..100u8).collect();
+        for part in [&data[..3], &data[3..50], &data[50..51], &data[51..]] {
+            tx.send(Bytes::copy_from_slice(part)).await.unwrap();
+        }
+        drop(tx);
+        let mut p = Packer::new(rx, 100, 16);
+        let mut pieces = Vec::new();
+        let mut out = Vec::new();
+        while let Some(n) = p.next(&mut pieces).await.unwrap() {
+            let before = out.len();
+            for b in &pieces {
+                out.extend_from_slice(b);
+            }
+            assert_eq!(out.len() - before, n);
+            assert!(n == 16 || out.len() == 100);
+        }
+        assert_eq!(out, data);
+    }
+
+    #[tokio::test]
+    async fn packer_short_and_long_input_are_errors() {
+        let (tx, rx) = mpsc::channel(4);
+        tx.send(Bytes::from_static(&[1, 2, 3])).await.unwrap();
+        drop(tx);
+        let mut p = Packer::new(rx, 8, 16);
+        let e = p.next(&mut Vec::new()).await.unwrap_err().to_string();
+        assert!(e.contains("5 bytes short"), "{e}");
+
+        let (tx, rx) = mpsc::channel(4);
+        tx.send(Bytes::from_static(&[1, 2, 3, 4, 5])).await.unwrap();
+        drop(tx);
+        let mut p = Packer::new(rx, 4, 16);
+        let mut pieces = Vec::new();
+        assert_eq!(p.next(&mut pieces).await.unwrap(), Some(4));
+        let e = p.next(&mut pieces).await.unwrap_err().to_string();
+        assert!(e.contains("more bytes"), "{e}");
+    }
+}

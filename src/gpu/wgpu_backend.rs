@@ -1,0 +1,793 @@
+//! The wgpu backend: buffers of any wgpu device (Vulkan, Metal; Mesa's
+//! lavapipe on a CPU), reduced with WGSL compute shaders.
+//!
+//! Staging: an upload slot is a `MAP_WRITE | COPY_SRC` buffer (filled
+//! while mapped, then copied on the device) plus a `STORAGE` scratch buffer
+//! the reduce shader reads; a download slot is a `MAP_READ | COPY_DST`
+//! buffer. Slots live in per-device pools and are mapped again as soon as
+//! the device is done with them, so a transfer keeps `ring` chunks in
+//! flight. A poller thread per device drives wgpu's map callbacks.
+
+use super::{byte_range, check_range, concat_into, copy_source, gpu_err, DeviceBuffer, Packer};
+use crate::datatype::{DType, Element, ReduceOp};
+use crate::transport::BoxFut;
+use crate::Result;
+use bytes::Bytes;
+use std::any::Any;
+use std::collections::{HashMap, VecDeque};
+use std::marker::PhantomData;
+use std::num::NonZeroU64;
+use std::ops::Range;
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use tokio::sync::{mpsc, oneshot};
+
+/// Threads per workgroup of the reduce shaders.
+const WORKGROUP: u32 = 256;
+/// Largest staged chunk (keeps a dispatch under the 65535-workgroup limit).
+const MAX_CHUNK: usize = 16 << 20;
+
+/// Element types the wgpu backend reduces: `f32`, `i32`, `u32`.
+pub trait WgpuElement: Element {}
+impl WgpuElement for f32 {}
+impl WgpuElement for i32 {}
+impl WgpuElement for u32 {}
+
+fn wgsl_type(d: DType) -> Option<&'static str> {
+    match d {
+        DType::F32 => Some("f32"),
+        DType::I32 => Some("i32"),
+        DType::U32 => Some("u32"),
+        _ => None,
+    }
+}
+
+/// How to open a device.
+#[derive(Clone, Debug)]
+pub struct WgpuOptions {
+    /// Which adapter (index among hardware adapters, or among software ones
+    /// when there is no hardware one). `None`: `RANKMESH_GPU_DEVICE`, else
+    /// the process's local rank.
+    pub adapter: Option<usize>,
+    /// Bytes per staged chunk (rounded down to a multiple of 256, at most
+    /// 16 MiB). Memory cost: `2 * ring` chunks per concurrent transfer.
+    pub chunk_bytes: usize,
+    /// Staging buffers one transfer keeps in flight (at least 1).
+    pub ring: usize,
+}
+
+impl Default for WgpuOptions {
+    fn default() -> Self {
+        WgpuOptions {
+            adapter: None,
+            chunk_bytes: super::DEFAULT_CHUNK_BYTES,
+            ring: super::DEFAULT_RING,
+        }
+    }
+}
+
+/// A wgpu device and queue prepared for collectives: compiled reduce
+/// pipelines, staging pools, and a thread that completes buffer mappings.
+/// Cheap to clone (one device shared).
+#[derive(Clone)]
+pub struct Wgpu {
+    shared: Arc<Shared>,
+}
+
+struct Shared {
+    device: wgpu::Device,
+    queue: wgpu::Queue,
+    name: String,
+    chunk: usize,
+    ring: usize,
+    /// `min_storage_buffer_offset_alignment`.
+    align: u64,
+    pipelines: Mutex<HashMap<(DType, ReduceOp), wgpu::ComputePipeline>>,
+    ups: Mutex<Vec<UpSlot>>,
+    downs: Mutex<Vec<wgpu::Buffer>>,
+    poller: Poller,
+    /// The first error wgpu reported outside an operation's own checks.
+    error: Arc<Mutex<Option<String>>>,
+}
+
+struct UpSlot {
+    staging: wgpu::Buffer,
+    scratch: wgpu::Buffer,
+    params: wgpu::Buffer,
+    /// Pending re-mapping of `staging`; `None` when it is mapped.
+    ready: Option<MapWait>,
+}
+
+type MapWait = oneshot::Receiver<std::result::Result<(), wgpu::BufferAsyncError>>;
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+impl Wgpu {
+    /// Open the device this process should use (see
+    /// [`WgpuOptions::adapter`]). Hardware adapters are preferred; a
+    /// software one (lavapipe) is used only when there is no other.
+    pub async fn new(opts: WgpuOptions) -> Result<Wgpu> {
+        let instance = wgpu::Instance::new(wgpu::InstanceDescriptor::new_without_display_handle());
+        let mut adapters = instance.enumerate_adapters(wgpu::Backends::all()).await;
+        if adapters.is_empty() {
+            return Err(gpu_err(
+                "wgpu found no GPU adapter (no Vulkan or Metal device; on Linux without a GPU, \
+                 install Mesa's software driver: apt-get install mesa-vulkan-drivers libvulkan1)",
+            ));
+        }
+        let hw = adapters
+            .iter()
+            .any(|a| a.get_info().device_type != wgpu::DeviceType::Cpu);
+        if hw {
+            adapters.retain(|a| a.get_info().device_type != wgpu::DeviceType::Cpu);
+        }
+        let index = match opts.adapter {
+            Some(i) => i,
+            None => crate::env::gpu_device_index()?,
+        } % adapters.len();
+        let adapter = adapters.swap_remove(index);
+        let info = adapter.get_info();
+        let (device, queue) = adapter
+            .request_device(&wgpu::DeviceDescriptor {
+                label: Some("rankmesh"),
+                required_limits: adapter.limits(),
+                ..Default::default()
+            })
+            .await
+            .map_err(|e| gpu_err(format!("opening {} failed: {e}", info.name)))?;
+        let error: Arc<Mutex<Option<String>>> = Arc::default();
+        let slot = error.clone();
+        device.on_uncaptured_error(Arc::new(move |e: wgpu::Error| {
+            lock(&slot).get_or_insert_with(|| e.to_string());
+        }));
+        let slot = error.clone();
+        device.set_device_lost_callback(move |_, why| {
+            lock(&slot).get_or_insert_with(|| format!("device lost: {why}"));
+        });
+        let name = format!("wgpu ({}, {:?})", info.name, info.backend);
+        Ok(Self::build(device, queue, name, &opts, error))
+    }
+
+    /// Use a device the application already has (its buffers can then be
+    /// wrapped with [`WgpuBuffer::from_buffer`]). wgpu validation errors go
+    /// to the application's own error handler.
+    pub fn from_device(device: wgpu::Device, queue: wgpu::Queue, opts: WgpuOptions) -> Wgpu {
+        Self::build(device, queue, "wgpu".into(), &opts, Arc::default())
+    }
+
+    fn build(
+        device: wgpu::Device,
+        queue: wgpu::Queue,
+        name: String,
+        opts: &WgpuOptions,
+        error: Arc<Mutex<Option<String>>>,
+    ) -> Wgpu {
+        let align = u64::from(device.limits().min_storage_buffer_offset_alignment).max(4);
+        let chunk = (opts.chunk_bytes.clamp(256, MAX_CHUNK)) / 256 * 256;
+        Wgpu {
+            shared: Arc::new(Shared {
+                poller: Poller::start(device.clone()),
+                device,
+                queue,
+                name,
+                chunk,
+                ring: opts.ring.max(1),
+                align,
+                pipelines: Mutex::default(),
+                ups: Mutex::default(),
+                downs: Mutex::default(),
+                error,
+            }),
+        }
+    }
+
+    /// The wgpu device.
+    pub fn device(&self) -> &wgpu::Device {
+        &self.shared.device
+    }
+
+    /// The wgpu queue (collectives submit to it, so work the application
+    /// submitted earlier is ordered before them).
+    pub fn queue(&self) -> &wgpu::Queue {
+        &self.shared.queue
+    }
+
+    /// Adapter name and backend.
+    pub fn name(&self) -> &str {
+        &self.shared.name
+    }
+}
+
+impl Shared {
+    fn check(&self) -> Result<()> {
+        match lock(&self.error).take() {
+            Some(e) => Err(gpu_err(format!("{}: {e}", self.name))),
+            None => Ok(()),
+        }
+    }
+
+    fn pipeline(&self, dtype: DType, op: ReduceOp) -> Result<wgpu::ComputePipeline> {
+        if let Some(p) = lock(&self.pipelines).get(&(dtype, op)) {
+            return Ok(p.clone());
+        }
+        let ty = wgsl_type(dtype)
+            .ok_or_else(|| gpu_err(format!("{}: cannot reduce {dtype:?}", self.name)))?;
+        let module = self
+            .device
+            .create_shader_module(wgpu::ShaderModuleDescriptor {
+                label: Some("rankmesh reduce"),
+                source: wgpu::ShaderSource::Wgsl(reduce_shader(ty, op).into()),
+            });
+        let p = self
+            .device
+            .create_compute_pipeline(&wgpu::ComputePipelineDescriptor {
+                label: Some("rankmesh reduce"),
+                layout: None,
+                module: &module,
+                entry_point: Some("main"),
+                compilation_options: Default::default(),
+                cache: None,
+            });
+        lock(&self.pipelines).insert((dtype, op), p.clone());
+        Ok(p)
+    }
+
+    fn up_slot(&self) -> UpSlot {
+        if let Some(s) = lock(&self.ups).pop() {
+            return s;
+        }
+        let d = &self.device;
+        UpSlot {
+            staging: d.create_buffer(&wgpu::BufferDescriptor {
+                label: Some("rankmesh upload staging"),
+                size: self.chunk as u64,
+                usage: wgpu::BufferUsages::MAP_WRITE | wgpu::BufferUsages::COPY_SRC,
+                mapped_at_creation: true,
+            }),
+            scratch: d.create_buffer(&wgpu::BufferDescriptor {
+                label: Some("rankmesh reduce scratch"),
+                size: self.chunk as u64,
+                usage: wgpu::BufferUsages::STORAGE | wgpu::BufferUsages::COPY_DST,
+                mapped_at_creation: false,
+            }),
+            params: d.create_buffer(&wgpu::BufferDescriptor {
+                label: Some("rankmesh reduce params"),
+                size: 16,
+                usage: wgpu::BufferUsages::UNIFORM | wgpu::BufferUsages::COPY_DST,
+                mapped_at_creation: false,
+            }),
+            ready: None,
+        }
+    }
+
+    fn down_slot(&self) -> wgpu::Buffer {
+        if let Some(b) = lock(&self.downs).pop() {
+            return b;
+        }
+        self.device.create_buffer(&wgpu::BufferDescriptor {
+            label: Some("rankmesh download staging"),
+            size: self.chunk as u64,
+            usage: wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST,
+            mapped_at_creation: false,
+        })
+    }
+
+    /// Map `buf[..n]`; the receiver completes once the device is done with
+    /// every earlier use of `buf`.
+    fn map(&self, buf: &wgpu::Buffer, mode: wgpu::MapMode, n: u64) -> MapWait {
+        let (tx, rx) = oneshot::channel();
+        let done = self.poller.expect();
+        buf.map_async(mode, 0..n, move |r| {
+            let _ = tx.send(r);
+            done.finish();
+        });
+        rx
+    }
+
+    async fn wait_map(&self, w: MapWait) -> Result<()> {
+        let r = w.await;
+        self.check()?;
+        match r {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(e)) => Err(gpu_err(format!(
+                "{}: mapping a staging buffer: {e}",
+                self.name
+            ))),
+            Err(_) => Err(gpu_err(format!(
+                "{}: the device dropped a mapping",
+                self.name
+            ))),
+        }
+    }
+
+    /// Wait until everything submitted so far has executed.
+    async fn settle(&self) -> Result<()> {
+        let (tx, rx) = oneshot::channel();
+        let done = self.poller.expect();
+        self.queue.on_submitted_work_done(move || {
+            let _ = tx.send(());
+            done.finish();
+        });
+        // Make sure a poll runs even when nothing else is pending.
+        self.queue.submit([]);
+        rx.await
+            .map_err(|_| gpu_err(format!("{}: the device stopped", self.name)))?;
+        self.check()
+    }
+
+    async fn download(
+        &self,
+        src: &wgpu::Buffer,
+        bytes: Range<u64>,
+        out: mpsc::Sender<Bytes>,
+    ) -> Result<()> {
+        let mut next = bytes.start;
+        let mut inflight: VecDeque<(wgpu::Buffer, u64, MapWait)> = VecDeque::new();
+        loop {
+            while inflight.len() < self.ring && next < bytes.end {
+                let n = (bytes.end - next).min(self.chunk as u64);
+                let slot = self.down_slot();
+                let mut enc = self.device.create_command_encoder(&Default::default());
+                enc.copy_buffer_to_buffer(src, next, &slot, 0, n);
+                self.queue.submit([enc.finish()]);
+                let w = self.map(&slot, wgpu::MapMode::Read, n);
+                inflight.push_back((slot, n, w));
+                next += n;
+            }
+            let Some((slot, n, w)) = inflight.pop_front() else {
+                return Ok(());
+            };
+            self.wait_map(w).await?;
+            let chunk = {
+                let view = slot
+                    .get_mapped_range(0..n)
+                    .map_err(|e| gpu_err(format!("{}: {e}", self.name)))?;
+                Bytes::copy_from_slice(&view)
+            };
+            slot.unmap();
+            lock(&self.downs).push(slot);
+            if out.send(chunk).await.is_err() {
+                return Ok(());
+            }
+        }
+    }
+
+    async fn upload(
+        &self,
+        dst: &wgpu::Buffer,
+        dtype: DType,
+        bytes: Range<u64>,
+        op: Option<ReduceOp>,
+        input: mpsc::Receiver<Bytes>,
+    ) -> Result<()> {
+        let pipeline = op.map(|op| self.pipeline(dtype, op)).transpose()?;
+        let total = (bytes.end - bytes.start) as usize;
+        let mut packer = Packer::new(input, total, self.chunk);
+        let mut ring: Vec<UpSlot> = Vec::new();
+        let mut turn = 0;
+        let mut pieces = Vec::new();
+        let mut at = bytes.start;
+        let res = async {
+            while let Some(n) = packer.next(&mut pieces).await? {
+                if ring.len() < self.ring {
+                    ring.push(self.up_slot());
+                }
+                let k = turn % ring.len();
+                let slot = &mut ring[k];
+                turn += 1;
+                if let Some(w) = slot.ready.take() {
+                    self.wait_map(w).await?;
+                }
+                {
+                    let mut view = slot
+                        .staging
+                        .get_mapped_range_mut(0..n as u64)
+                        .map_err(|e| gpu_err(format!("{}: {e}", self.name)))?;
+                    concat_into(&pieces, |o, p| {
+                        view.slice(o..o + p.len()).copy_from_slice(p);
+                    });
+                }
+                slot.staging.unmap();
+                let mut enc = self.device.create_command_encoder(&Default::default());
+                match &pipeline {
+                    None => enc.copy_buffer_to_buffer(&slot.staging, 0, dst, at, n as u64),
+                    Some(p) => {
+                        enc.copy_buffer_to_buffer(&slot.staging, 0, &slot.scratch, 0, n as u64);
+                        self.encode_reduce(&mut enc, p, slot, dst, at, n, dtype.size());
+                    }
+                }
+                self.queue.submit([enc.finish()]);
+                slot.ready = Some(self.map(&slot.staging, wgpu::MapMode::Write, self.chunk as u64));
+                at += n as u64;
+            }
+            Ok(())
+        }
+        .await;
+        // Wait until the device has applied every chunk (and the slots are
+        // mapped for their next use) before reporting completion.
+        let mut settled = Ok(());
+        for mut s in ring {
+            if let Some(w) = s.ready.take() {
+                if let Err(e) = self.wait_map(w).await {
+                    settled = settled.and(Err(e));
+                    continue;
+                }
+            }
+            lock(&self.ups).push(s);
+        }
+        res.and(settled).and_then(|()| self.check())
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn encode_reduce(
+        &self,
+        enc: &mut wgpu::CommandEncoder,
+        pipeline: &wgpu::ComputePipeline,
+        slot: &UpSlot,
+        dst: &wgpu::Buffer,
+        at: u64,
+        n: usize,
+        esz: usize,
+    ) {
+        // Bind the destination from an aligned offset; the shader skips the
+        // elements before `at`.
+        let base = at / self.align * self.align;
+        let skip = ((at - base) / esz as u64) as u32;
+        let count = (n / esz) as u32;
+        let span = at - base + n as u64;
+        let params = [skip, count, 0, 0];
+        self.queue
+            .write_buffer(&slot.params, 0, bytemuck::cast_slice(&params));
+        let binding = |buffer, offset, size: u64| {
+            wgpu::BindingResource::Buffer(wgpu::BufferBinding {
+                buffer,
+                offset,
+                size: NonZeroU64::new(size),
+            })
+        };
+        let group = self.device.create_bind_group(&wgpu::BindGroupDescriptor {
+            label: Some("rankmesh reduce"),
+            layout: &pipeline.get_bind_group_layout(0),
+            entries: &[
+                wgpu::BindGroupEntry {
+                    binding: 0,
+                    resource: binding(dst, base, span),
+                },
+                wgpu::BindGroupEntry {
+                    binding: 1,
+                    resource: binding(&slot.scratch, 0, n as u64),
+                },
+                wgpu::BindGroupEntry {
+                    binding: 2,
+                    resource: binding(&slot.params, 0, 16),
+                },
+            ],
+        });
+        let mut pass = enc.begin_compute_pass(&Default::default());
+        pass.set_pipeline(pipeline);
+        pass.set_bind_group(0, &group, &[]);
+        pass.dispatch_workgroups(count.div_ceil(WORKGROUP), 1, 1);
+    }
+}
+
+/// `dst[off + i] = dst[off + i] op src[i]` for `i < count`.
+fn reduce_shader(ty: &str, op: ReduceOp) -> String {
+    let expr = match op {
+        ReduceOp::Sum => "a + b",
+        ReduceOp::Prod => "a * b",
+        ReduceOp::Min => "min(a, b)",
+        ReduceOp::Max => "max(a, b)",
+    };
+    format!(
+        "struct Params {{ off: u32, count: u32, pad0: u32, pad1: u32 }}
+@group(0) @binding(0) var<storage, read_write> dst: array<{ty}>;
+@group(0) @binding(1) var<storage, read> src: array<{ty}>;
+@group(0) @binding(2) var<uniform> p: Params;
+@compute @workgroup_size({WORKGROUP})
+fn main(@builtin(global_invocation_id) id: vec3<u32>) {{
+    let i = id.x;
+    if (i >= p.count) {{ return; }}
+    let a = dst[p.off + i];
+    let b = src[i];
+    dst[p.off + i] = {expr};
+}}
+"
+    )
+}
+
+/// Completes wgpu's buffer mappings: blocks in `Device::poll` on its own
+/// thread while mappings are outstanding, so async code just awaits them.
+struct Poller {
+    state: Arc<(Mutex<PollState>, Condvar)>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+#[derive(Default)]
+struct PollState {
+    pending: usize,
+    stop: bool,
+}
+
+/// One outstanding mapping; `finish` when its callback ran.
+struct Pending(Arc<(Mutex<PollState>, Condvar)>);
+
+impl Pending {
+    fn finish(self) {
+        let mut s = lock(&self.0 .0);
+        s.pending = s.pending.saturating_sub(1);
+    }
+}
+
+impl Poller {
+    fn start(device: wgpu::Device) -> Poller {
+        let state: Arc<(Mutex<PollState>, Condvar)> = Arc::default();
+        let st = state.clone();
+        let thread = std::thread::Builder::new()
+            .name("rankmesh-wgpu-poll".into())
+            .spawn(move || loop {
+                {
+                    let (m, cv) = &*st;
+                    let mut s = lock(m);
+                    while s.pending == 0 && !s.stop {
+                        s = cv.wait(s).unwrap_or_else(|p| p.into_inner());
+                    }
+                    if s.stop {
+                        return;
+                    }
+                }
+                if let Err(e) = device.poll(wgpu::PollType::wait_indefinitely()) {
+                    tracing::warn!("wgpu poll: {e}");
+                    std::thread::sleep(std::time::Duration::from_millis(1));
+                }
+            })
+            .ok();
+        Poller { state, thread }
+    }
+
+    fn expect(&self) -> Pending {
+        let (m, cv) = &*self.state;
+        lock(m).pending += 1;
+        cv.notify_one();
+        Pending(self.state.clone())
+    }
+}
+
+impl Drop for Poller {
+    fn drop(&mut self) {
+        let (m, cv) = &*self.state;
+        lock(m).stop = true;
+        cv.notify_one();
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// A typed array in a wgpu buffer, usable with the `*_device`
+/// collectives of `Communicator`.
+pub struct WgpuBuffer<T> {
+    gpu: Wgpu,
+    buffer: wgpu::Buffer,
+    len: usize,
+    _t: PhantomData<fn() -> T>,
+}
+
+/// Usages a buffer needs for collectives.
+const USAGE: wgpu::BufferUsages = wgpu::BufferUsages::STORAGE
+    .union(wgpu::BufferUsages::COPY_SRC)
+    .union(wgpu::BufferUsages::COPY_DST);
+
+impl<T: WgpuElement> WgpuBuffer<T> {
+    /// A zero-filled buffer of `len` elements.
+    pub fn zeroed(gpu: &Wgpu, len: usize) -> Result<Self> {
+        let size = len
+            .checked_mul(std::mem::size_of::<T>())
+            .filter(|&s| s as u64 <= gpu.shared.device.limits().max_buffer_size)
+            .ok_or_else(|| {
+                gpu_err(format!(
+                    "{}: {len} elements exceed the device's largest buffer ({} bytes)",
+                    gpu.name(),
+                    gpu.shared.device.limits().max_buffer_size
+                ))
+            })?;
+        let buffer = gpu.shared.device.create_buffer(&wgpu::BufferDescriptor {
+            label: Some("rankmesh buffer"),
+            size: size.max(4) as u64,
+            usage: USAGE,
+            mapped_at_creation: false,
+        });
+        Ok(WgpuBuffer {
+            gpu: gpu.clone(),
+            buffer,
+            len,
+            _t: PhantomData,
+        })
+    }
+
+    /// A buffer holding a copy of `data`.
+    pub fn from_slice(gpu: &Wgpu, data: &[T]) -> Result<Self> {
+        let b = Self::zeroed(gpu, data.len())?;
+        b.write(0, data)?;
+        Ok(b)
+    }
+
+    /// Wrap an application's buffer holding `len` elements. It needs the
+    /// usages `STORAGE | COPY_SRC | COPY_DST` and must belong to `gpu`'s
+    /// device.
+    pub fn from_buffer(gpu: &Wgpu, buffer: wgpu::Buffer, len: usize) -> Result<Self> {
+        if !buffer.usage().contains(USAGE) {
+            return Err(gpu_err(format!(
+                "the buffer's usages {:?} lack some of STORAGE | COPY_SRC | COPY_DST, which \
+                 collectives need; create it with those usages",
+                buffer.usage()
+            )));
+        }
+        let need = (len as u64).saturating_mul(std::mem::size_of::<T>() as u64);
+        if buffer.size() < need {
+            return Err(gpu_err(format!(
+                "the buffer holds {} bytes, fewer than {len} elements of {:?} need ({need})",
+                buffer.size(),
+                T::DTYPE
+            )));
+        }
+        Ok(WgpuBuffer {
+            gpu: gpu.clone(),
+            buffer,
+            len,
+            _t: PhantomData,
+        })
+    }
+
+    /// The underlying wgpu buffer.
+    pub fn buffer(&self) -> &wgpu::Buffer {
+        &self.buffer
+    }
+
+    /// Overwrite elements from `at` with `data` (queued on the device's
+    /// queue, so it is ordered before later collectives).
+    pub fn write(&self, at: usize, data: &[T]) -> Result<()> {
+        check_range("write", &(at..at + data.len()), self.len)?;
+        if !data.is_empty() {
+            let off = (at * std::mem::size_of::<T>()) as u64;
+            self.gpu
+                .shared
+                .queue
+                .write_buffer(&self.buffer, off, bytemuck::cast_slice(data));
+        }
+        Ok(())
+    }
+
+    /// Copy the buffer's contents to the host.
+    pub async fn to_vec(&self) -> Result<Vec<T>> {
+        let mut out = vec![T::zeroed(); self.len];
+        let (tx, mut rx) = mpsc::channel(self.gpu.shared.ring);
+        let esz = std::mem::size_of::<T>() as u64;
+        let dl = self
+            .gpu
+            .shared
+            .download(&self.buffer, 0..self.len as u64 * esz, tx);
+        let dst: &mut [u8] = bytemuck::cast_slice_mut(&mut out);
+        let collect = async {
+            let mut at = 0;
+            while let Some(b) = rx.recv().await {
+                let end = (at + b.len()).min(dst.len());
+                dst[at..end].copy_from_slice(&b[..end - at]);
+                at = end;
+            }
+            at
+        };
+        let (r, got) = tokio::join!(dl, collect);
+        r?;
+        if got != self.len * esz as usize {
+            return Err(gpu_err(format!(
+                "{}: read {got} of {} bytes",
+                self.gpu.name(),
+                self.len * esz as usize
+            )));
+        }
+        Ok(out)
+    }
+}
+
+impl<T: WgpuElement> DeviceBuffer for WgpuBuffer<T> {
+    fn dtype(&self) -> DType {
+        T::DTYPE
+    }
+
+    fn len(&self) -> usize {
+        self.len
+    }
+
+    fn describe(&self) -> String {
+        self.gpu.shared.name.clone()
+    }
+
+    fn download(&self, range: Range<usize>, out: mpsc::Sender<Bytes>) -> BoxFut<'_, Result<()>> {
+        Box::pin(async move {
+            let b = byte_range("download", &range, self.len, std::mem::size_of::<T>())?;
+            let bytes = b.start as u64..b.end as u64;
+            self.gpu.shared.download(&self.buffer, bytes, out).await
+        })
+    }
+
+    fn upload(
+        &self,
+        range: Range<usize>,
+        op: Option<ReduceOp>,
+        input: mpsc::Receiver<Bytes>,
+    ) -> BoxFut<'_, Result<()>> {
+        Box::pin(async move {
+            let b = byte_range("upload", &range, self.len, std::mem::size_of::<T>())?;
+            let bytes = b.start as u64..b.end as u64;
+            self.gpu
+                .shared
+                .upload(&self.buffer, T::DTYPE, bytes, op, input)
+                .await
+        })
+    }
+
+    fn duplicate(&self, range: Range<usize>) -> Result<Box<dyn DeviceBuffer>> {
+        check_range("duplicate", &range, self.len)?;
+        let copy = WgpuBuffer::<T>::zeroed(&self.gpu, range.len())?;
+        copy.copy_from(self, range, 0)?;
+        Ok(Box::new(copy))
+    }
+
+    fn copy_from(&self, src: &dyn DeviceBuffer, range: Range<usize>, at: usize) -> Result<()> {
+        let src = copy_source::<WgpuBuffer<T>>(self, src, &range, at)?;
+        if !Arc::ptr_eq(&src.gpu.shared, &self.gpu.shared) {
+            return Err(gpu_err(
+                "cannot copy between buffers of two different wgpu devices",
+            ));
+        }
+        if range.is_empty() {
+            return Ok(());
+        }
+        let esz = std::mem::size_of::<T>() as u64;
+        let mut enc = self
+            .gpu
+            .shared
+            .device
+            .create_command_encoder(&Default::default());
+        enc.copy_buffer_to_buffer(
+            &src.buffer,
+            range.start as u64 * esz,
+            &self.buffer,
+            at as u64 * esz,
+            range.len() as u64 * esz,
+        );
+        self.gpu.shared.queue.submit([enc.finish()]);
+        self.gpu.shared.check()
+    }
+
+    fn as_any(&self) -> &dyn Any {
+        self
+    }
+}
+
+impl<T> std::fmt::Debug for WgpuBuffer<T> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("WgpuBuffer")
+            .field("device", &self.gpu.shared.name)
+            .field("len", &self.len)
+            .finish()
+    }
+}
+
+impl std::fmt::Debug for Wgpu {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Wgpu")
+            .field("device", &self.shared.name)
+            .field("chunk_bytes", &self.shared.chunk)
+            .field("ring", &self.shared.ring)
+            .finish()
+    }
+}
+
+impl Wgpu {
+    /// Wait until all work submitted to the queue so far has executed.
+    pub async fn synchronize(&self) -> Result<()> {
+        self.shared.settle().await
+    }
+}

@@ -1,0 +1,190 @@
+//! Collectives on wgpu buffers (Mesa's lavapipe in CI), checked bitwise
+//! against the same collectives on host memory, over real QUIC.
+//!
+//! Run with `cargo test --features wgpu --test gpu_wgpu`. Without an
+//! adapter the tests print why and pass, except when `CI=true`, where a
+//! missing adapter fails them (CI installs lavapipe).
+#![cfg(feature = "wgpu")]
+
+mod gpu_common;
+
+use gpu_common::{data, grid, same, Dev, Elem};
+use rankmesh::gpu::{wgpu, DeviceBuffer, Wgpu, WgpuBuffer, WgpuElement, WgpuOptions};
+use rankmesh::testing::{run_local, run_local_with};
+use rankmesh::transport::BoxFut;
+use rankmesh::{Algorithm, Config, ReduceOp, Result};
+
+/// A device with small chunks and a short ring, so that small test
+/// buffers go through many chunks and the ring wraps around.
+async fn gpu() -> Result<Wgpu> {
+    Wgpu::new(WgpuOptions {
+        adapter: Some(0),
+        chunk_bytes: 1024,
+        ring: 2,
+    })
+    .await
+}
+
+/// Whether the tests can run; `CI=true` makes a missing adapter fatal.
+async fn have_gpu() -> bool {
+    match gpu().await {
+        Ok(_) => true,
+        Err(e) if std::env::var("CI").is_ok_and(|v| v == "true") => {
+            panic!("CI=true but no GPU adapter is usable: {e}")
+        }
+        Err(e) => {
+            eprintln!("skipping the wgpu tests: {e}");
+            false
+        }
+    }
+}
+
+impl<T: Elem + WgpuElement> Dev<T> for Wgpu {
+    type Buf = WgpuBuffer<T>;
+    fn upload(&self, data: &[T]) -> Result<WgpuBuffer<T>> {
+        WgpuBuffer::from_slice(self, data)
+    }
+    fn zeroed(&self, n: usize) -> Result<WgpuBuffer<T>> {
+        WgpuBuffer::zeroed(self, n)
+    }
+    fn read<'a>(&'a self, b: &'a WgpuBuffer<T>) -> BoxFut<'a, Result<Vec<T>>> {
+        Box::pin(b.to_vec())
+    }
+}
+
+async fn every_collective_on(p: usize) {
+    if !have_gpu().await {
+        return;
+    }
+    run_local(p, |comm| async move {
+        let gpu = gpu().await?;
+        grid::<f32, _>(&comm, &gpu, true).await?;
+        grid::<i32, _>(&comm, &gpu, true).await?;
+        grid::<u32, _>(&comm, &gpu, true).await?;
+        comm.finalize().await
+    })
+    .await
+    .unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_collective_matches_the_host_path_on_1_rank() {
+    every_collective_on(1).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_collective_matches_the_host_path_on_2_ranks() {
+    every_collective_on(2).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_collective_matches_the_host_path_on_3_ranks() {
+    every_collective_on(3).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_collective_matches_the_host_path_on_4_ranks() {
+    every_collective_on(4).await;
+}
+
+/// Each forced algorithm streams differently (ring and Rabenseifner stream
+/// disjoint ranges, recursive doubling stages its sends first, the van de
+/// Geijn broadcast scatters then gathers).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_algorithm_matches_the_host_path() {
+    if !have_gpu().await {
+        return;
+    }
+    for alg in [
+        Algorithm::Ring,
+        Algorithm::RecursiveDoubling,
+        Algorithm::Rabenseifner,
+        Algorithm::ScatterAllgather,
+    ] {
+        for p in [3, 4] {
+            let mut cfg = Config::default();
+            cfg.set_algorithm(Some(alg));
+            run_local_with(p, cfg, |comm| async move {
+                let gpu = gpu().await?;
+                grid::<f32, _>(&comm, &gpu, false).await?;
+                comm.finalize().await
+            })
+            .await
+            .unwrap_or_else(|e| panic!("{alg:?} on {p} ranks: {e}"));
+        }
+    }
+}
+
+/// A device call matches a host call of the same shape on another rank,
+/// and a length mismatch is reported, not hung on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn device_and_host_calls_interoperate_and_mismatches_are_named() {
+    if !have_gpu().await {
+        return;
+    }
+    let out = run_local(2, |comm| async move {
+        let gpu = gpu().await?;
+        let mut v = data::<f32>(comm.rank(), 600);
+        let want = {
+            let mut a = data::<f32>(0, 600);
+            for (x, y) in a.iter_mut().zip(data::<f32>(1, 600)) {
+                *x += y;
+            }
+            a
+        };
+        if comm.rank() == 0 {
+            comm.all_reduce(&mut v, ReduceOp::Sum).await?;
+            same("host side", &v, &want)?;
+        } else {
+            let mut d = WgpuBuffer::from_slice(&gpu, &v)?;
+            comm.all_reduce_device(&mut d, ReduceOp::Sum).await?;
+            same("device side", &d.to_vec().await?, &want)?;
+        }
+        let n = if comm.rank() == 0 { 5 } else { 6 };
+        let mut d = WgpuBuffer::<u32>::zeroed(&gpu, n)?;
+        let e = comm.all_reduce_device(&mut d, ReduceOp::Sum).await;
+        Ok(e.err().map(|e| e.to_string()))
+    })
+    .await
+    .unwrap();
+    for (r, e) in out.iter().enumerate() {
+        let e = e.as_deref().unwrap_or_else(|| panic!("rank {r}: no error"));
+        assert!(e.contains("disagree"), "rank {r}: {e}");
+        assert!(e.contains('5') && e.contains('6'), "rank {r}: {e}");
+    }
+}
+
+/// Buffers from the application's own device work, with checks on what
+/// collectives need.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn application_buffers_are_wrapped_and_checked() {
+    if !have_gpu().await {
+        return;
+    }
+    let gpu = gpu().await.unwrap();
+    let dev = gpu.device().clone();
+    let own = dev.create_buffer(&wgpu::BufferDescriptor {
+        label: Some("app"),
+        size: 64,
+        usage: wgpu::BufferUsages::STORAGE
+            | wgpu::BufferUsages::COPY_SRC
+            | wgpu::BufferUsages::COPY_DST,
+        mapped_at_creation: false,
+    });
+    let b = WgpuBuffer::<f32>::from_buffer(&gpu, own.clone(), 16).unwrap();
+    b.write(0, &[2.5; 16]).unwrap();
+    assert_eq!(b.to_vec().await.unwrap(), vec![2.5f32; 16]);
+    assert_eq!(b.len(), 16);
+    let e = WgpuBuffer::<f32>::from_buffer(&gpu, own, 17).unwrap_err();
+    assert!(e.to_string().contains("17 elements"), "{e}");
+    let bad = dev.create_buffer(&wgpu::BufferDescriptor {
+        label: Some("app"),
+        size: 64,
+        usage: wgpu::BufferUsages::COPY_DST,
+        mapped_at_creation: false,
+    });
+    let e = WgpuBuffer::<f32>::from_buffer(&gpu, bad, 16).unwrap_err();
+    assert!(e.to_string().contains("STORAGE"), "{e}");
+    let e = b.write(10, &[1.0; 7]).unwrap_err();
+    assert!(e.to_string().contains("outside"), "{e}");
+}
