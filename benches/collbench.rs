@@ -12,6 +12,14 @@
 //! then batches of iterations; a batch's time per iteration is the maximum
 //! over ranks, the reported time the median over batches; the result is
 //! checked in the same run (`#wrong`). busbw factors as nccl-tests.
+//!
+//! `--device wgpu` (built with `--features wgpu`) runs allreduce and bcast
+//! on wgpu buffers instead of host memory:
+//!
+//! ```text
+//! cargo bench --features wgpu --bench collbench -- -n 2 --ops allreduce \
+//!     --sizes 1048576,16777216,67108864 --device wgpu [--chunk BYTES] [--ring N]
+//! ```
 
 use rankmesh::bootstrap::{Seed, SeedConfig};
 use rankmesh::{Communicator, ReduceOp, Result};
@@ -24,6 +32,10 @@ struct Args {
     sizes: Vec<usize>,
     batches: usize,
     multi_thread: bool,
+    device: String,
+    /// Staging chunk and ring depth for device memory (0: the default).
+    chunk: usize,
+    ring: usize,
 }
 
 fn parse() -> std::result::Result<Args, String> {
@@ -35,6 +47,9 @@ fn parse() -> std::result::Result<Args, String> {
         sizes: vec![4, 65536, 1 << 20, 16 << 20, 64 << 20],
         batches: 7,
         multi_thread: false,
+        device: "host".into(),
+        chunk: 0,
+        ring: 0,
     };
     let mut it = std::env::args().skip(1);
     while let Some(arg) = it.next() {
@@ -54,10 +69,20 @@ fn parse() -> std::result::Result<Args, String> {
                     .map_err(|e| format!("--batches: {e}"))?
             }
             "--multi-thread" => a.multi_thread = true,
+            "--device" => a.device = val("--device")?,
+            "--chunk" => {
+                a.chunk = val("--chunk")?
+                    .parse()
+                    .map_err(|e| format!("--chunk: {e}"))?
+            }
+            "--ring" => a.ring = val("--ring")?.parse().map_err(|e| format!("--ring: {e}"))?,
             // cargo bench passes --bench; ignore it.
             "--bench" => {}
             other => return Err(format!("unknown argument {other:?}")),
         }
+    }
+    if !matches!(a.device.as_str(), "host" | "wgpu") {
+        return Err(format!("--device {}: expected host or wgpu", a.device));
     }
     if a.np == 0 {
         return Err("-n must be at least 1".into());
@@ -135,16 +160,18 @@ async fn launch(args: Args) -> Result<()> {
 
 async fn rank_main(args: Args) -> Result<()> {
     let comm = rankmesh::init().await?;
+    let device = Device::open(&args).await?;
     if comm.rank() == 0 {
         println!(
-            "# collbench: {} ranks, f32, {} batches, {} runtime",
+            "# collbench: {} ranks, f32, {} batches, {} runtime, {} memory",
             comm.size(),
             args.batches,
             if args.multi_thread {
                 "multi-thread"
             } else {
                 "current-thread"
-            }
+            },
+            device.name()
         );
         println!(
             "# {:>11} {:>10} {:>5} {:>5} {:>4} | {:>10} {:>8} {:>8} {:>6}",
@@ -159,7 +186,7 @@ async fn rank_main(args: Args) -> Result<()> {
             args.sizes.clone()
         };
         for &size in &sizes {
-            let (t, wrong) = run_one(&comm, op, size, args.batches).await?;
+            let (t, wrong) = run_one(&comm, &device, op, size, args.batches).await?;
             let p = comm.size() as f64;
             let factor = match op.as_str() {
                 "allreduce" => 2.0 * (p - 1.0) / p,
@@ -211,7 +238,13 @@ fn iters_for(size: usize) -> usize {
 
 /// Median over batches of the per-iteration time (max over ranks), and the
 /// number of wrong elements seen.
-async fn run_one(comm: &Communicator, op: &str, size: usize, batches: usize) -> Result<(f64, u64)> {
+async fn run_one(
+    comm: &Communicator,
+    device: &Device,
+    op: &str,
+    size: usize,
+    batches: usize,
+) -> Result<(f64, u64)> {
     let n = size / 4;
     let (r, p) = (comm.rank(), comm.size());
     let input: Vec<f32> = (0..n).map(|i| ((r + i) % 7) as f32).collect();
@@ -219,6 +252,7 @@ async fn run_one(comm: &Communicator, op: &str, size: usize, batches: usize) -> 
         .map(|i| (0..p).map(|q| ((q + i) % 7) as f32).sum())
         .collect();
     let mut buf = input.clone();
+    let mut work = device.buffer(&input)?;
     let iters = iters_for(size);
     let mut wrong = 0u64;
     let mut times = Vec::new();
@@ -227,14 +261,14 @@ async fn run_one(comm: &Communicator, op: &str, size: usize, batches: usize) -> 
         for _ in 0..iters {
             match op {
                 "allreduce" => {
-                    buf.copy_from_slice(&input);
+                    work.reset(&mut buf, &input).await?;
                     let t = Instant::now();
-                    comm.all_reduce(&mut buf, ReduceOp::Sum).await?;
+                    work.all_reduce(comm, &mut buf).await?;
                     spent += t.elapsed();
                 }
                 "bcast" => {
                     let t = Instant::now();
-                    comm.broadcast(&mut buf, 0).await?;
+                    work.broadcast(comm, &mut buf).await?;
                     spent += t.elapsed();
                 }
                 "barrier" => {
@@ -261,6 +295,7 @@ async fn run_one(comm: &Communicator, op: &str, size: usize, batches: usize) -> 
                 }
             }
         }
+        work.fetch(&mut buf).await?;
         if op == "allreduce" {
             wrong += buf.iter().zip(&expect).filter(|(a, b)| a != b).count() as u64;
         }
@@ -280,4 +315,103 @@ async fn run_one(comm: &Communicator, op: &str, size: usize, batches: usize) -> 
     comm.all_reduce(&mut w, ReduceOp::Sum).await?;
     times.sort_by(|a, b| a.total_cmp(b));
     Ok((times[times.len() / 2], w[0]))
+}
+
+/// Where the collectives' buffers live.
+enum Device {
+    Host,
+    #[cfg(feature = "wgpu")]
+    Wgpu(rankmesh::gpu::Wgpu),
+}
+
+/// The device copy of a benchmark buffer (none for host memory).
+struct Work {
+    #[cfg(feature = "wgpu")]
+    dev: Option<(rankmesh::gpu::Wgpu, rankmesh::gpu::WgpuBuffer<f32>)>,
+}
+
+impl Device {
+    async fn open(args: &Args) -> Result<Device> {
+        match args.device.as_str() {
+            #[cfg(feature = "wgpu")]
+            "wgpu" => {
+                let mut o = rankmesh::gpu::WgpuOptions::default();
+                if args.chunk > 0 {
+                    o.chunk_bytes = args.chunk;
+                }
+                if args.ring > 0 {
+                    o.ring = args.ring;
+                }
+                Ok(Device::Wgpu(rankmesh::gpu::Wgpu::new(o).await?))
+            }
+            "host" => Ok(Device::Host),
+            other => Err(rankmesh::Error::Config {
+                detail: format!(
+                    "--device {other}: this build lacks it (cargo bench --features {other})"
+                ),
+            }),
+        }
+    }
+
+    fn name(&self) -> String {
+        match self {
+            Device::Host => "host".into(),
+            #[cfg(feature = "wgpu")]
+            Device::Wgpu(g) => format!("{g:?}"),
+        }
+    }
+
+    fn buffer(&self, input: &[f32]) -> Result<Work> {
+        let _ = input;
+        Ok(match self {
+            Device::Host => Work {
+                #[cfg(feature = "wgpu")]
+                dev: None,
+            },
+            #[cfg(feature = "wgpu")]
+            Device::Wgpu(g) => Work {
+                dev: Some((g.clone(), rankmesh::gpu::WgpuBuffer::from_slice(g, input)?)),
+            },
+        })
+    }
+}
+
+impl Work {
+    /// Restore the input (outside the timed region: the device copy is
+    /// waited for).
+    async fn reset(&mut self, host: &mut [f32], input: &[f32]) -> Result<()> {
+        #[cfg(feature = "wgpu")]
+        if let Some((g, d)) = &self.dev {
+            d.write(0, input)?;
+            return g.synchronize().await;
+        }
+        host.copy_from_slice(input);
+        Ok(())
+    }
+
+    async fn all_reduce(&mut self, comm: &Communicator, host: &mut [f32]) -> Result<()> {
+        #[cfg(feature = "wgpu")]
+        if let Some((_, d)) = &mut self.dev {
+            return comm.all_reduce_device(d, ReduceOp::Sum).await;
+        }
+        comm.all_reduce(host, ReduceOp::Sum).await
+    }
+
+    async fn broadcast(&mut self, comm: &Communicator, host: &mut [f32]) -> Result<()> {
+        #[cfg(feature = "wgpu")]
+        if let Some((_, d)) = &mut self.dev {
+            return comm.broadcast_device(d, 0).await;
+        }
+        comm.broadcast(host, 0).await
+    }
+
+    /// Copy the device result into `host` for checking.
+    async fn fetch(&mut self, host: &mut [f32]) -> Result<()> {
+        #[cfg(feature = "wgpu")]
+        if let Some((_, d)) = &self.dev {
+            host.copy_from_slice(&d.to_vec().await?);
+        }
+        let _ = host;
+        Ok(())
+    }
 }
