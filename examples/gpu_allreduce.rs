@@ -37,7 +37,7 @@ async fn main() -> Result<()> {
     println!(
         "rank {r}/{p} on {}: allreduce of {} MiB in {:.1} ms, {wrong} wrong elements",
         gpu.name(),
-        N * 4 >> 20,
+        (N * 4) >> 20,
         took.as_secs_f64() * 1e3
     );
     comm.finalize().await?;
