@@ -61,6 +61,11 @@ async fn every_collective_on(p: usize) {
         grid::<f32, _>(&comm, &gpu, true).await?;
         grid::<i32, _>(&comm, &gpu, true).await?;
         grid::<u32, _>(&comm, &gpu, true).await?;
+        if gpu.supports_f16() {
+            grid::<half::f16, _>(&comm, &gpu, true).await?;
+        } else if comm.rank() == 0 {
+            eprintln!("{}: no shader-f16, f16 not tested", gpu.name());
+        }
         comm.finalize().await
     })
     .await
@@ -187,4 +192,12 @@ async fn application_buffers_are_wrapped_and_checked() {
     assert!(e.to_string().contains("STORAGE"), "{e}");
     let e = b.write(10, &[1.0; 7]).unwrap_err();
     assert!(e.to_string().contains("outside"), "{e}");
+    if gpu.supports_f16() {
+        // 2-byte elements: whole words only, except at the end.
+        let h = WgpuBuffer::<half::f16>::from_slice(&gpu, &[half::f16::ONE; 5]).unwrap();
+        assert!(h.write(1, &[half::f16::ZERO; 2]).is_err());
+        h.write(2, &[half::f16::ZERO; 3]).unwrap();
+        let want = [1.0f32, 1.0, 0.0, 0.0, 0.0].map(half::f16::from_f32);
+        assert_eq!(h.to_vec().await.unwrap(), want);
+    }
 }

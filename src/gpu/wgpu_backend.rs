@@ -26,19 +26,27 @@ const WORKGROUP: u32 = 256;
 /// Largest staged chunk (keeps a dispatch under the 65535-workgroup limit).
 const MAX_CHUNK: usize = 16 << 20;
 
-/// Element types the wgpu backend reduces: `f32`, `i32`, `u32`.
+/// Element types the wgpu backend reduces: `f32`, `i32`, `u32`, and
+/// `half::f16` on adapters with the `shader-f16` feature.
 pub trait WgpuElement: Element {}
 impl WgpuElement for f32 {}
 impl WgpuElement for i32 {}
 impl WgpuElement for u32 {}
+impl WgpuElement for half::f16 {}
 
 fn wgsl_type(d: DType) -> Option<&'static str> {
     match d {
         DType::F32 => Some("f32"),
         DType::I32 => Some("i32"),
         DType::U32 => Some("u32"),
+        DType::F16 => Some("f16"),
         _ => None,
     }
+}
+
+/// `n` rounded up to a multiple of 4 (wgpu's copy and binding granule).
+fn up4(n: u64) -> u64 {
+    n.div_ceil(4) * 4
 }
 
 /// How to open a device.
@@ -81,7 +89,10 @@ struct Shared {
     ring: usize,
     /// `min_storage_buffer_offset_alignment`.
     align: u64,
-    pipelines: Mutex<HashMap<(DType, ReduceOp), wgpu::ComputePipeline>>,
+    /// Whether the device has `shader-f16`.
+    f16: bool,
+    /// Reduce (`Some(op)`) and copy (`None`) pipelines.
+    pipelines: Mutex<HashMap<(DType, Option<ReduceOp>), wgpu::ComputePipeline>>,
     ups: Mutex<Vec<UpSlot>>,
     downs: Mutex<Vec<wgpu::Buffer>>,
     poller: Poller,
@@ -131,6 +142,7 @@ impl Wgpu {
         let (device, queue) = adapter
             .request_device(&wgpu::DeviceDescriptor {
                 label: Some("rankmesh"),
+                required_features: adapter.features() & wgpu::Features::SHADER_F16,
                 required_limits: adapter.limits(),
                 ..Default::default()
             })
@@ -164,6 +176,7 @@ impl Wgpu {
         error: Arc<Mutex<Option<String>>>,
     ) -> Wgpu {
         let align = u64::from(device.limits().min_storage_buffer_offset_alignment).max(4);
+        let f16 = device.features().contains(wgpu::Features::SHADER_F16);
         let chunk = (opts.chunk_bytes.clamp(256, MAX_CHUNK)) / 256 * 256;
         Wgpu {
             shared: Arc::new(Shared {
@@ -174,6 +187,7 @@ impl Wgpu {
                 chunk,
                 ring: opts.ring.max(1),
                 align,
+                f16,
                 pipelines: Mutex::default(),
                 ups: Mutex::default(),
                 downs: Mutex::default(),
@@ -197,6 +211,11 @@ impl Wgpu {
     pub fn name(&self) -> &str {
         &self.shared.name
     }
+
+    /// Whether `f16` buffers work here (the adapter has `shader-f16`).
+    pub fn supports_f16(&self) -> bool {
+        self.shared.f16
+    }
 }
 
 impl Shared {
@@ -207,12 +226,18 @@ impl Shared {
         }
     }
 
-    fn pipeline(&self, dtype: DType, op: ReduceOp) -> Result<wgpu::ComputePipeline> {
+    fn pipeline(&self, dtype: DType, op: Option<ReduceOp>) -> Result<wgpu::ComputePipeline> {
         if let Some(p) = lock(&self.pipelines).get(&(dtype, op)) {
             return Ok(p.clone());
         }
         let ty = wgsl_type(dtype)
             .ok_or_else(|| gpu_err(format!("{}: cannot reduce {dtype:?}", self.name)))?;
+        if dtype == DType::F16 && !self.f16 {
+            return Err(gpu_err(format!(
+                "{}: the adapter lacks the shader-f16 feature, so f16 buffers cannot be used",
+                self.name
+            )));
+        }
         let module = self
             .device
             .create_shader_module(wgpu::ShaderModuleDescriptor {
@@ -253,7 +278,7 @@ impl Shared {
             }),
             params: d.create_buffer(&wgpu::BufferDescriptor {
                 label: Some("rankmesh reduce params"),
-                size: 16,
+                size: PARAMS,
                 usage: wgpu::BufferUsages::UNIFORM | wgpu::BufferUsages::COPY_DST,
                 mapped_at_creation: false,
             }),
@@ -316,26 +341,30 @@ impl Shared {
         self.check()
     }
 
+    /// Stage `bytes` of `src` to the host. Copies move whole 4-byte words:
+    /// a range of 2-byte elements is widened to them and trimmed on the
+    /// host.
     async fn download(
         &self,
         src: &wgpu::Buffer,
         bytes: Range<u64>,
         out: mpsc::Sender<Bytes>,
     ) -> Result<()> {
-        let mut next = bytes.start;
-        let mut inflight: VecDeque<(wgpu::Buffer, u64, MapWait)> = VecDeque::new();
+        let (lo, hi) = (bytes.start / 4 * 4, up4(bytes.end));
+        let mut next = lo;
+        let mut inflight: VecDeque<(wgpu::Buffer, u64, u64, MapWait)> = VecDeque::new();
         loop {
-            while inflight.len() < self.ring && next < bytes.end {
-                let n = (bytes.end - next).min(self.chunk as u64);
+            while inflight.len() < self.ring && next < hi {
+                let n = (hi - next).min(self.chunk as u64);
                 let slot = self.down_slot();
                 let mut enc = self.device.create_command_encoder(&Default::default());
                 enc.copy_buffer_to_buffer(src, next, &slot, 0, n);
                 self.queue.submit([enc.finish()]);
                 let w = self.map(&slot, wgpu::MapMode::Read, n);
-                inflight.push_back((slot, n, w));
+                inflight.push_back((slot, next, n, w));
                 next += n;
             }
-            let Some((slot, n, w)) = inflight.pop_front() else {
+            let Some((slot, from, n, w)) = inflight.pop_front() else {
                 return Ok(());
             };
             self.wait_map(w).await?;
@@ -343,7 +372,8 @@ impl Shared {
                 let view = slot
                     .get_mapped_range(0..n)
                     .map_err(|e| gpu_err(format!("{}: {e}", self.name)))?;
-                Bytes::copy_from_slice(&view)
+                let keep = bytes.start.max(from) - from..bytes.end.min(from + n) - from;
+                Bytes::copy_from_slice(&view[keep.start as usize..keep.end as usize])
             };
             slot.unmap();
             lock(&self.downs).push(slot);
@@ -361,7 +391,13 @@ impl Shared {
         op: Option<ReduceOp>,
         input: mpsc::Receiver<Bytes>,
     ) -> Result<()> {
-        let pipeline = op.map(|op| self.pipeline(dtype, op)).transpose()?;
+        // Copies between buffers move whole 4-byte words, so ranges of
+        // 2-byte elements are written by the copy shader instead.
+        let pipeline = if op.is_some() || dtype.size() < 4 {
+            Some(self.pipeline(dtype, op)?)
+        } else {
+            None
+        };
         let total = (bytes.end - bytes.start) as usize;
         let mut packer = Packer::new(input, total, self.chunk);
         let mut ring: Vec<UpSlot> = Vec::new();
@@ -379,10 +415,11 @@ impl Shared {
                 if let Some(w) = slot.ready.take() {
                     self.wait_map(w).await?;
                 }
+                let words = up4(n as u64);
                 {
                     let mut view = slot
                         .staging
-                        .get_mapped_range_mut(0..n as u64)
+                        .get_mapped_range_mut(0..words)
                         .map_err(|e| gpu_err(format!("{}: {e}", self.name)))?;
                     concat_into(&pieces, |o, p| {
                         view.slice(o..o + p.len()).copy_from_slice(p);
@@ -393,8 +430,16 @@ impl Shared {
                 match &pipeline {
                     None => enc.copy_buffer_to_buffer(&slot.staging, 0, dst, at, n as u64),
                     Some(p) => {
-                        enc.copy_buffer_to_buffer(&slot.staging, 0, &slot.scratch, 0, n as u64);
-                        self.encode_reduce(&mut enc, p, slot, dst, at, n, dtype.size());
+                        enc.copy_buffer_to_buffer(&slot.staging, 0, &slot.scratch, 0, words);
+                        let apply = Apply {
+                            dst,
+                            dst_at: at,
+                            src: &slot.scratch,
+                            src_at: 0,
+                            bytes: n as u64,
+                            esz: dtype.size() as u64,
+                        };
+                        self.encode_apply(&mut enc, p, &slot.params, &apply);
                     }
                 }
                 self.queue.submit([enc.finish()]);
@@ -419,26 +464,26 @@ impl Shared {
         res.and(settled).and_then(|()| self.check())
     }
 
-    #[allow(clippy::too_many_arguments)]
-    fn encode_reduce(
+    /// Encode `dst[..] = dst[..] op src[..]` (or `= src[..]`) over the
+    /// ranges of `a`. Buffers are bound from aligned offsets; the shader
+    /// skips the elements before each range.
+    fn encode_apply(
         &self,
         enc: &mut wgpu::CommandEncoder,
         pipeline: &wgpu::ComputePipeline,
-        slot: &UpSlot,
-        dst: &wgpu::Buffer,
-        at: u64,
-        n: usize,
-        esz: usize,
+        params: &wgpu::Buffer,
+        a: &Apply<'_>,
     ) {
-        // Bind the destination from an aligned offset; the shader skips the
-        // elements before `at`.
-        let base = at / self.align * self.align;
-        let skip = ((at - base) / esz as u64) as u32;
-        let count = (n / esz) as u32;
-        let span = at - base + n as u64;
-        let params = [skip, count, 0, 0];
-        self.queue
-            .write_buffer(&slot.params, 0, bytemuck::cast_slice(&params));
+        let dst_base = a.dst_at / self.align * self.align;
+        let src_base = a.src_at / self.align * self.align;
+        let count = (a.bytes / a.esz) as u32;
+        let p = [
+            ((a.dst_at - dst_base) / a.esz) as u32,
+            count,
+            ((a.src_at - src_base) / a.esz) as u32,
+            0,
+        ];
+        self.queue.write_buffer(params, 0, bytemuck::cast_slice(&p));
         let binding = |buffer, offset, size: u64| {
             wgpu::BindingResource::Buffer(wgpu::BufferBinding {
                 buffer,
@@ -452,15 +497,15 @@ impl Shared {
             entries: &[
                 wgpu::BindGroupEntry {
                     binding: 0,
-                    resource: binding(dst, base, span),
+                    resource: binding(a.dst, dst_base, up4(a.dst_at - dst_base + a.bytes)),
                 },
                 wgpu::BindGroupEntry {
                     binding: 1,
-                    resource: binding(&slot.scratch, 0, n as u64),
+                    resource: binding(a.src, src_base, up4(a.src_at - src_base + a.bytes)),
                 },
                 wgpu::BindGroupEntry {
                     binding: 2,
-                    resource: binding(&slot.params, 0, 16),
+                    resource: binding(params, 0, PARAMS),
                 },
             ],
         });
@@ -471,16 +516,33 @@ impl Shared {
     }
 }
 
-/// `dst[off + i] = dst[off + i] op src[i]` for `i < count`.
-fn reduce_shader(ty: &str, op: ReduceOp) -> String {
+/// One application of a kernel: `bytes` bytes of elements of `esz` bytes,
+/// from `src` at byte `src_at` into `dst` at byte `dst_at`.
+struct Apply<'a> {
+    dst: &'a wgpu::Buffer,
+    dst_at: u64,
+    src: &'a wgpu::Buffer,
+    src_at: u64,
+    bytes: u64,
+    esz: u64,
+}
+
+/// Size of the kernels' parameter block.
+const PARAMS: u64 = 16;
+
+/// `dst[off + i] = dst[off + i] op src[soff + i]` (or `= src[soff + i]`)
+/// for `i < count`.
+fn reduce_shader(ty: &str, op: Option<ReduceOp>) -> String {
     let expr = match op {
-        ReduceOp::Sum => "a + b",
-        ReduceOp::Prod => "a * b",
-        ReduceOp::Min => "min(a, b)",
-        ReduceOp::Max => "max(a, b)",
+        None => "b",
+        Some(ReduceOp::Sum) => "a + b",
+        Some(ReduceOp::Prod) => "a * b",
+        Some(ReduceOp::Min) => "min(a, b)",
+        Some(ReduceOp::Max) => "max(a, b)",
     };
+    let enable = if ty == "f16" { "enable f16;\n" } else { "" };
     format!(
-        "struct Params {{ off: u32, count: u32, pad0: u32, pad1: u32 }}
+        "{enable}struct Params {{ off: u32, count: u32, soff: u32, pad: u32 }}
 @group(0) @binding(0) var<storage, read_write> dst: array<{ty}>;
 @group(0) @binding(1) var<storage, read> src: array<{ty}>;
 @group(0) @binding(2) var<uniform> p: Params;
@@ -489,7 +551,8 @@ fn main(@builtin(global_invocation_id) id: vec3<u32>) {{
     let i = id.x;
     if (i >= p.count) {{ return; }}
     let a = dst[p.off + i];
-    let b = src[i];
+    let b = src[p.soff + i];
+    _ = a;
     dst[p.off + i] = {expr};
 }}
 "
@@ -591,9 +654,16 @@ impl<T: WgpuElement> WgpuBuffer<T> {
                     gpu.shared.device.limits().max_buffer_size
                 ))
             })?;
+        if T::DTYPE == DType::F16 && !gpu.shared.f16 {
+            return Err(gpu_err(format!(
+                "{}: the adapter lacks the shader-f16 feature, so f16 buffers cannot be used",
+                gpu.name()
+            )));
+        }
         let buffer = gpu.shared.device.create_buffer(&wgpu::BufferDescriptor {
             label: Some("rankmesh buffer"),
-            size: size.max(4) as u64,
+            // Whole 4-byte words: copies and bindings move words.
+            size: up4(size.max(4) as u64),
             usage: USAGE,
             mapped_at_creation: false,
         });
@@ -612,6 +682,25 @@ impl<T: WgpuElement> WgpuBuffer<T> {
         Ok(b)
     }
 
+    fn check_wrapped(gpu: &Wgpu, buffer: &wgpu::Buffer, len: usize) -> Result<()> {
+        let need = up4((len as u64).saturating_mul(std::mem::size_of::<T>() as u64));
+        if buffer.size() < need {
+            return Err(gpu_err(format!(
+                "the buffer holds {} bytes, fewer than {len} elements of {:?} need ({need}, \
+                 in whole 4-byte words)",
+                buffer.size(),
+                T::DTYPE
+            )));
+        }
+        if T::DTYPE == DType::F16 && !gpu.shared.f16 {
+            return Err(gpu_err(format!(
+                "{}: the adapter lacks the shader-f16 feature, so f16 buffers cannot be used",
+                gpu.name()
+            )));
+        }
+        Ok(())
+    }
+
     /// Wrap an application's buffer holding `len` elements. It needs the
     /// usages `STORAGE | COPY_SRC | COPY_DST` and must belong to `gpu`'s
     /// device.
@@ -623,14 +712,7 @@ impl<T: WgpuElement> WgpuBuffer<T> {
                 buffer.usage()
             )));
         }
-        let need = (len as u64).saturating_mul(std::mem::size_of::<T>() as u64);
-        if buffer.size() < need {
-            return Err(gpu_err(format!(
-                "the buffer holds {} bytes, fewer than {len} elements of {:?} need ({need})",
-                buffer.size(),
-                T::DTYPE
-            )));
-        }
+        Self::check_wrapped(gpu, &buffer, len)?;
         Ok(WgpuBuffer {
             gpu: gpu.clone(),
             buffer,
@@ -645,15 +727,33 @@ impl<T: WgpuElement> WgpuBuffer<T> {
     }
 
     /// Overwrite elements from `at` with `data` (queued on the device's
-    /// queue, so it is ordered before later collectives).
+    /// queue, so it is ordered before later collectives). Writes move whole
+    /// 4-byte words: for 2-byte elements `at` must be even, and so must
+    /// `data.len()` unless the write reaches the end of the buffer.
     pub fn write(&self, at: usize, data: &[T]) -> Result<()> {
         check_range("write", &(at..at + data.len()), self.len)?;
-        if !data.is_empty() {
-            let off = (at * std::mem::size_of::<T>()) as u64;
-            self.gpu
-                .shared
-                .queue
-                .write_buffer(&self.buffer, off, bytemuck::cast_slice(data));
+        if data.is_empty() {
+            return Ok(());
+        }
+        let esz = std::mem::size_of::<T>();
+        let (off, bytes) = (at * esz, std::mem::size_of_val(data));
+        let tail = at + data.len() == self.len;
+        if off % 4 != 0 || (bytes % 4 != 0 && !tail) {
+            return Err(gpu_err(format!(
+                "write of {} elements at {at}: writes of {esz}-byte elements must start and \
+                 end on 4-byte boundaries (or end at the end of the buffer)",
+                data.len()
+            )));
+        }
+        let raw: &[u8] = bytemuck::cast_slice(data);
+        let q = &self.gpu.shared.queue;
+        if bytes % 4 == 0 {
+            q.write_buffer(&self.buffer, off as u64, raw);
+        } else {
+            // The buffer's size is a whole number of words: pad the tail.
+            let mut padded = raw.to_vec();
+            padded.resize(up4(bytes as u64) as usize, 0);
+            q.write_buffer(&self.buffer, off as u64, &padded);
         }
         Ok(())
     }
@@ -744,21 +844,47 @@ impl<T: WgpuElement> DeviceBuffer for WgpuBuffer<T> {
         if range.is_empty() {
             return Ok(());
         }
+        let sh = &self.gpu.shared;
         let esz = std::mem::size_of::<T>() as u64;
-        let mut enc = self
-            .gpu
-            .shared
-            .device
-            .create_command_encoder(&Default::default());
-        enc.copy_buffer_to_buffer(
-            &src.buffer,
-            range.start as u64 * esz,
-            &self.buffer,
-            at as u64 * esz,
-            range.len() as u64 * esz,
-        );
-        self.gpu.shared.queue.submit([enc.finish()]);
-        self.gpu.shared.check()
+        let mut enc = sh.device.create_command_encoder(&Default::default());
+        if esz.is_multiple_of(4) {
+            enc.copy_buffer_to_buffer(
+                &src.buffer,
+                range.start as u64 * esz,
+                &self.buffer,
+                at as u64 * esz,
+                range.len() as u64 * esz,
+            );
+            sh.queue.submit([enc.finish()]);
+            return sh.check();
+        }
+        // Smaller elements: the copy shader, a dispatch's worth at a time.
+        let pipeline = sh.pipeline(T::DTYPE, None)?;
+        let per = u64::from(WORKGROUP) * 65_535 * esz;
+        let total = range.len() as u64 * esz;
+        let mut done = 0;
+        let mut params = Vec::new();
+        while done < total {
+            let p = sh.device.create_buffer(&wgpu::BufferDescriptor {
+                label: Some("rankmesh copy params"),
+                size: PARAMS,
+                usage: wgpu::BufferUsages::UNIFORM | wgpu::BufferUsages::COPY_DST,
+                mapped_at_creation: false,
+            });
+            let apply = Apply {
+                dst: &self.buffer,
+                dst_at: at as u64 * esz + done,
+                src: &src.buffer,
+                src_at: range.start as u64 * esz + done,
+                bytes: per.min(total - done),
+                esz,
+            };
+            sh.encode_apply(&mut enc, &pipeline, &p, &apply);
+            params.push(p);
+            done += apply.bytes;
+        }
+        sh.queue.submit([enc.finish()]);
+        sh.check()
     }
 
     fn as_any(&self) -> &dyn Any {

@@ -33,6 +33,7 @@ elem! {
     u32: |v| v as u32, |x| u64::from(x);
     i64: |v| v, |x| x as u64;
     u64: |v| v as u64, |x| x;
+    half::f16: |v| half::f16::from_f32(v as f32 * 0.75), |x| u64::from(x.to_bits());
 }
 
 /// Makes and reads buffers of one backend.
