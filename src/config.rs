@@ -6,6 +6,7 @@
 
 use std::fmt;
 use std::net::IpAddr;
+use std::path::{Path, PathBuf};
 use std::str::FromStr;
 use std::time::Duration;
 
@@ -28,6 +29,9 @@ pub struct Config {
     max_streams: u32,
     bind_ip: Option<IpAddr>,
     algorithm: Option<Algorithm>,
+    flight_records: usize,
+    flight_dir: Option<PathBuf>,
+    trace_file: Option<PathBuf>,
 }
 
 impl Default for Config {
@@ -48,6 +52,9 @@ impl Default for Config {
             max_streams: 1024,
             bind_ip: None,
             algorithm: None,
+            flight_records: 256,
+            flight_dir: None,
+            trace_file: None,
         }
     }
 }
@@ -227,6 +234,47 @@ impl Config {
     /// See [`Config::set_algorithm`].
     pub fn algorithm(&self) -> Option<Algorithm> {
         self.algorithm
+    }
+
+    /// How many recent operations the flight recorder keeps per rank (with
+    /// their timing and outcome), for hang reports, dumps on timeout and on
+    /// SIGUSR1. Default 256; memory about 200 bytes each. 0 turns it off.
+    pub fn set_flight_records(&mut self, n: usize) -> &mut Self {
+        self.flight_records = n;
+        self
+    }
+
+    /// See [`Config::set_flight_records`].
+    pub fn flight_records(&self) -> usize {
+        self.flight_records
+    }
+
+    /// Directory for flight-recorder dumps (`rankmesh-flight-JOB-rankR.txt`);
+    /// default: the system's temporary directory. Env `RANKMESH_FLIGHT_DIR`.
+    pub fn set_flight_dir(&mut self, dir: Option<PathBuf>) -> &mut Self {
+        self.flight_dir = dir;
+        self
+    }
+
+    /// See [`Config::set_flight_dir`].
+    pub fn flight_dir(&self) -> Option<&Path> {
+        self.flight_dir.as_deref()
+    }
+
+    /// Write a Chrome/Perfetto trace (JSON) of every operation of this rank
+    /// to this file when the rank finishes, on timeouts and on SIGUSR1.
+    /// `{rank}` in the name is replaced by the world rank; otherwise
+    /// `.rankR` is inserted before the extension. Memory: about 200 bytes per
+    /// operation, at most a million operations (later ones are counted, not
+    /// kept). Env `RANKMESH_TRACE`.
+    pub fn set_trace_file(&mut self, file: Option<PathBuf>) -> &mut Self {
+        self.trace_file = file;
+        self
+    }
+
+    /// See [`Config::set_trace_file`].
+    pub fn trace_file(&self) -> Option<&Path> {
+        self.trace_file.as_deref()
     }
 
     /// Check that the settings are consistent.

@@ -14,7 +14,9 @@
 //! Optional overrides of [`Config`] fields: `RANKMESH_OP_TIMEOUT`,
 //! `RANKMESH_FORMATION_TIMEOUT`, `RANKMESH_IDLE_TIMEOUT` (seconds, decimals
 //! allowed) and `RANKMESH_BIND` (IP address to bind). `RANKMESH_GPU_DEVICE`
-//! picks the GPU of a process (default: its local rank).
+//! picks the GPU of a process (default: its local rank). `RANKMESH_TRACE`
+//! (a file: Chrome/Perfetto trace per rank) and `RANKMESH_FLIGHT_DIR` (where
+//! flight-recorder dumps go).
 
 use crate::bootstrap::{JobToken, JoinSpec};
 use crate::config::Config;
@@ -163,6 +165,12 @@ fn apply_overrides_from(cfg: &mut Config, get: Lookup<'_>) -> Result<()> {
             .parse()
             .map_err(|_| Error::config(format!("RANKMESH_BIND={ip:?} is not an IP address")))?;
         cfg.set_bind_ip(Some(ip));
+    }
+    if let Some(f) = get("RANKMESH_TRACE") {
+        cfg.set_trace_file(Some(f.into()));
+    }
+    if let Some(d) = get("RANKMESH_FLIGHT_DIR") {
+        cfg.set_flight_dir(Some(d.into()));
     }
     if let Some(a) = get("RANKMESH_ALGORITHM") {
         let a = a

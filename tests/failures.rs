@@ -99,25 +99,102 @@ async fn a_waiting_collective_warns_naming_the_rank_it_waits_on() {
         .with_ansi(false)
         .with_max_level(tracing::Level::WARN)
         .try_init();
+    let dir = std::env::temp_dir().join(format!("rankmesh-flight-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
     let mut cfg = Config::default();
     cfg.set_hang_warning(Duration::from_millis(200));
     cfg.set_op_timeout(Duration::from_secs(3));
-    run_local_with(2, cfg, |comm| async move {
+    cfg.set_flight_dir(Some(dir.clone()));
+    let out = run_local_with(2, cfg, |comm| async move {
         if comm.rank() == 1 {
             tokio::time::sleep(Duration::from_secs(4)).await;
-            return Ok(());
+            return Ok(String::new());
         }
         let mut v = [0u8; 4];
-        assert!(comm.all_reduce(&mut v, ReduceOp::Max).await.is_err());
-        Ok(())
+        Ok(comm
+            .all_reduce(&mut v, ReduceOp::Max)
+            .await
+            .unwrap_err()
+            .to_string())
     })
     .await
     .unwrap();
     let log = String::from_utf8_lossy(&LOG.lock().unwrap()).to_string();
     assert!(
-        log.contains("all_reduce #0 has waited") && log.contains("on rank 1"),
+        log.contains("has waited") && log.contains("on rank 1"),
         "{log}"
     );
+    // The warning says how far each peer got.
+    assert!(log.contains("rank 1: none yet"), "{log}");
+    // The timeout wrote the flight recorder and says where.
+    let e = &out[0];
+    let file = std::fs::read_dir(&dir)
+        .unwrap()
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .find(|p| p.to_string_lossy().ends_with("-rank0.txt"))
+        .unwrap_or_else(|| panic!("no flight recorder file; error: {e}"));
+    assert!(e.contains(&*file.to_string_lossy()), "{e}");
+    let text = std::fs::read_to_string(&file).unwrap();
+    assert!(text.contains("reason: timeout"), "{text}");
+    assert!(
+        text.contains("FAILED") && text.contains("all_reduce"),
+        "{text}"
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// `Config::set_trace_file` (RANKMESH_TRACE) writes a Chrome/Perfetto
+/// trace per rank with every operation.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_trace_file_per_rank_records_every_operation() {
+    let dir = std::env::temp_dir().join(format!("rankmesh-trace-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let mut cfg = Config::default();
+    cfg.set_trace_file(Some(dir.join("trace.json")));
+    run_local_with(3, cfg, |comm| async move {
+        let mut v = vec![1.0f32; 1000];
+        for _ in 0..3 {
+            comm.all_reduce(&mut v, ReduceOp::Sum).await?;
+        }
+        comm.broadcast(&mut v, 2).await?;
+        if comm.rank() == 0 {
+            comm.send(&v[..4], 1, 9).await?;
+        } else if comm.rank() == 1 {
+            comm.recv(&mut v[..4], 0, 9).await?;
+        }
+        comm.finalize().await
+    })
+    .await
+    .unwrap();
+    for r in 0..3 {
+        let t = std::fs::read_to_string(dir.join(format!("trace.rank{r}.json")))
+            .unwrap_or_else(|e| panic!("rank {r}'s trace: {e}"));
+        assert!(t.contains("\"traceEvents\""), "{t}");
+        for seq in 0..3 {
+            assert!(
+                t.contains(&format!("\"name\":\"all_reduce #{seq}\"")),
+                "{t}"
+            );
+        }
+        assert!(t.contains("\"name\":\"broadcast #3\""), "{t}");
+        assert!(
+            t.contains("\"bytes\":4000") && t.contains("\"state\":\"done\""),
+            "{t}"
+        );
+        if r < 2 {
+            assert!(
+                t.contains(if r == 0 {
+                    "\"name\":\"send"
+                } else {
+                    "\"name\":\"recv"
+                }),
+                "{t}"
+            );
+        }
+    }
+    let _ = std::fs::remove_dir_all(&dir);
 }
 
 /// A rank whose process stops responding (its runtime blocked, so no

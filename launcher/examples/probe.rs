@@ -4,7 +4,8 @@
 //! and allreduces:
 //! once (`PROBE=ring`, the default) or forever (`PROBE=loop`). With
 //! `PROBE_VICTIM=r`, rank r kills itself with SIGKILL in the middle of the
-//! loop.
+//! loop. `PROBE=hang`: after 3 rounds rank 0 enters an allreduce that no
+//! other rank joins (they sleep for a minute), to inspect a hung job.
 
 use rankmesh::Result;
 
@@ -40,7 +41,17 @@ async fn main() -> Result<()> {
             std::process::exit(3);
         }
         round += 1;
-        if mode != "loop" {
+        if mode == "hang" && round == 3 {
+            if rank == 0 {
+                println!("rank 0: waiting in an allreduce nobody else joins");
+                let mut v = [1u32];
+                comm.all_reduce(&mut v, rankmesh::ReduceOp::Sum).await?;
+            } else {
+                tokio::time::sleep(std::time::Duration::from_secs(60)).await;
+            }
+            return Ok(());
+        }
+        if mode != "loop" && mode != "hang" {
             println!("rank {rank}/{size}: token {}", token[0]);
             break;
         }

@@ -363,12 +363,13 @@ pub async fn run(plan: Plan) -> i32 {
     };
 
     // Install signal handlers before any rank exists.
-    let (mut sigint, mut sigterm, mut sighup) = match (
+    let (mut sigint, mut sigterm, mut sighup, mut sigusr1) = match (
         signal(SignalKind::interrupt()),
         signal(SignalKind::terminate()),
         signal(SignalKind::hangup()),
+        signal(SignalKind::user_defined1()),
     ) {
-        (Ok(a), Ok(b), Ok(c)) => (a, b, c),
+        (Ok(a), Ok(b), Ok(c), Ok(d)) => (a, b, c, d),
         _ => {
             eprintln!("rankrun: error: cannot install signal handlers");
             return SETUP_CODE;
@@ -642,6 +643,14 @@ pub async fn run(plan: Plan) -> i32 {
             _ = sigint.recv() => signals = on_signal(&mut job, libc::SIGINT, signals).await,
             _ = sigterm.recv() => signals = on_signal(&mut job, libc::SIGTERM, signals).await,
             _ = sighup.recv() => signals = on_signal(&mut job, libc::SIGHUP, signals).await,
+            _ = sigusr1.recv() => {
+                // Not an ending: every rank writes its flight recorder.
+                for p in &job.procs {
+                    p.signal(libc::SIGUSR1);
+                }
+                job.note("SIGUSR1 forwarded to every rank: each writes its flight recorder \
+                          (RANKMESH_FLIGHT_DIR, default the temporary directory)").await;
+            },
             _ = tick.tick() => {
                 let now = Instant::now();
                 if forming && !quiet && matches!(job.state, State::Running) {

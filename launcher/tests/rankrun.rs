@@ -251,6 +251,69 @@ fn sigint_to_rankrun_ends_every_rank() {
 }
 
 #[test]
+fn sigusr1_makes_every_rank_write_its_flight_recorder() {
+    let dir = std::env::temp_dir().join(format!("rankrun-flight-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).expect("tmp dir");
+    let mut child = rankrun()
+        .args(["-n", "2", "--grace", "2", "-x", "PROBE=hang", "-x"])
+        .arg(format!("RANKMESH_FLIGHT_DIR={}", dir.display()))
+        .arg(probe())
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start rankrun");
+    let mut lines = BufReader::new(child.stdout.take().expect("stdout")).lines();
+    loop {
+        let l = lines
+            .next()
+            .expect("rankrun ended before rank 0 hung")
+            .expect("read");
+        if l.contains("waiting in an allreduce") {
+            break;
+        }
+    }
+    std::thread::spawn(move || for _ in lines {});
+    std::thread::sleep(Duration::from_millis(300));
+    // SAFETY: kill(2) on our own child's pid.
+    assert_eq!(unsafe { libc::kill(child.id() as i32, libc::SIGUSR1) }, 0);
+    let t0 = Instant::now();
+    let files: Vec<PathBuf> = loop {
+        let found: Vec<PathBuf> = std::fs::read_dir(&dir)
+            .expect("read dir")
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .filter(|p| p.extension().is_some_and(|x| x == "txt"))
+            .collect();
+        if found.len() == 2 || t0.elapsed() > LIMIT {
+            break found;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    // SAFETY: as above.
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    let out = wait_limited(child, LIMIT);
+    let se = text(&out.stderr);
+    assert_eq!(files.len(), 2, "{files:?}\n{se}");
+    assert!(se.contains("SIGUSR1 forwarded to every rank"), "{se}");
+    assert!(se.contains("flight recorder written to"), "{se}");
+    let rank0 = files
+        .iter()
+        .find(|p| p.to_string_lossy().ends_with("-rank0.txt"))
+        .expect("rank 0's file");
+    let t = std::fs::read_to_string(rank0).expect("read");
+    assert!(t.contains("reason: SIGUSR1"), "{t}");
+    // Rank 0 is stuck in its 4th allreduce (#3); rank 1 last sent for #2.
+    assert!(
+        t.contains("all_reduce") && t.contains("#3") && t.contains("RUNNING"),
+        "{t}"
+    );
+    assert!(t.contains("rank 1: #2"), "{t}");
+    assert!(t.contains("send") && t.contains("done in"), "{t}");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
 fn join_timeout_names_the_missing_rank_and_host() {
     let script = format!(
         r#"if [ "$RANKMESH_RANK" = 2 ]; then exec sleep 1000; else exec '{}'; fi"#,

@@ -31,6 +31,8 @@ pub(crate) struct Desc {
     /// Element count (of the whole buffer, or per rank for gather-like calls).
     pub count: u64,
     pub root: Option<usize>,
+    /// The algorithm (for reports and traces; not part of the match).
+    pub algo: &'static str,
 }
 
 impl Desc {
@@ -144,7 +146,13 @@ impl Ctx<'_> {
         work: &mut [u8],
     ) -> Result<(), ExecError> {
         for ph in &sched.phases {
-            if let Err(e) = self.phase(ph, src, work).await {
+            let span = tracing::trace_span!(
+                "step",
+                sub = ph.sub,
+                sends = ph.sends.len(),
+                recvs = ph.recvs.len()
+            );
+            if let Err(e) = tracing::Instrument::instrument(self.phase(ph, src, work), span).await {
                 return Err(self.root_cause(e));
             }
         }

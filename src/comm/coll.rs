@@ -50,9 +50,9 @@ impl Communicator {
     /// Copy `buf` of rank `root` into `buf` of every rank.
     pub async fn broadcast<T: Element>(&self, buf: &mut [T], root: usize) -> Result<()> {
         let seq = self.next_seq();
-        let desc = self.desc(CollKind::Broadcast, T::DTYPE, None, buf.len(), Some(root));
+        let mut desc = self.desc(CollKind::Broadcast, T::DTYPE, None, buf.len(), Some(root));
         self.check_root(seq, &desc, root).await?;
-        let plan = self.broadcast_plan(buf.len(), T::DTYPE, root);
+        let plan = self.broadcast_plan(&mut desc, root);
         self.run_coll(seq, desc, &plan, None, bytemuck::cast_slice_mut(buf))
             .await
     }
@@ -61,8 +61,8 @@ impl Communicator {
     /// the result, bitwise identical on all ranks.
     pub async fn all_reduce<T: Element>(&self, buf: &mut [T], op: ReduceOp) -> Result<()> {
         let seq = self.next_seq();
-        let desc = self.desc(CollKind::AllReduce, T::DTYPE, Some(op), buf.len(), None);
-        let plan = self.allreduce_plan(buf.len(), T::DTYPE);
+        let mut desc = self.desc(CollKind::AllReduce, T::DTYPE, Some(op), buf.len(), None);
+        let plan = self.allreduce_plan(&mut desc);
         self.run_coll(seq, desc, &plan, None, bytemuck::cast_slice_mut(buf))
             .await
     }
@@ -238,25 +238,27 @@ impl Communicator {
         Ok(self.derive(mix(id).max(1), rank, members))
     }
 
-    /// The broadcast schedule for `n` elements of `dtype`.
-    pub(super) fn broadcast_plan(&self, n: usize, dtype: DType, root: usize) -> Schedule {
-        let (r, p) = (self.rank(), self.size());
-        match self
+    /// The broadcast schedule for `desc` (whose algorithm it sets).
+    pub(super) fn broadcast_plan(&self, desc: &mut Desc, root: usize) -> Schedule {
+        let (r, p, n) = (self.rank(), self.size(), desc.count as usize);
+        let a = self
             .model()
-            .pick_broadcast(self.config().algorithm(), p, n * dtype.size())
-        {
+            .pick_broadcast(self.config().algorithm(), p, n * desc.dtype.size());
+        desc.algo = a.name();
+        match a {
             Algorithm::ScatterAllgather => binomial::scatter_allgather(r, p, n, root),
             _ => binomial::broadcast(r, p, n, root),
         }
     }
 
-    /// The allreduce schedule for `n` elements of `dtype`.
-    pub(super) fn allreduce_plan(&self, n: usize, dtype: DType) -> Schedule {
-        let (r, p) = (self.rank(), self.size());
-        match self
+    /// The allreduce schedule for `desc` (whose algorithm it sets).
+    pub(super) fn allreduce_plan(&self, desc: &mut Desc) -> Schedule {
+        let (r, p, n) = (self.rank(), self.size(), desc.count as usize);
+        let a = self
             .model()
-            .pick_allreduce(self.config().algorithm(), p, n * dtype.size())
-        {
+            .pick_allreduce(self.config().algorithm(), p, n * desc.dtype.size());
+        desc.algo = a.name();
+        match a {
             Algorithm::Ring => ring::allreduce(r, p, n),
             Algorithm::Rabenseifner => halving::allreduce(r, p, n),
             _ => doubling::allreduce(r, p, n),
@@ -285,6 +287,13 @@ impl Communicator {
             op,
             count: count as u64,
             root,
+            algo: match kind {
+                CollKind::Barrier => "dissemination",
+                CollKind::Broadcast | CollKind::Reduce => "binomial",
+                CollKind::AllReduce => "recursive-doubling",
+                CollKind::AllGather | CollKind::ReduceScatter | CollKind::Split => "ring",
+                CollKind::Gather | CollKind::Scatter | CollKind::AllToAll => "linear",
+            },
         }
     }
 
@@ -342,8 +351,83 @@ impl Communicator {
             .await
     }
 
-    /// [`Self::run_coll`] on host memory or on a device buffer.
+    /// [`Self::run_coll`] on host memory or on a device buffer, recorded by
+    /// the flight recorder (which is dumped to a file on a timeout).
     pub(super) async fn run_coll_on(
+        &self,
+        seq: u64,
+        desc: Desc,
+        plan: &Schedule,
+        work: Work<'_>,
+    ) -> Result<()> {
+        let world = &self.inner.world;
+        let guard = world.recorder.start(
+            self.inner.comm_id,
+            seq,
+            desc.kind.name(),
+            || desc.mine(),
+            desc.count * desc.dtype.size() as u64,
+            desc.algo,
+            self.size(),
+        );
+        let span = tracing::debug_span!(
+            "collective",
+            rank = self.rank(),
+            comm = self.inner.comm_id,
+            seq,
+            op = desc.kind.name(),
+            bytes = desc.count * desc.dtype.size() as u64,
+            algorithm = desc.algo,
+            peers = self.size(),
+        );
+        let res =
+            tracing::Instrument::instrument(self.run_coll_inner(seq, desc, plan, work), span).await;
+        guard.finish(&res);
+        if let Err(e @ Error::Timeout { .. }) = &res {
+            self.dump_flight(&format!("timeout: {e}"), &self.waiting_report());
+        }
+        res
+    }
+
+    /// Write the flight recorder (and trace) to its file; log where.
+    pub(crate) fn dump_flight(&self, why: &str, extra: &str) {
+        match self.inner.world.recorder.dump(why, extra) {
+            Ok(path) => tracing::error!(
+                rank = self.rank(),
+                "flight recorder written to {}",
+                path.display()
+            ),
+            Err(e) => tracing::warn!(rank = self.rank(), "cannot write the flight recorder: {e}"),
+        }
+    }
+
+    /// The last collective this rank has seen a message of from each
+    /// member (a peer far behind is the likely culprit of a hang).
+    pub(crate) fn waiting_report(&self) -> String {
+        let seen = self
+            .transport()
+            .mailbox()
+            .last_seen(self.inner.comm_id, self.inner.epoch);
+        let mut s = format!(
+            "communicator {:#x}: this rank (rank {}) has started {} collectives; last \
+             collective each member sent a message for:\n",
+            self.inner.comm_id,
+            self.rank(),
+            self.inner.coll_seq.load(Ordering::Relaxed)
+        );
+        for (r, &w) in self.inner.members.iter().enumerate() {
+            if r == self.rank() {
+                continue;
+            }
+            match seen.iter().find(|(src, _)| *src as usize == w) {
+                Some((_, seq)) => s.push_str(&format!("  rank {r}: #{seq}\n")),
+                None => s.push_str(&format!("  rank {r}: none yet\n")),
+            }
+        }
+        s
+    }
+
+    async fn run_coll_inner(
         &self,
         seq: u64,
         desc: Desc,
@@ -397,10 +481,13 @@ impl Communicator {
                     op: op.clone(),
                     waiting_on,
                     after: limit,
-                    hint: "a rank did not make the matching call (or is stuck); check that \
-                           every rank calls the same collectives in the same order, or raise \
-                           Config::set_op_timeout (RANKMESH_OP_TIMEOUT)"
-                        .into(),
+                    hint: format!(
+                        "a rank did not make the matching call (or is stuck); check that \
+                         every rank calls the same collectives in the same order, or raise \
+                         Config::set_op_timeout (RANKMESH_OP_TIMEOUT); this rank's recent \
+                         operations: {}",
+                        self.inner.world.recorder.flight_path().display()
+                    ),
                 };
                 // Tell the others first, then give the rank this one waits
                 // on a moment to explain itself: in a chain of waiting
@@ -540,9 +627,10 @@ impl Communicator {
                     tracing::warn!(
                         rank = self.rank(),
                         "{op} has waited {:.0?} on {on}; it fails after {:?} \
-                         (Config::set_op_timeout)",
+                         (Config::set_op_timeout)\n{}",
                         started.elapsed(),
-                        self.config().op_timeout()
+                        self.config().op_timeout(),
+                        self.waiting_report()
                     );
                 }
             }

@@ -18,8 +18,8 @@ impl Communicator {
     pub async fn all_reduce_device(&self, buf: &mut dyn DeviceBuffer, op: ReduceOp) -> Result<()> {
         let seq = self.next_seq();
         let (dtype, n) = (buf.dtype(), buf.len());
-        let desc = self.desc(CollKind::AllReduce, dtype, Some(op), n, None);
-        let plan = self.allreduce_plan(n, dtype);
+        let mut desc = self.desc(CollKind::AllReduce, dtype, Some(op), n, None);
+        let plan = self.allreduce_plan(&mut desc);
         self.run_coll_on(seq, desc, &plan, Work::Device(&*buf))
             .await
     }
@@ -28,9 +28,9 @@ impl Communicator {
     pub async fn broadcast_device(&self, buf: &mut dyn DeviceBuffer, root: usize) -> Result<()> {
         let seq = self.next_seq();
         let (dtype, n) = (buf.dtype(), buf.len());
-        let desc = self.desc(CollKind::Broadcast, dtype, None, n, Some(root));
+        let mut desc = self.desc(CollKind::Broadcast, dtype, None, n, Some(root));
         self.check_root(seq, &desc, root).await?;
-        let plan = self.broadcast_plan(n, dtype, root);
+        let plan = self.broadcast_plan(&mut desc, root);
         self.run_coll_on(seq, desc, &plan, Work::Device(&*buf))
             .await
     }

@@ -47,6 +47,50 @@ pub async fn init_with(spec: JoinSpec, cfg: Config) -> Result<Communicator> {
     .await?;
     let job_id = joined.creds.job_id.clone();
     let transport = QuicTransport::start(ep, &joined.creds, joined.peers, &cfg)?;
-    let world = World::new(Arc::new(transport), cfg, job_id, Some(joined.seed));
-    Ok(Communicator::world(Arc::new(world), joined.epoch))
+    let world = Arc::new(World::new(
+        Arc::new(transport),
+        cfg,
+        job_id,
+        Some(joined.seed),
+    ));
+    dump_on_sigusr1(&world, joined.epoch);
+    Ok(Communicator::world(world, joined.epoch))
 }
+
+/// On SIGUSR1 (which `rankrun` forwards to every rank), write the flight
+/// recorder and the trace, while the job goes on.
+#[cfg(unix)]
+fn dump_on_sigusr1(world: &Arc<World>, epoch: u32) {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut sig = match signal(SignalKind::user_defined1()) {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::warn!("cannot listen for SIGUSR1 (no flight-recorder dumps): {e}");
+            return;
+        }
+    };
+    let weak = Arc::downgrade(world);
+    tokio::spawn(async move {
+        while sig.recv().await.is_some() {
+            let Some(w) = weak.upgrade() else { break };
+            let rank = w.transport.rank();
+            let mut seen = String::from(
+                "last collective each rank sent this rank a message for \
+                                         (world communicator):\n",
+            );
+            for (src, seq) in w.transport.mailbox().last_seen(0, epoch) {
+                seen.push_str(&format!("  rank {src}: #{seq}\n"));
+            }
+            match w.recorder.dump("SIGUSR1", &seen) {
+                Ok(p) => eprintln!(
+                    "rankmesh: rank {rank}: flight recorder written to {}",
+                    p.display()
+                ),
+                Err(e) => eprintln!("rankmesh: rank {rank}: cannot write the flight recorder: {e}"),
+            }
+        }
+    });
+}
+
+#[cfg(not(unix))]
+fn dump_on_sigusr1(_: &Arc<World>, _: u32) {}

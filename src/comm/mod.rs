@@ -9,6 +9,7 @@ mod coll;
 mod device;
 mod init;
 mod p2p;
+mod recorder;
 
 pub use init::{init, init_with};
 
@@ -31,6 +32,10 @@ pub(crate) struct World {
     pub(crate) job_id: String,
     seed: Option<SeedLink>,
     finalized: AtomicBool,
+    /// Recent operations, for hang reports, dumps and traces.
+    pub(crate) recorder: recorder::Recorder,
+    /// Numbers point-to-point operations for the recorder.
+    p2p_ops: AtomicU64,
     /// Listens to the seed's notices (a rank left; the job was aborted).
     listener: Option<tokio::task::JoinHandle<()>>,
 }
@@ -62,6 +67,8 @@ impl World {
             })
         });
         World {
+            recorder: recorder::Recorder::new(transport.rank(), &job_id, &config),
+            p2p_ops: AtomicU64::new(0),
             transport,
             config,
             job_id,
@@ -81,6 +88,7 @@ impl World {
         if let Some(l) = &self.listener {
             l.abort();
         }
+        self.write_trace();
         self.transport.shutdown(graceful).await;
         if let Some(s) = &self.seed {
             let why = if graceful {
@@ -90,6 +98,21 @@ impl World {
             };
             s.close(graceful, why);
         }
+    }
+
+    /// Write the trace file, if one is configured (logs a failure).
+    pub(crate) fn write_trace(&self) {
+        if let Err(e) = self.recorder.write_trace() {
+            tracing::warn!(
+                rank = self.transport.rank(),
+                "cannot write the trace file: {e}"
+            );
+        }
+    }
+
+    /// The next point-to-point operation number.
+    pub(crate) fn next_p2p_op(&self) -> u64 {
+        self.p2p_ops.fetch_add(1, Ordering::Relaxed)
     }
 
     /// End the job for every rank: the seed relays `reason` to all.
@@ -112,6 +135,7 @@ impl Drop for World {
         if self.finalized.load(Ordering::Acquire) {
             return;
         }
+        self.write_trace();
         // Dropped without finalize: finish gracefully in the background if a
         // runtime is still there; otherwise the transport closes on drop.
         if let Ok(rt) = tokio::runtime::Handle::try_current() {

@@ -17,6 +17,22 @@ impl Communicator {
     /// by rankmesh (copied), possibly before `dst` posted its receive; large
     /// messages may wait until the receiver has room (flow control).
     pub async fn send<T: Element>(&self, data: &[T], dst: usize, tag: u32) -> Result<()> {
+        let world = &self.inner.world;
+        let guard = world.recorder.start(
+            self.inner.comm_id,
+            world.next_p2p_op(),
+            "send",
+            || format!("to rank {dst}, tag {tag}, {} x {:?}", data.len(), T::DTYPE),
+            std::mem::size_of_val(data) as u64,
+            "p2p",
+            1,
+        );
+        let res = self.send_inner(data, dst, tag).await;
+        guard.finish(&res);
+        res
+    }
+
+    async fn send_inner<T: Element>(&self, data: &[T], dst: usize, tag: u32) -> Result<()> {
         let op = format!("send to rank {dst} tag {tag}");
         self.check_open(&op)?;
         self.check_rank(&op, "destination", dst)?;
@@ -82,6 +98,22 @@ impl Communicator {
     /// Receive the next message from rank `src` with `tag` into `buf`, whose
     /// length and element type must match what was sent.
     pub async fn recv<T: Element>(&self, buf: &mut [T], src: usize, tag: u32) -> Result<()> {
+        let world = &self.inner.world;
+        let guard = world.recorder.start(
+            self.inner.comm_id,
+            world.next_p2p_op(),
+            "recv",
+            || format!("from rank {src}, tag {tag}, {} x {:?}", buf.len(), T::DTYPE),
+            std::mem::size_of_val(buf) as u64,
+            "p2p",
+            1,
+        );
+        let res = self.recv_inner(buf, src, tag).await;
+        guard.finish(&res);
+        res
+    }
+
+    async fn recv_inner<T: Element>(&self, buf: &mut [T], src: usize, tag: u32) -> Result<()> {
         let op = format!("recv from rank {src} tag {tag}");
         self.check_open(&op)?;
         self.check_rank(&op, "source", src)?;

@@ -90,6 +90,8 @@ impl LateMismatch {
 struct Calls {
     recent: BTreeMap<u64, CollDesc>,
     late: Option<LateMismatch>,
+    /// Highest sequence number a frame arrived for, per sender.
+    seen: HashMap<u32, u64>,
 }
 
 /// How many finished calls per communicator are remembered.
@@ -347,7 +349,7 @@ impl Mailbox {
             }
             // A frame for a call this rank finished is checked even if that
             // call was aborted since: it may be the evidence of a mismatch.
-            FrameKind::Coll if Self::late_frame(&mut st, &h) => {}
+            FrameKind::Coll if Self::saw(&mut st, &h) && Self::late_frame(&mut st, &h) => {}
             FrameKind::Coll if st.aborted.contains_key(&(h.comm_id, h.epoch, h.seq)) => {}
             FrameKind::Coll => {
                 let key = CollKey {
@@ -416,6 +418,33 @@ impl Mailbox {
     /// A frame for a call this rank already finished: remember the
     /// mismatch (which poisons the communicator: this and every later
     /// collective on it fail) and drop the frame.
+    /// Note the sequence number of a collective frame from its sender
+    /// (always true, to chain in a match guard).
+    fn saw(st: &mut State, h: &Header) -> bool {
+        let seen = st
+            .calls
+            .entry((h.comm_id, h.epoch))
+            .or_default()
+            .seen
+            .entry(h.src)
+            .or_insert(h.seq);
+        *seen = (*seen).max(h.seq);
+        true
+    }
+
+    /// The highest collective sequence number each sender sent a frame for
+    /// on (`comm_id`, `epoch`).
+    pub fn last_seen(&self, comm_id: u64, epoch: u32) -> Vec<(u32, u64)> {
+        let st = self.lock();
+        let mut v: Vec<(u32, u64)> = st
+            .calls
+            .get(&(comm_id, epoch))
+            .map(|c| c.seen.iter().map(|(&k, &v)| (k, v)).collect())
+            .unwrap_or_default();
+        v.sort_unstable();
+        v
+    }
+
     fn late_frame(st: &mut State, h: &Header) -> bool {
         let Some(calls) = st.calls.get_mut(&(h.comm_id, h.epoch)) else {
             return false;
