@@ -70,7 +70,7 @@ fn dump_on_sigusr1(world: &Arc<World>, epoch: u32) {
         }
     };
     let weak = Arc::downgrade(world);
-    tokio::spawn(async move {
+    let task = tokio::spawn(async move {
         while sig.recv().await.is_some() {
             let Some(w) = weak.upgrade() else { break };
             let rank = w.transport.rank();
@@ -90,6 +90,7 @@ fn dump_on_sigusr1(world: &Arc<World>, epoch: u32) {
             }
         }
     });
+    world.adopt(task);
 }
 
 #[cfg(not(unix))]

@@ -36,6 +36,8 @@ pub(crate) struct World {
     pub(crate) recorder: recorder::Recorder,
     /// Numbers point-to-point operations for the recorder.
     p2p_ops: AtomicU64,
+    /// Helper tasks that live as long as this world (the SIGUSR1 listener).
+    helpers: Mutex<Vec<tokio::task::JoinHandle<()>>>,
     /// Listens to the seed's notices (a rank left; the job was aborted).
     listener: Option<tokio::task::JoinHandle<()>>,
 }
@@ -69,6 +71,7 @@ impl World {
         World {
             recorder: recorder::Recorder::new(transport.rank(), &job_id, &config),
             p2p_ops: AtomicU64::new(0),
+            helpers: Mutex::new(Vec::new()),
             transport,
             config,
             job_id,
@@ -88,6 +91,7 @@ impl World {
         if let Some(l) = &self.listener {
             l.abort();
         }
+        self.stop_helpers();
         self.write_trace();
         self.transport.shutdown(graceful).await;
         if let Some(s) = &self.seed {
@@ -107,6 +111,25 @@ impl World {
                 rank = self.transport.rank(),
                 "cannot write the trace file: {e}"
             );
+        }
+    }
+
+    /// Keep `task` running until this world ends.
+    pub(crate) fn adopt(&self, task: tokio::task::JoinHandle<()>) {
+        self.helpers
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push(task);
+    }
+
+    fn stop_helpers(&self) {
+        for t in self
+            .helpers
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .drain(..)
+        {
+            t.abort();
         }
     }
 
@@ -132,6 +155,7 @@ impl Drop for World {
         if let Some(l) = &self.listener {
             l.abort();
         }
+        self.stop_helpers();
         if self.finalized.load(Ordering::Acquire) {
             return;
         }
