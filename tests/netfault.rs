@@ -97,16 +97,25 @@ fn runtime() -> tokio::runtime::Runtime {
         .expect("runtime")
 }
 
+type Body<T> = std::pin::Pin<Box<dyn std::future::Future<Output = T>>>;
+
 /// Form a 4-rank job (ranks 0, 1 on host A, 2, 3 on host B) and run `body`
 /// on every rank; returns each rank's result.
 fn job<T: Send + 'static>(
     h: &Hosts,
     cfg: Config,
-    body: impl Fn(rankmesh::Communicator) -> std::pin::Pin<Box<dyn std::future::Future<Output = T>>>
-        + Send
-        + Sync
-        + Clone
-        + 'static,
+    body: impl Fn(rankmesh::Communicator) -> Body<T> + Send + Sync + Clone + 'static,
+) -> Vec<T> {
+    job_on(h, cfg, None, body)
+}
+
+/// [`job`], with host A's and B's ranks bound to `bind` addresses when
+/// given (the seed stays on the veth).
+fn job_on<T: Send + 'static>(
+    h: &Hosts,
+    cfg: Config,
+    bind: Option<[&str; 2]>,
+    body: impl Fn(rankmesh::Communicator) -> Body<T> + Send + Sync + Clone + 'static,
 ) -> Vec<T> {
     // The seed runs in host A on its own thread and runtime.
     let seed_ip = h.ip[0].clone();
@@ -145,7 +154,10 @@ fn job<T: Send + 'static>(
                 world_size: Some(4),
                 host: format!("host{}", r / 2),
             };
-            let cfg = cfg.clone();
+            let mut cfg = cfg.clone();
+            if let Some(ips) = bind {
+                cfg.set_bind_ip(Some(ips[r / 2].parse().expect("bind ip")));
+            }
             let body = body.clone();
             h.spawn(r / 2, move || {
                 runtime().block_on(async move {
@@ -228,6 +240,355 @@ fn allreduce_is_exact_over_a_link_that_drops_5_percent_of_packets() {
         })
     });
     assert_eq!(out, vec![0, 0, 0, 0], "wrong elements per rank");
+}
+
+/// `nft` inside namespace `ns`.
+fn nft(ns: &str, args: &[&str]) {
+    let mut a = vec!["netns", "exec", ns, "nft"];
+    a.extend_from_slice(args);
+    run("ip", &a);
+}
+
+/// A table `rmf` with an input chain in namespace `ns`.
+fn nft_input_chain(ns: &str) {
+    nft(ns, &["add", "table", "inet", "rmf"]);
+    nft(
+        ns,
+        &[
+            "add",
+            "chain",
+            "inet",
+            "rmf",
+            "in",
+            "{ type filter hook input priority 0 ; }",
+        ],
+    );
+}
+
+/// Allreduce 1 MiB again and again, on every rank the same number of
+/// times, until every rank has seen `run_for` pass; returns the number of
+/// wrong elements this rank saw and the iterations done.
+async fn allreduce_loop(comm: rankmesh::Communicator, run_for: Duration) -> (usize, u32) {
+    let r = comm.rank();
+    let n = 256 * 1024;
+    let t0 = Instant::now();
+    let mut wrong = 0usize;
+    let mut it = 0u32;
+    loop {
+        let mut v: Vec<f32> = (0..n)
+            .map(|i| ((i as u32 + it + r as u32) % 13) as f32)
+            .collect();
+        comm.all_reduce(&mut v, ReduceOp::Sum)
+            .await
+            .expect("allreduce under faults");
+        wrong += v
+            .iter()
+            .enumerate()
+            .filter(|(i, x)| {
+                let want: u32 = (0..4).map(|q| (*i as u32 + it + q) % 13).sum();
+                **x != want as f32
+            })
+            .count();
+        it += 1;
+        let mut go = [u32::from(t0.elapsed() < run_for)];
+        comm.all_reduce(&mut go, ReduceOp::Max)
+            .await
+            .expect("loop vote");
+        if go[0] == 0 {
+            break;
+        }
+    }
+    comm.finalize().await.expect("finalize");
+    (wrong, it)
+}
+
+#[test]
+fn allreduce_survives_a_2_second_burst_of_30_percent_loss() {
+    if !is_root() {
+        eprintln!("\n*** SKIPPED: needs root (ip netns, nft); CI runs as root ***\n");
+        return;
+    }
+    let h = Hosts::new(3);
+    nft_input_chain(&h.ns[1]);
+    let ns_b = h.ns[1].clone();
+    let mut cfg = Config::default();
+    cfg.set_op_timeout(Duration::from_secs(120));
+    let burst = std::sync::Arc::new(std::sync::Mutex::new(None::<(Instant, Instant)>));
+    let b2 = burst.clone();
+    let out = job(&h, cfg, move |comm| {
+        let (ns_b, burst) = (ns_b.clone(), b2.clone());
+        Box::pin(async move {
+            if comm.rank() == 0 {
+                // The burst starts half a second into the loop and lasts 2 s.
+                std::thread::spawn(move || {
+                    std::thread::sleep(Duration::from_millis(500));
+                    let start = Instant::now();
+                    nft(
+                        &ns_b,
+                        &[
+                            "add", "rule", "inet", "rmf", "in", "meta", "l4proto", "udp", "numgen",
+                            "random", "mod", "100", "<", "30", "drop",
+                        ],
+                    );
+                    std::thread::sleep(Duration::from_secs(2));
+                    nft(&ns_b, &["flush", "chain", "inet", "rmf", "in"]);
+                    *burst.lock().unwrap() = Some((start, Instant::now()));
+                });
+            }
+            allreduce_loop(comm, Duration::from_secs(4)).await
+        })
+    });
+    let (start, end) = burst.lock().unwrap().expect("the burst ran");
+    assert!(end.duration_since(start) >= Duration::from_secs(2));
+    for (r, (wrong, its)) in out.iter().enumerate() {
+        assert_eq!(*wrong, 0, "rank {r}: wrong elements");
+        assert!(*its >= 2, "rank {r}: only {its} iterations");
+    }
+}
+
+/// A point-to-point "wire" between two namespaces made of two TUN devices
+/// and a userspace relay that delays every packet by `delay`, holds
+/// `reorder_pct` percent of them back by a further `late` (so later packets
+/// overtake them) and drops `loss_pct` percent, with a seeded RNG. (This
+/// kernel has no `tc netem`.) Stops on drop.
+struct Wire {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    relay: Option<std::thread::JoinHandle<(u64, u64, u64)>>,
+}
+
+/// `ifreq` as TUNSETIFF reads it: name, flags, and the rest of the union.
+#[repr(C)]
+struct IfReq {
+    name: [u8; 16],
+    flags: i16,
+    _rest: [u8; 22],
+}
+
+const TUNSETIFF: libc::c_ulong = 0x4004_54ca;
+const IFF_TUN: i16 = 0x0001;
+const IFF_NO_PI: i16 = 0x1000;
+
+/// Create TUN device `name` in the namespace of the calling thread.
+fn open_tun(name: &str) -> std::os::fd::OwnedFd {
+    use std::os::fd::FromRawFd;
+    let path = b"/dev/net/tun\0";
+    // SAFETY: a NUL-terminated path; the returned fd is checked.
+    let fd = unsafe {
+        libc::open(
+            path.as_ptr().cast(),
+            libc::O_RDWR | libc::O_NONBLOCK | libc::O_CLOEXEC,
+        )
+    };
+    assert!(
+        fd >= 0,
+        "open /dev/net/tun: {}",
+        std::io::Error::last_os_error()
+    );
+    // SAFETY: fd is a fresh descriptor this function owns.
+    let owned = unsafe { std::os::fd::OwnedFd::from_raw_fd(fd) };
+    let mut req = IfReq {
+        name: [0; 16],
+        flags: IFF_TUN | IFF_NO_PI,
+        _rest: [0; 22],
+    };
+    req.name[..name.len()].copy_from_slice(name.as_bytes());
+    // SAFETY: TUNSETIFF reads an ifreq-sized struct, which `req` is.
+    let rc = unsafe { libc::ioctl(fd, TUNSETIFF as _, &mut req as *mut IfReq) };
+    assert_eq!(
+        rc,
+        0,
+        "TUNSETIFF {name}: {}",
+        std::io::Error::last_os_error()
+    );
+    owned
+}
+
+impl Wire {
+    /// Wire namespaces `h.ns[0]` (address `ips[0]`) and `h.ns[1]`
+    /// (`ips[1]`).
+    fn new(
+        h: &Hosts,
+        ips: [&str; 2],
+        delay: Duration,
+        late: Duration,
+        reorder_pct: u64,
+        loss_pct: u64,
+    ) -> Wire {
+        use std::os::fd::AsRawFd;
+        let id = std::process::id() % 10_000;
+        let names = [format!("tA{id}"), format!("tB{id}")];
+        let fds: Vec<std::os::fd::OwnedFd> = (0..2)
+            .map(|i| {
+                let n = names[i].clone();
+                h.spawn(i, move || open_tun(&n)).join().expect("tun thread")
+            })
+            .collect();
+        for i in 0..2 {
+            let cidr = format!("{}/32", ips[i]);
+            run(
+                "ip",
+                &[
+                    "-n",
+                    &h.ns[i],
+                    "addr",
+                    "add",
+                    &cidr,
+                    "peer",
+                    ips[1 - i],
+                    "dev",
+                    &names[i],
+                ],
+            );
+            run("ip", &["-n", &h.ns[i], "link", "set", &names[i], "up"]);
+        }
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let halt = stop.clone();
+        let relay = std::thread::spawn(move || {
+            use std::cmp::Reverse;
+            use std::collections::BinaryHeap;
+            let raw = [fds[0].as_raw_fd(), fds[1].as_raw_fd()];
+            // xorshift64*, seeded: the same faults every run.
+            let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
+            let mut rnd = move || {
+                x ^= x >> 12;
+                x ^= x << 25;
+                x ^= x >> 27;
+                x.wrapping_mul(0x2545_f491_4f6c_dd1d)
+            };
+            // (release time, arrival number, destination, packet)
+            type Held = Reverse<(Instant, u64, usize, Vec<u8>)>;
+            let mut queue: BinaryHeap<Held> = BinaryHeap::new();
+            let (mut n, mut dropped, mut held) = (0u64, 0u64, 0u64);
+            let mut buf = vec![0u8; 65536];
+            while !halt.load(std::sync::atomic::Ordering::Relaxed) {
+                let now = Instant::now();
+                while queue.peek().is_some_and(|Reverse(p)| p.0 <= now) {
+                    let Some(Reverse((_, _, to, pkt))) = queue.pop() else {
+                        break;
+                    };
+                    // SAFETY: writes `pkt` to a TUN fd this thread owns.
+                    unsafe { libc::write(raw[to], pkt.as_ptr().cast(), pkt.len()) };
+                }
+                let wait = queue
+                    .peek()
+                    .map(|Reverse(p)| p.0.saturating_duration_since(now))
+                    .unwrap_or(Duration::from_millis(20))
+                    .min(Duration::from_millis(20));
+                let mut pfd = [
+                    libc::pollfd {
+                        fd: raw[0],
+                        events: libc::POLLIN,
+                        revents: 0,
+                    },
+                    libc::pollfd {
+                        fd: raw[1],
+                        events: libc::POLLIN,
+                        revents: 0,
+                    },
+                ];
+                let ms = wait.as_millis().max(1) as libc::c_int;
+                // SAFETY: two valid pollfd entries.
+                unsafe { libc::poll(pfd.as_mut_ptr(), 2, ms) };
+                for (from, &fd) in raw.iter().enumerate() {
+                    loop {
+                        // SAFETY: reads into `buf`, which has room for it.
+                        let got = unsafe { libc::read(fd, buf.as_mut_ptr().cast(), buf.len()) };
+                        if got <= 0 {
+                            break;
+                        }
+                        n += 1;
+                        if rnd() % 100 < loss_pct {
+                            dropped += 1;
+                            continue;
+                        }
+                        let mut at = Instant::now() + delay;
+                        if rnd() % 100 < reorder_pct {
+                            held += 1;
+                            at += late;
+                        }
+                        queue.push(Reverse((at, n, 1 - from, buf[..got as usize].to_vec())));
+                    }
+                }
+            }
+            (n, dropped, held)
+        });
+        Wire {
+            stop,
+            relay: Some(relay),
+        }
+    }
+
+    /// Stop relaying: (packets seen, dropped, held back).
+    fn finish(mut self) -> (u64, u64, u64) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        self.relay
+            .take()
+            .map(|t| t.join().expect("relay"))
+            .unwrap_or_default()
+    }
+}
+
+impl Drop for Wire {
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        if let Some(t) = self.relay.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+#[test]
+fn allreduce_is_exact_with_20ms_delay_1_percent_reordering_and_1_percent_loss() {
+    if !is_root() {
+        eprintln!("\n*** SKIPPED: needs root (ip netns, /dev/net/tun); CI runs as root ***\n");
+        return;
+    }
+    let h = Hosts::new(4);
+    // Ranks talk over the relayed wire; the seed stays on the veth.
+    let ips = ["10.215.4.1", "10.215.4.2"];
+    let wire = Wire::new(
+        &h,
+        ips,
+        Duration::from_millis(20),
+        Duration::from_millis(5),
+        1,
+        1,
+    );
+    let mut cfg = Config::default();
+    cfg.set_op_timeout(Duration::from_secs(120));
+    let out = job_on(&h, cfg, Some(ips), |comm| {
+        Box::pin(async move {
+            let r = comm.rank();
+            let n = 256 * 1024; // 1 MiB of f32
+            let mut wrong = 0usize;
+            for it in 0..50u32 {
+                let mut v: Vec<f32> = (0..n)
+                    .map(|i| ((i as u32 + it + r as u32) % 13) as f32)
+                    .collect();
+                comm.all_reduce(&mut v, ReduceOp::Sum)
+                    .await
+                    .expect("allreduce over a slow, lossy, reordering link");
+                wrong += v
+                    .iter()
+                    .enumerate()
+                    .filter(|(i, x)| {
+                        let want: u32 = (0..4).map(|q| (*i as u32 + it + q) % 13).sum();
+                        **x != want as f32
+                    })
+                    .count();
+            }
+            comm.finalize().await.expect("finalize");
+            wrong
+        })
+    });
+    let (seen, dropped, held) = wire.finish();
+    assert_eq!(out, vec![0, 0, 0, 0], "wrong elements per rank");
+    // The faults really happened on the ranks' traffic.
+    assert!(
+        seen > 1000 && dropped > 0 && held > 0,
+        "relay saw {seen} packets, dropped {dropped}, reordered {held}"
+    );
+    eprintln!("relay: {seen} packets, {dropped} dropped, {held} reordered");
 }
 
 #[test]
