@@ -16,8 +16,12 @@
 //! - every rank starts from rank 0's initial parameters (`broadcast`);
 //! - every global minibatch is cut into one contiguous shard per rank; each
 //!   rank sums the gradient of the loss over its shard;
-//! - one `all_reduce(Sum)` over a single flat buffer (all gradients plus the
-//!   loss) adds the shards up, and every rank divides by the global batch
+//! - the gradient (plus the loss) lives in one flat buffer, all-reduced
+//!   (`Sum`) in buckets like PyTorch DDP: the backward pass runs last layer
+//!   first, and once a bucket is complete its all_reduce starts while the
+//!   earlier layers' gradients are still being computed (`--bucket-kb`,
+//!   default 25 MiB: this small model fits in one bucket, reduced after the
+//!   backward pass). The sums add the shards up; every rank divides by the global batch
 //!   size and applies the same SGD-with-momentum update, so every rank holds
 //!   bitwise-identical parameters and N ranks train the same model as one
 //!   rank with the same global batch (up to the order of the float sums);
@@ -30,8 +34,9 @@
 //! `--lr F` (0.01), `--momentum F` (0.9), `--hidden N` (64), `--seed N` (1),
 //! `--checkpoint-dir DIR`, `--checkpoint-every K` (steps; default: every
 //! epoch; the last step is always saved), `--resume` (continue from the
-//! checkpoint in DIR, or start fresh if there is none), `--ranks N` (without
-//! a launcher only; default 4).
+//! checkpoint in DIR, or start fresh if there is none), `--bucket-kb N`
+//! (largest gradient bucket), `--plot FILE.svg` (draw the loss curves),
+//! `--ranks N` (without a launcher only; default 4).
 //!
 //! `tests/train.rs` includes this file as a module and calls [`train`].
 
@@ -80,6 +85,13 @@ pub struct TrainConfig {
     pub stop_after_step: Option<u64>,
     /// Print the per-epoch lines on rank 0.
     pub verbose: bool,
+    /// Largest gradient bucket in bytes (PyTorch DDP's `bucket_cap_mb`):
+    /// layers are grouped, last layer first, into buckets of at most this
+    /// size, and each bucket's all_reduce starts as soon as the backward
+    /// pass has produced it, overlapping the rest of the backward pass.
+    pub bucket_bytes: usize,
+    /// Draw the loss curve per epoch into this SVG file (rank 0).
+    pub plot: Option<PathBuf>,
 }
 
 impl Default for TrainConfig {
@@ -97,6 +109,8 @@ impl Default for TrainConfig {
             verify_sync: false,
             stop_after_step: None,
             verbose: true,
+            bucket_bytes: 25 << 20,
+            plot: None,
         }
     }
 }
@@ -124,6 +138,8 @@ pub fn parse_args(args: &[String]) -> Result<(TrainConfig, usize), TrainError> {
             "--checkpoint-every" => cfg.checkpoint_every = value(a, it.next())?,
             "--resume" => cfg.resume = true,
             "--verify-sync" => cfg.verify_sync = true,
+            "--bucket-kb" => cfg.bucket_bytes = value::<usize>(a, it.next())?.saturating_mul(1024),
+            "--plot" => cfg.plot = Some(value::<String>(a, it.next())?.into()),
             "--ranks" => ranks = value(a, it.next())?,
             "-h" | "--help" => return Err(TrainError::Usage(USAGE.into())),
             other => {
@@ -145,7 +161,8 @@ pub fn parse_args(args: &[String]) -> Result<(TrainConfig, usize), TrainError> {
 }
 
 const USAGE: &str = "usage: train [--epochs N] [--batch N] [--lr F] [--momentum F] [--hidden N] \
-[--seed N] [--checkpoint-dir DIR [--checkpoint-every K] [--resume]] [--verify-sync] [--ranks N]";
+[--seed N] [--checkpoint-dir DIR [--checkpoint-every K] [--resume]] [--bucket-kb N] [--plot FILE.svg] \
+[--verify-sync] [--ranks N]";
 
 // ------------------------------------------------------------------ errors
 
@@ -336,6 +353,74 @@ impl Mlp {
         out
     }
 
+    /// Where the hidden layer's parameters end and the output layer's
+    /// begin in the flat vector: `[w1 | b1]` then `[w2 | b2]`.
+    pub fn split(&self) -> usize {
+        self.hidden * FEATURES + self.hidden
+    }
+
+    /// Backward pass, output layer: forward every sample (keeping the
+    /// hidden pre-activations in `acts` and the output gradients in `ds`),
+    /// add the output layer's gradient (`[w2 | b2]`) to `gout`, and return
+    /// the summed squared error. Sums run in sample order, as in
+    /// [`Mlp::grad_sum`], so both give the same bits.
+    pub fn backward_output(
+        &self,
+        p: &[f32],
+        xs: &[f32],
+        ys: &[f32],
+        acts: &mut Vec<f32>,
+        ds: &mut Vec<f32>,
+        gout: &mut [f32],
+    ) -> f32 {
+        let h = self.hidden;
+        acts.resize(ys.len() * h, 0.0);
+        ds.clear();
+        let mut loss = 0f32;
+        let (gw2, gb2) = gout.split_at_mut(h);
+        for ((x, &y), act) in xs
+            .chunks_exact(FEATURES)
+            .zip(ys)
+            .zip(acts.chunks_exact_mut(h))
+        {
+            let err = self.forward(p, x, act) - y;
+            loss += err * err;
+            let d = 2.0 * err;
+            ds.push(d);
+            gb2[0] += d;
+            for (g, z) in gw2.iter_mut().zip(act.iter()) {
+                *g += d * z.max(0.0);
+            }
+        }
+        loss
+    }
+
+    /// Backward pass, hidden layer: add its gradient (`[w1 | b1]`) to
+    /// `ghid`, from what [`Mlp::backward_output`] kept.
+    pub fn backward_hidden(
+        &self,
+        p: &[f32],
+        xs: &[f32],
+        acts: &[f32],
+        ds: &[f32],
+        ghid: &mut [f32],
+    ) {
+        let h = self.hidden;
+        let w2 = &p[h * FEATURES + h..h * FEATURES + 2 * h];
+        let (gw1, gb1) = ghid.split_at_mut(h * FEATURES);
+        for ((x, act), &d) in xs.chunks_exact(FEATURES).zip(acts.chunks_exact(h)).zip(ds) {
+            for j in 0..h {
+                if act[j] > 0.0 {
+                    let dz = d * w2[j];
+                    gb1[j] += dz;
+                    for (g, v) in gw1[j * FEATURES..(j + 1) * FEATURES].iter_mut().zip(x) {
+                        *g += dz * v;
+                    }
+                }
+            }
+        }
+    }
+
     /// Add the gradient of the squared error summed over `rows` to `grad`
     /// (length `n_params`) and return the summed squared error.
     pub fn grad_sum(&self, p: &[f32], xs: &[f32], ys: &[f32], grad: &mut [f32]) -> f32 {
@@ -513,8 +598,13 @@ pub async fn train(
         comm.broadcast(&mut params, 0).await?;
     }
 
-    // One fused buffer: the gradient and, in its last element, the loss.
+    // One fused buffer: the gradient and, in its last element, the loss,
+    // in two buckets (the hidden layer; the output layer and the loss)
+    // unless both fit in one.
     let mut buf = vec![0f32; n + 1];
+    let split = model.split();
+    let one_bucket = (n + 1) * 4 <= cfg.bucket_bytes;
+    let (mut acts, mut ds) = (Vec::new(), Vec::new());
     let mut log = Vec::new();
     let mut step = start.step;
     let first_epoch = step / steps_per_epoch;
@@ -547,10 +637,28 @@ pub async fn train(
                 ys.push(data.train_y[i]);
             }
             buf.iter_mut().for_each(|g| *g = 0.0);
-            let loss = model.grad_sum(&params, &xs, &ys, &mut buf[..n]);
-            buf[n] = loss;
-            let t1 = Instant::now();
-            comm.all_reduce(&mut buf, ReduceOp::Sum).await?;
+            // Backward, last layer first, with DDP-style buckets: the
+            // output layer's gradient (and the loss, in the buffer's last
+            // element) is all-reduced while the hidden layer's is computed.
+            let (ghid, gout) = buf.split_at_mut(split);
+            let loss = model.backward_output(&params, &xs, &ys, &mut acts, &mut ds, gout);
+            gout[gout.len() - 1] = loss;
+            let mut busy = t0.elapsed();
+            if one_bucket {
+                model.backward_hidden(&params, &xs, &acts, &ds, ghid);
+                busy = t0.elapsed();
+                comm.all_reduce(&mut buf, ReduceOp::Sum).await?;
+            } else {
+                let (a, b) = tokio::join!(comm.all_reduce(gout, ReduceOp::Sum), async {
+                    let t = Instant::now();
+                    model.backward_hidden(&params, &xs, &acts, &ds, ghid);
+                    busy += t.elapsed();
+                    comm.all_reduce(ghid, ReduceOp::Sum).await
+                });
+                a?;
+                b?;
+            }
+            let t1 = t0 + busy;
             let t2 = Instant::now();
             let scale = 1.0 / global.len() as f32;
             for ((p, v), g) in params.iter_mut().zip(&mut velocity).zip(&buf[..n]) {
@@ -629,6 +737,12 @@ pub async fn train(
         log.push(stats);
         (loss_sum, loss_count) = (0.0, 0);
     }
+    if let (0, Some(path)) = (rank, &cfg.plot) {
+        plot_losses(path, &log, size)?;
+        if cfg.verbose {
+            println!("loss curve written to {}", path.display());
+        }
+    }
     Ok(Outcome {
         params,
         velocity,
@@ -661,6 +775,65 @@ pub fn format_stats(s: &EpochStats, ranks: usize) -> String {
         100.0 * s.comm.as_secs_f64() / busy,
         s.compute.as_secs_f64() * 1e3,
     )
+}
+
+// ---------------------------------------------------------------- plotting
+
+/// Draw training MSE and held-out RMSE per epoch into an SVG file.
+pub fn plot_losses(path: &Path, log: &[EpochStats], ranks: usize) -> Result<(), TrainError> {
+    use plotters::prelude::*;
+    let fail =
+        |e: &dyn std::fmt::Display| TrainError::Usage(format!("--plot {}: {e}", path.display()));
+    let (Some(first), Some(last)) = (log.first(), log.last()) else {
+        return Ok(());
+    };
+    let top = log
+        .iter()
+        .flat_map(|s| [s.train_mse, s.test_rmse])
+        .fold(0.0f64, f64::max)
+        * 1.1;
+    let root = SVGBackend::new(path, (800, 480)).into_drawing_area();
+    root.fill(&WHITE).map_err(|e| fail(&e))?;
+    let x0 = first.epoch as f64 - 0.5;
+    let x1 = last.epoch as f64 + 0.5;
+    let mut chart = ChartBuilder::on(&root)
+        .caption(
+            format!("Wine Quality MLP, data-parallel on {ranks} rank(s)"),
+            ("sans-serif", 22),
+        )
+        .margin(12)
+        .x_label_area_size(40)
+        .y_label_area_size(56)
+        .build_cartesian_2d(x0..x1, 0.0..top.max(1e-6))
+        .map_err(|e| fail(&e))?;
+    chart
+        .configure_mesh()
+        .x_desc("epoch")
+        .y_desc("loss")
+        .draw()
+        .map_err(|e| fail(&e))?;
+    type Series = (&'static str, RGBColor, fn(&EpochStats) -> f64);
+    let series: [Series; 2] = [
+        ("training MSE", BLUE, |s| s.train_mse),
+        ("held-out RMSE", RED, |s| s.test_rmse),
+    ];
+    for (name, color, f) in series {
+        chart
+            .draw_series(LineSeries::new(
+                log.iter().map(|s| (s.epoch as f64, f(s))),
+                color.stroke_width(2),
+            ))
+            .map_err(|e| fail(&e))?
+            .label(name)
+            .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], color));
+    }
+    chart
+        .configure_series_labels()
+        .background_style(WHITE.mix(0.8))
+        .border_style(BLACK)
+        .draw()
+        .map_err(|e| fail(&e))?;
+    root.present().map_err(|e| fail(&e))
 }
 
 // ------------------------------------------------------------- checkpoints

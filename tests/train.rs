@@ -95,6 +95,80 @@ async fn n_ranks_train_the_same_model_as_one_rank() {
     }
 }
 
+/// The layer-by-layer backward pass (which lets the output layer's bucket
+/// be all-reduced while the hidden layer's gradient is computed) gives the
+/// same bits as the one-pass gradient.
+#[test]
+fn layer_wise_backward_matches_the_one_pass_gradient_bitwise() {
+    let data = train::load_data();
+    let model = train::Mlp { hidden: 16 };
+    let p = model.init(&mut train::Rng::new(3, 0));
+    let (xs, ys) = (&data.train_x[..64 * 11], &data.train_y[..64]);
+    let mut one = vec![0f32; model.n_params()];
+    let loss1 = model.grad_sum(&p, xs, ys, &mut one);
+    let mut two = vec![0f32; model.n_params()];
+    let (acts, ds) = (&mut Vec::new(), &mut Vec::new());
+    let (ghid, gout) = two.split_at_mut(model.split());
+    let loss2 = model.backward_output(&p, xs, ys, acts, ds, gout);
+    model.backward_hidden(&p, xs, acts, ds, ghid);
+    assert_eq!(loss1.to_bits(), loss2.to_bits());
+    assert!(one
+        .iter()
+        .zip(&two)
+        .all(|(a, b)| a.to_bits() == b.to_bits()));
+}
+
+/// DDP-style buckets (two, overlapping the hidden layer's backward pass)
+/// train the same model as one fused all_reduce: bitwise on 2 ranks (every
+/// algorithm adds the same two values), within rounding on 3 (the bucket
+/// sizes pick different algorithms, which associate the sums differently).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ddp_buckets_train_the_same_model_as_one_fused_buffer() {
+    let data = Arc::new(train::load_data());
+    for ranks in [2, 3] {
+        let fused = agreed(run(ranks, &data, &small()).await);
+        let bucketed = TrainConfig {
+            bucket_bytes: 1024,
+            ..small()
+        };
+        let split = agreed(run(ranks, &data, &bucketed).await);
+        let worst = fused
+            .params
+            .iter()
+            .zip(&split.params)
+            .map(|(a, b)| (a - b).abs())
+            .fold(0f32, f32::max);
+        if ranks == 2 {
+            assert_eq!(worst, 0.0, "2 ranks: bucketed differs by {worst:e}");
+        } else {
+            let scale = fused.params.iter().fold(1f32, |m, p| m.max(p.abs()));
+            assert!(
+                worst <= 1e-5 * scale,
+                "3 ranks: bucketed differs by {worst:e}"
+            );
+        }
+    }
+}
+
+/// `--plot` draws the loss curve.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn plot_draws_the_loss_curve_as_svg() {
+    let data = Arc::new(train::load_data());
+    let dir = scratch_dir("plot");
+    std::fs::create_dir_all(&dir).unwrap();
+    let svg = dir.join("loss.svg");
+    let cfg = TrainConfig {
+        plot: Some(svg.clone()),
+        ..small()
+    };
+    agreed(run(2, &data, &cfg).await);
+    let text = std::fs::read_to_string(&svg).expect("the plot was written");
+    assert!(text.starts_with("<svg"), "{}", &text[..80.min(text.len())]);
+    assert!(text.contains("training MSE") && text.contains("held-out RMSE"));
+    assert!(text.contains("<polyline"), "no curve drawn");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
 /// Stopping after a checkpoint and resuming gives exactly (bitwise) the
 /// parameters and loss curve of an uninterrupted run.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -251,7 +325,7 @@ async fn corrupt_checkpoint_is_refused_by_every_rank() {
 
 #[test]
 fn flags_parse() {
-    let args: Vec<String> = "--epochs 3 --batch 32 --lr 0.05 --seed 9 --checkpoint-dir d --checkpoint-every 5 --resume --ranks 2"
+    let args: Vec<String> = "--epochs 3 --batch 32 --lr 0.05 --seed 9 --checkpoint-dir d --checkpoint-every 5 --resume --ranks 2 --bucket-kb 4 --plot c.svg"
         .split(' ')
         .map(String::from)
         .collect();
@@ -261,6 +335,8 @@ fn flags_parse() {
         (3, 32, 9, 5, 2)
     );
     assert!(cfg.resume && cfg.checkpoint_dir.is_some() && (cfg.lr - 0.05).abs() < 1e-9);
+    assert_eq!(cfg.bucket_bytes, 4096);
+    assert_eq!(cfg.plot.as_deref(), Some(std::path::Path::new("c.svg")));
     assert!(train::parse_args(&["--resume".to_string()]).is_err());
     assert!(train::parse_args(&["--epochs".to_string()]).is_err());
     assert!(train::parse_args(&["--bogus".to_string()]).is_err());
