@@ -6,6 +6,7 @@ use crate::place::{self, Placement};
 use crate::spawn;
 use rankmesh::bootstrap::{Seed, SeedConfig};
 use std::ffi::OsString;
+use std::io::IsTerminal;
 use std::net::SocketAddr;
 use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
 use std::os::unix::process::ExitStatusExt;
@@ -589,6 +590,20 @@ pub async fn run(plan: Plan) -> i32 {
     tokio::pin!(formed);
     let mut forming = job.code.is_none();
     let mut last_progress: Option<Instant> = None;
+    // On a terminal, formation progress is a bar; otherwise plain lines.
+    let bar = (forming && !quiet && std::io::stderr().is_terminal()).then(|| {
+        let b = indicatif::ProgressBar::with_draw_target(
+            Some(np as u64),
+            indicatif::ProgressDrawTarget::stderr(),
+        );
+        if let Ok(style) = indicatif::ProgressStyle::with_template(
+            "rankrun: {spinner} [{bar:30}] {pos}/{len} ranks joined; {wide_msg}",
+        ) {
+            b.set_style(style.progress_chars("=> "));
+        }
+        b.enable_steady_tick(Duration::from_millis(120));
+        b
+    });
     let mut tick = tokio::time::interval(Duration::from_millis(200));
     let timeout = plan.cli.timeout;
     let mut signals = 0;
@@ -600,6 +615,9 @@ pub async fn run(plan: Plan) -> i32 {
             },
             r = &mut formed, if forming => {
                 forming = false;
+                if let Some(b) = &bar {
+                    b.finish_and_clear();
+                }
                 match r {
                     Ok(_) => {
                         token_dir.remove();
@@ -630,6 +648,12 @@ pub async fn run(plan: Plan) -> i32 {
             ch = joined_rx.changed(), if forming => {
                 if ch.is_err() {
                     forming = false;
+                } else if let Some(b) = &bar {
+                    let joined = joined_rx.borrow_and_update().clone();
+                    b.set_position(joined.len() as u64);
+                    if joined.len() < np {
+                        b.set_message(format!("waiting for rank(s) {}", job.missing(&joined)));
+                    }
                 } else if !quiet && t0.elapsed() >= Duration::from_secs(1)
                     && matches!(job.state, State::Running)
                 {
@@ -653,7 +677,7 @@ pub async fn run(plan: Plan) -> i32 {
             },
             _ = tick.tick() => {
                 let now = Instant::now();
-                if forming && !quiet && matches!(job.state, State::Running) {
+                if forming && !quiet && bar.is_none() && matches!(job.state, State::Running) {
                     let due = match last_progress {
                         None => t0.elapsed() >= Duration::from_secs(1),
                         Some(t) => now - t >= Duration::from_secs(10),
@@ -684,6 +708,9 @@ pub async fn run(plan: Plan) -> i32 {
                 }
             },
         }
+    }
+    if let Some(b) = &bar {
+        b.finish_and_clear();
     }
 
     // Let the output drain; processes that left the rank's process group

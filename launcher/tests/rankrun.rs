@@ -313,6 +313,34 @@ fn sigusr1_makes_every_rank_write_its_flight_recorder() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
+/// On a terminal (here a pseudo-terminal from `script`), formation
+/// progress is a bar that names the ranks still missing.
+#[test]
+fn formation_progress_is_a_bar_on_a_terminal() {
+    let cmd = format!(
+        "'{}' -n 2 sh -c 'sleep $((RANKMESH_RANK * 2)); exec \"$0\"' '{}'",
+        env!("CARGO_BIN_EXE_rankrun"),
+        probe().display()
+    );
+    let child = Command::new("script")
+        .args(["-qec", &cmd, "/dev/null"])
+        .env_remove("SLURM_JOB_ID")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start script(1) (util-linux)");
+    let out = wait_limited(child, LIMIT);
+    let all = text(&out.stdout) + &text(&out.stderr);
+    assert_eq!(out.status.code(), Some(0), "{all}");
+    assert!(all.contains("1/2 ranks joined; waiting for rank"), "{all}");
+    assert!(
+        all.contains("=>") || all.contains("=="),
+        "no bar drawn: {all}"
+    );
+    assert!(all.contains("all 2 ranks joined"), "{all}");
+}
+
 #[test]
 fn join_timeout_names_the_missing_rank_and_host() {
     let script = format!(
