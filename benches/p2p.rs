@@ -57,6 +57,7 @@ fn bench_rankmesh() -> (f64, f64) {
                 rank: Some(r),
                 world_size: Some(2),
                 host: "localhost".into(),
+                late: false,
             };
             std::thread::spawn(move || rt().block_on(rank(spec)).expect("rank"))
         })

@@ -10,6 +10,7 @@
 //! | `RANKMESH_RANK` (else `SLURM_PROCID`) | the rank to request |
 //! | `RANKMESH_JOB_ID` | the job id (checked against the seed's) |
 //! | `RANKMESH_LOCAL_RANK` (else `SLURM_LOCALID`), `RANKMESH_LOCAL_SIZE` | placement on this host |
+//! | `RANKMESH_JOIN` | `1`: join a running elastic job at its next checkpoint (`rankrun --join`) |
 //!
 //! Optional overrides of [`Config`] fields: `RANKMESH_OP_TIMEOUT`,
 //! `RANKMESH_FORMATION_TIMEOUT`, `RANKMESH_IDLE_TIMEOUT` (seconds, decimals
@@ -41,6 +42,8 @@ pub struct LaunchEnv {
     pub local_rank: Option<usize>,
     /// Ranks on this host, when given.
     pub local_size: Option<usize>,
+    /// `RANKMESH_JOIN=1`: join a running elastic job (`rankrun --join`).
+    pub join: bool,
 }
 
 type Lookup<'a> = &'a dyn Fn(&str) -> Option<String>;
@@ -125,6 +128,15 @@ impl LaunchEnv {
             job_id: get("RANKMESH_JOB_ID"),
             local_rank: parse_usize(get, &["RANKMESH_LOCAL_RANK", "SLURM_LOCALID"])?,
             local_size: parse_usize(get, &["RANKMESH_LOCAL_SIZE"])?,
+            join: match get("RANKMESH_JOIN").as_deref().map(str::trim) {
+                None | Some("0") | Some("false") => false,
+                Some("1") | Some("true") => true,
+                Some(v) => {
+                    return Err(Error::config(format!(
+                        "RANKMESH_JOIN={v:?}: expected 1 or 0"
+                    )))
+                }
+            },
         })
     }
 
@@ -137,6 +149,7 @@ impl LaunchEnv {
             rank: self.rank,
             world_size: self.world_size,
             host: hostname(),
+            late: self.join,
         }
     }
 }

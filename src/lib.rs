@@ -41,7 +41,9 @@ pub mod transport;
 pub mod wire;
 
 pub use coll::CollKind;
-pub use comm::{init, init_with, Communicator};
+pub use comm::{
+    init, init_elastic, init_elastic_with, init_with, Communicator, Membership, Rebuilt,
+};
 pub use config::{Algorithm, Config};
 pub use datatype::{DType, Element, ReduceOp};
 pub use error::{Error, Result};

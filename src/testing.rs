@@ -46,6 +46,7 @@ where
         rank: None,
         world_size: Some(world_size),
         host: "localhost".into(),
+        late: false,
     };
     let mut cfg = config;
     cfg.set_bind_ip(Some(IpAddr::V4(Ipv4Addr::LOCALHOST)));

@@ -25,6 +25,7 @@ fn run_threads<T: Send + 'static>(n: usize, f: fn(blocking::Communicator) -> Res
                 rank: Some(r),
                 world_size: Some(n),
                 host: "localhost".into(),
+                late: false,
             };
             std::thread::spawn(move || {
                 let mut cfg = Config::default();

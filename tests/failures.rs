@@ -224,6 +224,7 @@ fn a_silent_rank_is_detected_within_the_idle_timeout() {
         rank: Some(r),
         world_size: Some(2),
         host: "localhost".into(),
+        late: false,
     };
     let (s0, s1, c0, c1) = (spec(0), spec(1), cfg.clone(), cfg);
     let silent = std::thread::spawn(move || {

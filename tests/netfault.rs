@@ -153,6 +153,7 @@ fn job_on<T: Send + 'static>(
                 rank: Some(r),
                 world_size: Some(4),
                 host: format!("host{}", r / 2),
+                late: false,
             };
             let mut cfg = cfg.clone();
             if let Some(ips) = bind {

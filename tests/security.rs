@@ -32,6 +32,7 @@ fn spec(seed: &Seed, rank: usize, n: usize) -> JoinSpec {
         rank: Some(rank),
         world_size: Some(n),
         host: "localhost".into(),
+        late: false,
     }
 }
 

@@ -6,7 +6,7 @@ use crate::config::Config;
 use crate::pki::{self, Credentials, RankKey};
 use crate::transport::quic::endpoint;
 use crate::wire::control::{
-    Formation, JoinReply, JoinRequest, Notice, PeerInfo, Ready, RejectKind,
+    EpochInfo, Formation, JoinReply, JoinRequest, Notice, PeerInfo, Ready, RejectKind,
 };
 use crate::{Error, Result};
 use quinn::crypto::rustls::QuicClientConfig;
@@ -30,6 +30,10 @@ pub struct JoinSpec {
     pub world_size: Option<usize>,
     /// This host's name, for messages that name the rank.
     pub host: String,
+    /// Join an elastic job that is already running: the seed admits the
+    /// process at the job's next membership point (`rank` and `world_size`
+    /// are then ignored).
+    pub late: bool,
 }
 
 /// The connection to the seed, held for the job's lifetime: the seed tells
@@ -67,6 +71,17 @@ impl SeedLink {
         g.take().map(|recv| Notices { recv })
     }
 
+    /// Tell the seed this member reached a membership point of `epoch`
+    /// (elastic jobs); the seed answers on the notice stream.
+    pub async fn request_rebuild(&self, rank: usize, epoch: u32) -> Result<()> {
+        let mut send = self.send.lock().await;
+        let n = Notice::Rebuild {
+            rank: rank as u32,
+            epoch,
+        };
+        write_msg(&mut send, &n).await
+    }
+
     /// Ask the seed to end the job for every rank.
     pub async fn request_abort(&self, rank: usize, reason: &str) -> Result<()> {
         let mut send = self.send.lock().await;
@@ -88,6 +103,9 @@ pub struct Joined {
     pub epoch: u32,
     /// Peer table in rank order.
     pub peers: Vec<PeerInfo>,
+    /// For a late joiner of an elastic job: the epoch it was admitted with
+    /// (its members, in rank order, by member id).
+    pub admitted: Option<EpochInfo>,
     /// The open connection to the seed.
     pub seed: SeedLink,
 }
@@ -125,7 +143,7 @@ pub async fn join(
         .await
         .map_err(|_| unreachable(format!("no answer within {deadline:?}")))?
         .map_err(|e| unreachable(e.to_string()))?;
-    let result = exchange(&conn, endpoint, spec, deadline, admitted).await;
+    let result = exchange(&conn, endpoint, spec, deadline, cfg.op_timeout(), admitted).await;
     if result.is_err() {
         conn.close(quinn::VarInt::from_u32(1), b"join failed");
     }
@@ -137,6 +155,7 @@ async fn exchange(
     endpoint: &quinn::Endpoint,
     spec: &JoinSpec,
     deadline: Duration,
+    cfg_admission: Duration,
     admitted: impl FnOnce(&Credentials) -> Result<()>,
 ) -> Result<Joined> {
     let seed = spec.seed;
@@ -147,8 +166,8 @@ async fn exchange(
     let req = JoinRequest {
         proof: spec.token.proof(conn, Direction::RankToSeed)?,
         job_id: spec.job_id.clone(),
-        requested_rank: spec.rank.map(|r| r as u32),
-        world_size: spec.world_size.map(|w| w as u32),
+        requested_rank: spec.rank.filter(|_| !spec.late).map(|r| r as u32),
+        world_size: spec.world_size.filter(|_| !spec.late).map(|w| w as u32),
         listen,
         host: spec.host.clone(),
         pid: std::process::id(),
@@ -200,8 +219,9 @@ async fn exchange(
              job's seed (check RANKMESH_SEED and RANKMESH_TOKEN)"
         )));
     }
-    let asked =
-        spec.rank.is_some_and(|r| r != rank) || spec.world_size.is_some_and(|w| w != world_size);
+    let asked = !spec.late
+        && (spec.rank.is_some_and(|r| r != rank)
+            || spec.world_size.is_some_and(|w| w != world_size));
     if world_size == 0 || rank >= world_size || asked {
         return Err(Error::protocol(format!(
             "the seed at {seed} assigned rank {rank} of {world_size}, but this rank asked \
@@ -224,13 +244,43 @@ async fn exchange(
         world_size,
         "admitted by the seed; waiting for formation"
     );
-    let formation: Formation = tokio::time::timeout(
-        deadline + Duration::from_secs(5),
-        read_msg(&mut recv, &seed_name),
-    )
-    .await
-    .map_err(timed("complete formation"))??;
+    // A late joiner waits for the job's next membership point.
+    let wait = if spec.late {
+        cfg_admission
+    } else {
+        deadline + Duration::from_secs(5)
+    };
+    let formation: Formation = tokio::time::timeout(wait, read_msg(&mut recv, &seed_name))
+        .await
+        .map_err(timed("complete formation"))??;
+    let link = |send, recv| SeedLink {
+        conn: conn.clone(),
+        send: tokio::sync::Mutex::new(send),
+        recv: std::sync::Mutex::new(Some(recv)),
+    };
     match formation {
+        Formation::Admitted(info) => {
+            let valid = info.members.contains(&(rank as u32))
+                && info
+                    .members
+                    .iter()
+                    .all(|&m| (m as usize) < info.table.len());
+            if !spec.late || !valid {
+                return Err(Error::protocol(format!(
+                    "the seed at {seed} sent an invalid admission (epoch {}, {} members)",
+                    info.epoch,
+                    info.members.len()
+                )));
+            }
+            Ok(Joined {
+                creds,
+                world_size: info.members.len(),
+                epoch: info.epoch,
+                peers: info.table.clone(),
+                admitted: Some(info),
+                seed: link(send, recv),
+            })
+        }
         Formation::Welcome { epoch, peers } => {
             if peers.len() != world_size {
                 return Err(Error::protocol(format!(
@@ -243,11 +293,8 @@ async fn exchange(
                 world_size,
                 epoch,
                 peers,
-                seed: SeedLink {
-                    conn: conn.clone(),
-                    send: tokio::sync::Mutex::new(send),
-                    recv: std::sync::Mutex::new(Some(recv)),
-                },
+                admitted: None,
+                seed: link(send, recv),
             })
         }
         Formation::Failed { reason } => Err(membership(reason)),

@@ -9,11 +9,12 @@ use crate::config::Config;
 use crate::pki::{self, JobCa};
 use crate::transport::quic::endpoint;
 use crate::wire::control::{
-    Formation, JoinReply, JoinRequest, Notice, PeerInfo, Ready, RejectKind,
+    EpochInfo, Formation, JoinReply, JoinRequest, Notice, PeerInfo, Ready, RejectKind,
 };
 use crate::{Error, Result};
 use quinn::crypto::rustls::QuicServerConfig;
 use quinn::VarInt;
+use std::collections::BTreeSet;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -29,6 +30,7 @@ pub struct SeedConfig {
     token: Option<JobToken>,
     formation_timeout: Duration,
     cert_lifetime: Duration,
+    elastic: Option<(usize, usize)>,
 }
 
 impl SeedConfig {
@@ -42,7 +44,16 @@ impl SeedConfig {
             token: None,
             formation_timeout: Duration::from_secs(60),
             cert_lifetime: Duration::from_secs(30 * 24 * 3600),
+            elastic: None,
         }
+    }
+
+    /// Make the job elastic: after formation, processes may join (they are
+    /// admitted at the next membership point, up to `max` ranks in all), and
+    /// the job may continue without lost ranks down to `min`.
+    pub fn set_elastic(&mut self, min: usize, max: usize) -> &mut Self {
+        self.elastic = Some((min, max));
+        self
     }
 
     /// Address (and port, 0 = any) to listen on.
@@ -89,6 +100,99 @@ struct Inner {
     /// Notices for every rank after formation (a rank left, the job was
     /// aborted).
     notices: tokio::sync::broadcast::Sender<Notice>,
+    /// Membership of an elastic job after formation.
+    elastic: Option<Mutex<Elastic>>,
+    /// The latest epoch decided (late joiners wait on it).
+    epochs: watch::Sender<u32>,
+}
+
+/// Membership of an elastic job.
+struct Elastic {
+    min: usize,
+    max: usize,
+    epoch: u32,
+    /// Every member ever admitted, by member id.
+    table: Vec<PeerInfo>,
+    /// The current epoch's members, in rank order.
+    members: Vec<usize>,
+    /// Members whose link to the seed is open.
+    live: BTreeSet<usize>,
+    /// Admitted joiners waiting for the next epoch.
+    pending: Vec<usize>,
+    /// Joiners being admitted (counted against the maximum).
+    reserved: usize,
+    /// Members that reached the current epoch's membership point.
+    requests: BTreeSet<usize>,
+    /// The latest decision.
+    last: Option<EpochInfo>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+impl Inner {
+    /// Once every live member of the current epoch asked, decide the next
+    /// epoch: the live members in their order, then the waiting joiners.
+    fn try_decide(&self) {
+        let Some(el) = &self.elastic else { return };
+        let mut el = lock(el);
+        if el.requests.is_empty() {
+            return;
+        }
+        let survivors: Vec<usize> = el
+            .members
+            .iter()
+            .copied()
+            .filter(|m| el.live.contains(m))
+            .collect();
+        if !survivors.iter().all(|m| el.requests.contains(m)) {
+            return;
+        }
+        let epoch = el.epoch;
+        el.requests.clear();
+        let left: Vec<u32> = el
+            .members
+            .iter()
+            .filter(|m| !el.live.contains(m))
+            .map(|&m| m as u32)
+            .collect();
+        let joined = std::mem::take(&mut el.pending);
+        let mut members = survivors;
+        members.extend(&joined);
+        if members.len() < el.min {
+            let reason = format!(
+                "only {} rank(s) remain, fewer than the job's minimum of {} (rankrun --elastic \
+                 MIN:MAX); the job cannot continue",
+                members.len(),
+                el.min
+            );
+            tracing::error!("seed: epoch {epoch}: {reason}");
+            el.pending = joined;
+            let _ = self.notices.send(Notice::RebuildFailed { epoch, reason });
+            return;
+        }
+        el.epoch += 1;
+        el.live.extend(&joined);
+        el.members = members;
+        let info = EpochInfo {
+            epoch: el.epoch,
+            table: el.table.clone(),
+            members: el.members.iter().map(|&m| m as u32).collect(),
+            joined: joined.iter().map(|&m| m as u32).collect(),
+            left,
+        };
+        tracing::info!(
+            "seed: epoch {}: {} rank(s), {} joined, {} left",
+            info.epoch,
+            info.members.len(),
+            info.joined.len(),
+            info.left.len()
+        );
+        el.last = Some(info.clone());
+        let _ = self.notices.send(Notice::Epoch(info));
+        self.epochs.send_replace(el.epoch);
+    }
 }
 
 /// A running seed: the job's certificate authority and formation point.
@@ -109,6 +213,14 @@ impl Seed {
     pub fn start(cfg: SeedConfig) -> Result<Seed> {
         if cfg.world_size == 0 {
             return Err(Error::config("world size must be at least 1"));
+        }
+        if let Some((min, max)) = cfg.elastic {
+            if min == 0 || min > cfg.world_size || max < cfg.world_size {
+                return Err(Error::config(format!(
+                    "elastic bounds {min}:{max} must satisfy 1 <= MIN <= world size ({}) <= MAX",
+                    cfg.world_size
+                )));
+            }
         }
         let job_id = match cfg.job_id {
             Some(j) => j,
@@ -137,6 +249,21 @@ impl Seed {
             phase: watch::channel(Phase::Forming).0,
             joined: watch::channel(Vec::new()).0,
             notices: tokio::sync::broadcast::channel(256).0,
+            elastic: cfg.elastic.map(|(min, max)| {
+                Mutex::new(Elastic {
+                    min,
+                    max,
+                    epoch: 1,
+                    table: Vec::new(),
+                    members: Vec::new(),
+                    live: BTreeSet::new(),
+                    pending: Vec::new(),
+                    reserved: 0,
+                    requests: BTreeSet::new(),
+                    last: None,
+                })
+            }),
+            epochs: watch::channel(1).0,
         });
         let tasks = Arc::new(Mutex::new(JoinSet::new()));
         let (i, ep, t) = (inner.clone(), endpoint.clone(), tasks.clone());
@@ -210,6 +337,14 @@ impl Seed {
     /// formation completed (for launchers that show progress).
     pub fn joined_ranks(&self) -> watch::Receiver<Vec<usize>> {
         self.inner.joined.subscribe()
+    }
+
+    /// Processes waiting to join an elastic job at its next checkpoint.
+    pub fn waiting_joiners(&self) -> usize {
+        self.inner
+            .elastic
+            .as_ref()
+            .map_or(0, |el| lock(el).pending.len())
     }
 
     /// Stop the seed and every task it runs.
@@ -290,6 +425,10 @@ async fn handle(inner: Arc<Inner>, incoming: quinn::Incoming) -> Result<()> {
         let reason = "the seed refused this rank: its job token does not match the job's \
                       (check RANKMESH_TOKEN; it must come from the rankrun that started the job)";
         return reject(&conn, &mut send, RejectKind::Auth, reason.into()).await;
+    }
+    let formed = matches!(*inner.phase.borrow(), Phase::Formed(_));
+    if formed && inner.elastic.is_some() {
+        return late_join(inner, conn, send, recv, req).await;
     }
     let info = JoinInfo {
         job_id: req.job_id.clone(),
@@ -374,7 +513,13 @@ async fn handle(inner: Arc<Inner>, incoming: quinn::Incoming) -> Result<()> {
         req.host,
         req.listen
     );
-    if let Phase::Formed(_) = &phase {
+    if let Phase::Formed(peers) = &phase {
+        if let Some(el) = &inner.elastic {
+            let mut el = lock(el);
+            el.table = peers.clone();
+            el.members = (0..peers.len()).collect();
+            el.live = el.members.iter().copied().collect();
+        }
         tracing::info!(
             "seed: all {} ranks joined; job {} formed",
             inner.world_size,
@@ -422,6 +567,10 @@ async fn relay(
                 Ok(n) => {
                     let from = match &n {
                         Notice::RankGone { rank, .. } | Notice::Abort { rank, .. } => *rank as usize,
+                        // Only the seed sends these; a member's own request
+                        // is never relayed.
+                        Notice::Epoch(_) | Notice::RebuildFailed { .. } => usize::MAX,
+                        Notice::Rebuild { .. } => continue,
                     };
                     if from != rank && write_msg(send, &n).await.is_err() {
                         break conn.closed().await;
@@ -434,6 +583,34 @@ async fn relay(
                 Ok(Notice::Abort { reason, .. }) => {
                     tracing::warn!("seed: rank {rank} aborted the job: {reason}");
                     let _ = inner.notices.send(Notice::Abort { rank: rank as u32, reason });
+                }
+                Ok(Notice::Rebuild { epoch, .. }) => {
+                    let refused = match &inner.elastic {
+                        None => Some("this job is not elastic (start it with rankrun --elastic \
+                                      MIN:MAX)".to_string()),
+                        Some(el) => {
+                            let mut el = lock(el);
+                            if el.epoch != epoch || !el.members.contains(&rank) {
+                                Some(format!(
+                                    "member {rank} asked to leave epoch {epoch}, but the job is \
+                                     at epoch {}",
+                                    el.epoch
+                                ))
+                            } else {
+                                el.requests.insert(rank);
+                                None
+                            }
+                        }
+                    };
+                    match refused {
+                        Some(reason) => {
+                            let n = Notice::RebuildFailed { epoch, reason };
+                            if write_msg(send, &n).await.is_err() {
+                                break conn.closed().await;
+                            }
+                        }
+                        None => inner.try_decide(),
+                    }
                 }
                 Ok(_) => {}
                 Err(_) => listening = false,
@@ -459,4 +636,122 @@ async fn relay(
         rank: rank as u32,
         reason,
     });
+    if let Some(el) = &inner.elastic {
+        {
+            let mut el = lock(el);
+            el.live.remove(&rank);
+            el.requests.remove(&rank);
+        }
+        inner.try_decide();
+    }
+}
+
+/// A process joining an elastic job after formation: admitted now as a
+/// member id, it waits for the next epoch that includes it.
+async fn late_join(
+    inner: Arc<Inner>,
+    conn: quinn::Connection,
+    mut send: quinn::SendStream,
+    mut recv: quinn::RecvStream,
+    req: JoinRequest,
+) -> Result<()> {
+    let Some(el) = &inner.elastic else {
+        return Ok(());
+    };
+    let peer = PeerInfo {
+        addr: req.listen,
+        host: req.host.clone(),
+        pid: req.pid,
+    };
+    if req.job_id.as_deref().is_some_and(|j| j != inner.job_id) {
+        let reason = format!(
+            "this process was started for job {:?}, but the seed runs job {}",
+            req.job_id, inner.job_id
+        );
+        return reject(&conn, &mut send, RejectKind::Membership, reason).await;
+    }
+    let full = {
+        let mut el = lock(el);
+        let taken = el.members.len() + el.pending.len() + el.reserved;
+        if taken >= el.max {
+            Some(format!(
+                "the job already has {} rank(s) and {} waiting to join, its maximum of {} \
+                 (rankrun --elastic MIN:MAX); this process was not admitted",
+                el.members.len(),
+                el.pending.len() + el.reserved,
+                el.max
+            ))
+        } else {
+            el.reserved += 1;
+            None
+        }
+    };
+    if let Some(reason) = full {
+        tracing::warn!(
+            "seed: refused a joiner (pid {} on {}): {reason}",
+            req.pid,
+            req.host
+        );
+        return reject(&conn, &mut send, RejectKind::Membership, reason).await;
+    }
+    let id = {
+        let mut el = lock(el);
+        el.table.push(peer);
+        el.table.len() - 1
+    };
+    let release = || lock(el).reserved -= 1;
+    let cert_der = match inner.ca.sign_rank(&req.csr_der, id) {
+        Ok(c) => c,
+        Err(e) => {
+            release();
+            return reject(&conn, &mut send, RejectKind::Protocol, e.to_string()).await;
+        }
+    };
+    let reply = JoinReply::Accepted {
+        proof: inner.token.proof(&conn, Direction::SeedToRank)?,
+        rank: id as u32,
+        world_size: id as u32 + 1,
+        job_id: inner.job_id.clone(),
+        ca_der: inner.ca.cert_der().to_vec(),
+        cert_der: cert_der.to_vec(),
+    };
+    let ready = match write_msg(&mut send, &reply).await {
+        Ok(()) => read_msg::<Ready>(&mut recv, "joiner").await,
+        Err(e) => Err(e),
+    };
+    {
+        let mut el = lock(el);
+        el.reserved -= 1;
+        match ready {
+            Ok(r) if r.rank as usize == id => el.pending.push(id),
+            _ => return Ok(()),
+        }
+    }
+    tracing::info!(
+        "seed: member {id} ({} on {}) waits to join at the next checkpoint",
+        req.listen,
+        req.host
+    );
+    let mut epochs = inner.epochs.subscribe();
+    let info = loop {
+        tokio::select! {
+            ch = epochs.changed() => {
+                if ch.is_err() {
+                    return Ok(());
+                }
+                let last = lock(el).last.clone();
+                if let Some(info) = last.filter(|i| i.joined.contains(&(id as u32))) {
+                    break info;
+                }
+            }
+            _ = conn.closed() => {
+                lock(el).pending.retain(|&p| p != id);
+                tracing::info!("seed: member {id} left before it was admitted");
+                return Ok(());
+            }
+        }
+    };
+    write_msg(&mut send, &Formation::Admitted(info)).await?;
+    relay(&inner, id, &conn, &mut send, &mut recv).await;
+    Ok(())
 }

@@ -1,5 +1,6 @@
 //! Joining a job and building the world communicator.
 
+use super::elastic::{enter_epoch, Membership, Rebuilt};
 use super::{Communicator, World};
 use crate::bootstrap::{self, JoinSpec};
 use crate::config::Config;
@@ -14,9 +15,79 @@ use std::sync::Arc;
 /// communicator once every rank has joined.
 pub async fn init() -> Result<Communicator> {
     let launch = LaunchEnv::from_process()?;
+    if launch.join {
+        return Err(crate::Error::config(
+            "this process was started to join a running elastic job (RANKMESH_JOIN=1, rankrun \
+             --join); call rankmesh::init_elastic, which also returns the job's state",
+        ));
+    }
     let mut cfg = Config::default();
     env::apply_overrides(&mut cfg)?;
     init_with(launch.join_spec(), cfg).await
+}
+
+/// Join an elastic job: for the job's first ranks the same as [`init`]
+/// (no state; `membership.epoch` 1); for a process started to join a
+/// running job (`rankrun --join`, `RANKMESH_JOIN=1`) it returns once the job
+/// has admitted it at a checkpoint, with the state the job's rank 0 passed.
+pub async fn init_elastic() -> Result<Rebuilt> {
+    let launch = LaunchEnv::from_process()?;
+    let mut cfg = Config::default();
+    env::apply_overrides(&mut cfg)?;
+    init_elastic_with(launch.join_spec(), cfg).await
+}
+
+/// [`init_elastic`] with explicit settings (`spec.late`: join a running job).
+pub async fn init_elastic_with(spec: JoinSpec, cfg: Config) -> Result<Rebuilt> {
+    cfg.validate()?;
+    if !spec.late {
+        let comm = init_with(spec, cfg).await?;
+        let membership = Membership {
+            epoch: comm.inner.epoch,
+            rank: comm.rank(),
+            size: comm.size(),
+            previous_rank: Some(comm.rank()),
+            joined: Vec::new(),
+            left: Vec::new(),
+        };
+        return Ok(Rebuilt {
+            comm,
+            state: Vec::new(),
+            membership,
+        });
+    }
+    let (world, _, admitted) = join_world(spec, cfg).await?;
+    let Some(info) = admitted else {
+        return Err(crate::Error::protocol(
+            "the seed admitted this late joiner without an epoch",
+        ));
+    };
+    enter_epoch(world, info, None, Vec::new(), &[]).await
+}
+
+/// Join through the seed and start this process's transport and world;
+/// also returns a late joiner's admission.
+async fn join_world(
+    spec: JoinSpec,
+    cfg: Config,
+) -> Result<(Arc<World>, u32, Option<crate::wire::control::EpochInfo>)> {
+    let ip = cfg.bind_ip().unwrap_or_else(|| route_ip(spec.seed));
+    let ep = endpoint::bind(SocketAddr::new(ip, 0), &cfg)?;
+    let joined = bootstrap::join(&ep, &spec, &cfg, |creds| {
+        QuicTransport::accept_peers(&ep, creds, &cfg)
+    })
+    .await?;
+    let job_id = joined.creds.job_id.clone();
+    let epoch = joined.epoch;
+    let transport = QuicTransport::start(ep, &joined.creds, joined.peers, &cfg)?;
+    let world = Arc::new(World::new(
+        Arc::new(transport),
+        cfg,
+        job_id,
+        Some(joined.seed),
+    ));
+    dump_on_sigusr1(&world, epoch);
+    Ok((world, epoch, joined.admitted))
 }
 
 /// The IP of the interface that routes to `seed` (no packet is sent).
@@ -39,22 +110,8 @@ fn route_ip(seed: SocketAddr) -> IpAddr {
 /// Join the job described by `spec` with explicit settings.
 pub async fn init_with(spec: JoinSpec, cfg: Config) -> Result<Communicator> {
     cfg.validate()?;
-    let ip = cfg.bind_ip().unwrap_or_else(|| route_ip(spec.seed));
-    let ep = endpoint::bind(SocketAddr::new(ip, 0), &cfg)?;
-    let joined = bootstrap::join(&ep, &spec, &cfg, |creds| {
-        QuicTransport::accept_peers(&ep, creds, &cfg)
-    })
-    .await?;
-    let job_id = joined.creds.job_id.clone();
-    let transport = QuicTransport::start(ep, &joined.creds, joined.peers, &cfg)?;
-    let world = Arc::new(World::new(
-        Arc::new(transport),
-        cfg,
-        job_id,
-        Some(joined.seed),
-    ));
-    dump_on_sigusr1(&world, joined.epoch);
-    Ok(Communicator::world(world, joined.epoch))
+    let (world, epoch, _) = join_world(spec, cfg).await?;
+    Ok(Communicator::world(world, epoch))
 }
 
 /// On SIGUSR1 (which `rankrun` forwards to every rank), write the flight

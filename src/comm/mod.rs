@@ -7,11 +7,13 @@
 
 mod coll;
 mod device;
+mod elastic;
 mod init;
 mod p2p;
 mod recorder;
 
-pub use init::{init, init_with};
+pub use elastic::{Membership, Rebuilt};
+pub use init::{init, init_elastic, init_elastic_with, init_with};
 
 use crate::bootstrap::SeedLink;
 use crate::config::Config;
@@ -24,6 +26,13 @@ use std::future::Future;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
+
+/// What the seed said about the next membership epoch.
+#[derive(Clone, Debug)]
+pub(crate) enum EpochNews {
+    Next(crate::wire::control::EpochInfo),
+    Failed { epoch: u32, reason: String },
+}
 
 /// Per-process state shared by every communicator of a rank.
 pub(crate) struct World {
@@ -38,6 +47,8 @@ pub(crate) struct World {
     p2p_ops: AtomicU64,
     /// Helper tasks that live as long as this world (the SIGUSR1 listener).
     helpers: Mutex<Vec<tokio::task::JoinHandle<()>>>,
+    /// The seed's latest membership decision (elastic jobs).
+    pub(crate) epochs: tokio::sync::watch::Sender<Option<EpochNews>>,
     /// Listens to the seed's notices (a rank left; the job was aborted).
     listener: Option<tokio::task::JoinHandle<()>>,
 }
@@ -49,6 +60,8 @@ impl World {
         job_id: String,
         seed: Option<SeedLink>,
     ) -> World {
+        let epochs = tokio::sync::watch::channel(None).0;
+        let news = epochs.clone();
         let listener = seed.as_ref().and_then(|s| s.notices()).map(|mut notices| {
             let t = transport.clone();
             tokio::spawn(async move {
@@ -64,6 +77,13 @@ impl World {
                         Notice::Abort { rank, reason } => {
                             t.mailbox().abort_job(rank as usize, &reason)
                         }
+                        Notice::Epoch(info) => {
+                            news.send_replace(Some(EpochNews::Next(info)));
+                        }
+                        Notice::RebuildFailed { epoch, reason } => {
+                            news.send_replace(Some(EpochNews::Failed { epoch, reason }));
+                        }
+                        Notice::Rebuild { .. } => {}
                     }
                 }
             })
@@ -72,6 +92,7 @@ impl World {
             recorder: recorder::Recorder::new(transport.rank(), &job_id, &config),
             p2p_ops: AtomicU64::new(0),
             helpers: Mutex::new(Vec::new()),
+            epochs,
             transport,
             config,
             job_id,

@@ -106,6 +106,13 @@ pub trait Transport: Send + Sync + 'static {
     /// A human-readable location of `rank` (address, host) for messages.
     fn peer_location(&self, rank: usize) -> String;
 
+    /// Extend the peer table with new members of an elastic job (`table`
+    /// indexed by world rank; entries this rank already has are kept).
+    fn add_peers(&self, table: &[crate::wire::control::PeerInfo]) -> Result<(), String> {
+        let _ = table;
+        Err("this transport cannot add ranks to a running job".into())
+    }
+
     /// Stop. `graceful`: tell connected peers this rank is done and wait
     /// (bounded) until they are done too, so no data in flight is lost.
     /// Otherwise close at once so peers learn of the failure immediately.

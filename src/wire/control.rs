@@ -19,7 +19,7 @@ use std::net::SocketAddr;
 /// Size of the fixed prefix.
 pub const PREFIX_LEN: usize = 32;
 /// Version of the join protocol this build speaks.
-pub const PROTOCOL_VERSION: u32 = 1;
+pub const PROTOCOL_VERSION: u32 = 2;
 /// Largest control body accepted (certificates and peer tables fit easily).
 pub const MAX_BODY: usize = 4 << 20;
 const MAGIC: [u8; 8] = *b"RANKMESH";
@@ -251,6 +251,39 @@ pub enum Notice {
         /// Its reason.
         reason: String,
     },
+    /// Rank -> seed (elastic jobs): `rank` reached a membership point of
+    /// `epoch` (`Communicator::checkpoint` or `recover`).
+    Rebuild {
+        /// The member asking.
+        rank: u32,
+        /// The epoch it leaves.
+        epoch: u32,
+    },
+    /// Seed -> rank: the next epoch, once every live member asked.
+    Epoch(EpochInfo),
+    /// Seed -> rank: the next epoch cannot be formed.
+    RebuildFailed {
+        /// The epoch the ranks tried to leave.
+        epoch: u32,
+        /// Why, in words a person can act on.
+        reason: String,
+    },
+}
+
+/// A membership epoch of an elastic job, decided by the seed.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct EpochInfo {
+    /// The epoch number.
+    pub epoch: u32,
+    /// Every member the job has had, indexed by member id (a member's id is
+    /// the rank its certificate names; ids are never reused).
+    pub table: Vec<PeerInfo>,
+    /// The epoch's members, in rank order.
+    pub members: Vec<u32>,
+    /// Members that joined with this epoch.
+    pub joined: Vec<u32>,
+    /// Members of the previous epoch that are gone.
+    pub left: Vec<u32>,
 }
 
 /// Seed -> rank, after [`JoinReply::Accepted`]: the outcome of formation.
@@ -268,6 +301,8 @@ pub enum Formation {
         /// What happened and who is missing.
         reason: String,
     },
+    /// A late joiner of an elastic job is admitted with this epoch.
+    Admitted(EpochInfo),
 }
 
 #[cfg(test)]

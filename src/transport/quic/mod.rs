@@ -24,7 +24,7 @@ use quinn::crypto::rustls::{QuicClientConfig, QuicServerConfig};
 use quinn::{ConnectionError, VarInt};
 use std::future::Future;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 use tokio::task::JoinSet;
 
@@ -43,13 +43,29 @@ struct Link {
     done: tokio::sync::watch::Sender<bool>,
 }
 
+impl Link {
+    fn new() -> Link {
+        Link {
+            conn: Mutex::new(None),
+            dial: tokio::sync::Mutex::new(()),
+            done: tokio::sync::watch::channel(false).0,
+        }
+    }
+}
+
+/// Largest member id a peer certificate may name.
+const MAX_MEMBER_ID: usize = 1 << 20;
+
 struct Shared {
     rank: usize,
     job_id: String,
     endpoint: quinn::Endpoint,
     client: quinn::ClientConfig,
-    peers: Vec<PeerInfo>,
-    links: Vec<Link>,
+    /// Peer table by world rank (member id); grows in elastic jobs.
+    peers: RwLock<Vec<PeerInfo>>,
+    /// Connection state by world rank; grows with the table, and for an
+    /// inbound peer this rank has not heard of yet.
+    links: RwLock<Vec<Arc<Link>>>,
     mailbox: Mailbox,
     cfg: Config,
     tasks: Mutex<JoinSet<()>>,
@@ -96,21 +112,14 @@ impl QuicTransport {
             .map_err(|e| quic_err("QUIC client TLS", e))?;
         let mut client = quinn::ClientConfig::new(Arc::new(client_tls));
         client.transport_config(tcfg);
-        let links = peers
-            .iter()
-            .map(|_| Link {
-                conn: Mutex::new(None),
-                dial: tokio::sync::Mutex::new(()),
-                done: tokio::sync::watch::channel(false).0,
-            })
-            .collect();
+        let links = peers.iter().map(|_| Arc::new(Link::new())).collect();
         let sh = Arc::new(Shared {
             rank: creds.rank,
             job_id: creds.job_id.clone(),
             endpoint,
             client,
-            peers,
-            links,
+            peers: RwLock::new(peers),
+            links: RwLock::new(links),
             mailbox: Mailbox::new(),
             cfg: cfg.clone(),
             tasks: Mutex::new(JoinSet::new()),
@@ -159,20 +168,57 @@ impl Shared {
         while tasks.try_join_next().is_some() {}
     }
 
+    /// Number of entries in the peer table.
+    fn n_peers(&self) -> usize {
+        self.peers.read().unwrap_or_else(|p| p.into_inner()).len()
+    }
+
+    /// The address of `rank`, if the table has it.
+    fn peer_addr(&self, rank: usize) -> Option<std::net::SocketAddr> {
+        let g = self.peers.read().unwrap_or_else(|p| p.into_inner());
+        g.get(rank).map(|p| p.addr)
+    }
+
+    /// The connection state of `rank` (created on demand).
+    fn link(&self, rank: usize) -> Arc<Link> {
+        if let Some(l) = self
+            .links
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(rank)
+        {
+            return l.clone();
+        }
+        let mut g = self.links.write().unwrap_or_else(|p| p.into_inner());
+        while g.len() <= rank {
+            g.push(Arc::new(Link::new()));
+        }
+        g[rank].clone()
+    }
+
+    /// Extend the peer table (an elastic job's new members).
+    fn add_peers(&self, table: &[PeerInfo]) {
+        {
+            let mut g = self.peers.write().unwrap_or_else(|p| p.into_inner());
+            for p in table.iter().skip(g.len()) {
+                g.push(p.clone());
+            }
+        }
+        if let Some(last) = table.len().checked_sub(1) {
+            self.link(last);
+        }
+    }
+
     fn registered(&self, rank: usize) -> Option<quinn::Connection> {
-        let g = self.links[rank]
-            .conn
-            .lock()
-            .unwrap_or_else(|p| p.into_inner());
+        let l = self.link(rank);
+        let g = l.conn.lock().unwrap_or_else(|p| p.into_inner());
         g.clone()
     }
 
     /// Use `conn` for sending to `rank` unless a connection is already registered.
     fn register(&self, rank: usize, conn: &quinn::Connection) -> quinn::Connection {
-        let mut g = self.links[rank]
-            .conn
-            .lock()
-            .unwrap_or_else(|p| p.into_inner());
+        let l = self.link(rank);
+        let mut g = l.conn.lock().unwrap_or_else(|p| p.into_inner());
         g.get_or_insert_with(|| conn.clone()).clone()
     }
 
@@ -229,11 +275,14 @@ impl Shared {
             .first()
             .ok_or_else(|| Error::auth("peer presented an empty certificate chain"))?;
         let rank = pki::rank_from_cert(leaf, &self.job_id)?;
-        if rank >= self.peers.len() || rank == self.rank {
+        // Any other member of this job (its certificate is the job CA's):
+        // in an elastic job a new member may dial before this rank has
+        // added it to its table.
+        if rank == self.rank || rank > MAX_MEMBER_ID {
             return Err(Error::auth(format!(
-                "peer certificate names rank {rank}, not a peer of rank {} in a world of {}",
+                "peer certificate names rank {rank}, not a peer of rank {} ({} known members)",
                 self.rank,
-                self.peers.len()
+                self.n_peers()
             )));
         }
         Ok(rank)
@@ -260,7 +309,7 @@ impl Shared {
                             rank,
                             "the rank finalized (it called finalize or ended) without sending this message",
                         );
-                        self.links[rank].done.send_replace(true);
+                        self.link(rank).done.send_replace(true);
                     }
                     Ok(Frame::Violation(reason)) => {
                         tracing::warn!(rank = self.rank, peer = rank, "closing connection: {reason}");
@@ -272,7 +321,18 @@ impl Shared {
             }
         };
         frames.abort_all();
-        self.links[rank].done.send_replace(true);
+        let link = self.link(rank);
+        link.done.send_replace(true);
+        {
+            // Forget the ended connection (and the buffers its state
+            // holds); a later send dials again or reports the peer gone.
+            let mut g = link.conn.lock().unwrap_or_else(|p| p.into_inner());
+            if g.as_ref()
+                .is_some_and(|c| c.stable_id() == conn.stable_id())
+            {
+                *g = None;
+            }
+        }
         if self.closing.load(Ordering::Acquire) {
             return;
         }
@@ -366,11 +426,14 @@ impl Shared {
         if let Some(c) = self.registered(dst) {
             return Ok(c);
         }
-        let _dialing = self.links[dst].dial.lock().await;
+        let link = self.link(dst);
+        let _dialing = link.dial.lock().await;
         if let Some(c) = self.registered(dst) {
             return Ok(c);
         }
-        let addr = self.peers[dst].addr;
+        let Some(addr) = self.peer_addr(dst) else {
+            return Err(self.failure(dst, format!("no address known for rank {dst}")));
+        };
         let name = pki::rank_dns_name(&self.job_id, dst);
         let fail = |e: String| {
             let reason = format!("cannot connect to it at {addr}: {e}");
@@ -403,10 +466,10 @@ impl Shared {
         header: Header,
         payload: Payload<'_>,
     ) -> std::result::Result<(), PeerFailure> {
-        if dst >= self.peers.len() {
+        if dst >= self.n_peers() {
             return Err(self.failure(
                 dst,
-                format!("no rank {dst} in a world of {}", self.peers.len()),
+                format!("no rank {dst} in a world of {}", self.n_peers()),
             ));
         }
         if dst == self.rank {
@@ -491,7 +554,7 @@ impl Shared {
         }
         if graceful {
             let deadline = tokio::time::Instant::now() + self.cfg.linger();
-            let live: Vec<(usize, quinn::Connection)> = (0..self.peers.len())
+            let live: Vec<(usize, quinn::Connection)> = (0..self.n_peers())
                 .filter_map(|r| self.registered(r).map(|c| (r, c)))
                 .filter(|(_, c)| c.close_reason().is_none())
                 .collect();
@@ -515,7 +578,7 @@ impl Shared {
             // Wait until every connected peer is done with us too, so data it
             // has not read yet is not lost when the connections close.
             for (r, c) in &live {
-                let mut done = self.links[*r].done.subscribe();
+                let mut done = self.link(*r).done.subscribe();
                 let wait = async {
                     tokio::select! {
                         _ = done.wait_for(|d| *d) => {}
@@ -555,7 +618,7 @@ impl Shared {
         tracing::debug!(rank = self.rank, "shutdown: endpoint idle");
         drop(notified);
         self.abort_tasks();
-        for r in 0..self.peers.len() {
+        for r in 0..self.n_peers() {
             if r != self.rank {
                 self.mailbox
                     .fail_peer(r, "this rank's transport was shut down");
@@ -570,7 +633,7 @@ impl Shared {
     /// of leaving them waiting until their operation timeout.
     async fn reach_unconnected_peers(&self) -> Vec<quinn::Connection> {
         let mut dials = tokio::task::JoinSet::new();
-        for r in 0..self.peers.len() {
+        for r in 0..self.n_peers() {
             let live = self
                 .registered(r)
                 .is_some_and(|c| c.close_reason().is_none());
@@ -578,10 +641,10 @@ impl Shared {
                 continue;
             }
             let name = pki::rank_dns_name(&self.job_id, r);
-            if let Ok(connecting) =
-                self.endpoint
-                    .connect_with(self.client.clone(), self.peers[r].addr, &name)
-            {
+            let Some(addr) = self.peer_addr(r) else {
+                continue;
+            };
+            if let Ok(connecting) = self.endpoint.connect_with(self.client.clone(), addr, &name) {
                 dials.spawn(
                     async move { tokio::time::timeout(ABORT_NOTICE_WAIT, connecting).await },
                 );
@@ -624,7 +687,7 @@ impl Transport for QuicTransport {
     }
 
     fn size(&self) -> usize {
-        self.sh.peers.len()
+        self.sh.n_peers()
     }
 
     fn send<'a>(
@@ -641,15 +704,21 @@ impl Transport for QuicTransport {
     }
 
     fn connected(&self, rank: usize) -> bool {
-        self.sh.links.get(rank).is_some_and(|_| {
-            self.sh
+        rank < self.sh.n_peers()
+            && self
+                .sh
                 .registered(rank)
                 .is_some_and(|c| c.close_reason().is_none())
-        })
+    }
+
+    fn add_peers(&self, table: &[PeerInfo]) -> std::result::Result<(), String> {
+        self.sh.add_peers(table);
+        Ok(())
     }
 
     fn peer_location(&self, rank: usize) -> String {
-        match self.sh.peers.get(rank) {
+        let g = self.sh.peers.read().unwrap_or_else(|p| p.into_inner());
+        match g.get(rank) {
             Some(p) => format!("{} on {} pid {}", p.addr, p.host, p.pid),
             None => "unknown".into(),
         }
