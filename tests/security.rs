@@ -420,7 +420,11 @@ async fn protocol_version_mismatch_names_both_versions() {
     recv.read_exact(&mut body).await.unwrap();
     match control::decode_body::<JoinReply>(&body).unwrap() {
         JoinReply::Rejected { reason, .. } => {
-            assert!(reason.contains("v1") && reason.contains("v77"), "{reason}");
+            assert!(
+                reason.contains(&format!("v{}", rankmesh::wire::control::PROTOCOL_VERSION))
+                    && reason.contains("v77"),
+                "{reason}"
+            );
         }
         other => panic!("{other:?}"),
     }

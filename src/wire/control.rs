@@ -350,7 +350,10 @@ mod tests {
         let enc = encode_with_version(&req(), 99).unwrap();
         let e = decode::<JoinRequest>(&enc).unwrap_err();
         let s = e.to_string();
-        assert!(s.contains("v1") && s.contains("v99"), "{s}");
+        assert!(
+            s.contains(&format!("v{PROTOCOL_VERSION}")) && s.contains("v99"),
+            "{s}"
+        );
         assert!(s.contains(build_version()), "{s}");
     }
 
