@@ -13,6 +13,9 @@ use rankmesh::Result;
 async fn main() -> Result<()> {
     println!("pid={}", std::process::id());
     let mode = std::env::var("PROBE").unwrap_or_else(|_| "ring".into());
+    if mode == "elastic" {
+        return elastic().await;
+    }
     let victim: Option<usize> = std::env::var("PROBE_VICTIM")
         .ok()
         .and_then(|v| v.parse().ok());
@@ -65,4 +68,77 @@ async fn main() -> Result<()> {
     }
     comm.finalize().await?;
     Ok(())
+}
+
+/// `PROBE=elastic`: an elastic job's rank (or a joiner). Checkpoints until
+/// the job has `PROBE_TARGET` ranks, then allreduces a few rounds. With
+/// `PROBE_VICTIM=r`, rank r kills itself in the first round; the others
+/// recover without it and finish.
+async fn elastic() -> Result<()> {
+    let env_num = |k: &str| std::env::var(k).ok().and_then(|v| v.parse::<usize>().ok());
+    let target = env_num("PROBE_TARGET").unwrap_or(2);
+    let victim = env_num("PROBE_VICTIM");
+    let pid = std::process::id();
+    let start = rankmesh::init_elastic().await?;
+    let mut comm = start.comm;
+    let m = &start.membership;
+    println!(
+        "pid {pid}: start as rank {}/{} in epoch {} (state {:?})",
+        m.rank,
+        m.size,
+        m.epoch,
+        String::from_utf8_lossy(&start.state)
+    );
+    while comm.size() < target {
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+        let r = comm
+            .checkpoint(format!("epoch {}", m.epoch).as_bytes())
+            .await?;
+        if r.membership.changed() {
+            println!(
+                "pid {pid}: epoch {}: rank {}/{} (was {:?}, joined {:?})",
+                r.membership.epoch,
+                r.membership.rank,
+                r.membership.size,
+                r.membership.previous_rank,
+                r.membership.joined
+            );
+        }
+        comm = r.comm;
+    }
+    let mut round = 0;
+    while round < 5 {
+        if round == 1 && Some(comm.rank()) == victim && comm.size() == target {
+            println!("pid {pid}: rank {} killing itself", comm.rank());
+            // SAFETY: kill(2) on our own pid; no memory is involved.
+            unsafe {
+                libc::kill(libc::getpid(), libc::SIGKILL);
+            }
+        }
+        let mut v = vec![comm.rank() as u64 + 1; 256];
+        match comm.all_reduce(&mut v, rankmesh::ReduceOp::Sum).await {
+            Ok(()) => {
+                let n = comm.size() as u64;
+                if v.iter().any(|&x| x != n * (n + 1) / 2) {
+                    eprintln!("pid {pid}: wrong allreduce result");
+                    std::process::exit(3);
+                }
+                round += 1;
+            }
+            Err(e) => {
+                println!("pid {pid}: rank {} lost a peer: {e}", comm.rank());
+                // Roll back to the committed progress: the new rank 0's round
+                // (a survivor may have finished a round the others did not).
+                let r = comm.recover(round.to_string().as_bytes()).await?;
+                round = String::from_utf8_lossy(&r.state).parse().unwrap_or(round);
+                println!(
+                    "pid {pid}: recovered as rank {}/{} in epoch {} (left {:?}) at round {round}",
+                    r.membership.rank, r.membership.size, r.membership.epoch, r.membership.left
+                );
+                comm = r.comm;
+            }
+        }
+    }
+    println!("pid {pid}: done as rank {}/{}", comm.rank(), comm.size());
+    comm.finalize().await
 }

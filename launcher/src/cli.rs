@@ -95,6 +95,23 @@ pub struct Cli {
     #[arg(long)]
     pub no_slurm: bool,
 
+    /// An elastic job: processes may join at checkpoints (`rankrun --join`)
+    /// up to MAX ranks, and the job goes on without lost ranks down to MIN;
+    /// a rank that fails does not end the others
+    #[arg(long, value_name = "MIN:MAX", value_parser = parse_elastic)]
+    pub elastic: Option<(usize, usize)>,
+
+    /// Start -n processes that join the running elastic job whose seed is
+    /// at ADDR (shown by that job's rankrun); the token comes from
+    /// --token-file or RANKMESH_TOKEN
+    #[arg(long, value_name = "SEED_ADDR", conflicts_with_all = ["elastic", "hostfile"])]
+    pub join: Option<String>,
+
+    /// With --elastic: write the job token to FILE (mode 0600, must not
+    /// exist) for `rankrun --join`; with --join: read the token from FILE
+    #[arg(long, value_name = "FILE")]
+    pub token_file: Option<PathBuf>,
+
     /// The program to run and its arguments (use `--` before a program
     /// whose name starts with `-`)
     #[arg(
@@ -111,6 +128,24 @@ fn parse_secs(s: &str) -> Result<Duration, String> {
         Ok(v) if v.is_finite() && v > 0.0 && v < 1e9 => Ok(Duration::from_secs_f64(v)),
         _ => Err(format!("{s:?} is not a positive number of seconds")),
     }
+}
+
+fn parse_elastic(s: &str) -> Result<(usize, usize), String> {
+    let (a, b) = s
+        .split_once(':')
+        .ok_or_else(|| format!("{s:?}: expected MIN:MAX, e.g. 2:8"))?;
+    let min: usize = a
+        .trim()
+        .parse()
+        .map_err(|_| format!("{s:?}: MIN is not a number"))?;
+    let max: usize = b
+        .trim()
+        .parse()
+        .map_err(|_| format!("{s:?}: MAX is not a number"))?;
+    if min == 0 || min > max {
+        return Err(format!("{s:?}: need 1 <= MIN <= MAX"));
+    }
+    Ok((min, max))
 }
 
 fn parse_secs0(s: &str) -> Result<Duration, String> {
@@ -272,6 +307,22 @@ impl Cli {
         };
         if let Some(d) = &self.output_dir {
             std::fs::create_dir_all(d).map_err(|e| format!("--output-dir {}: {e}", d.display()))?;
+        }
+        if let Some((min, max)) = self.elastic {
+            if np < min || np > max {
+                return Err(format!(
+                    "--elastic {min}:{max}: the job starts with -n {np} ranks, outside MIN:MAX"
+                ));
+            }
+            if matches!(mode, Mode::Slurm) {
+                return Err("--elastic is not supported under Slurm yet (pass --no-slurm)".into());
+            }
+        }
+        if self.join.is_some() && matches!(mode, Mode::Slurm) {
+            return Err("--join is not supported under Slurm yet (pass --no-slurm)".into());
+        }
+        if self.token_file.is_some() && self.elastic.is_none() && self.join.is_none() {
+            return Err("--token-file is for --elastic (write) or --join (read)".into());
         }
         Ok(Plan {
             cli: self,

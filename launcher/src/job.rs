@@ -125,6 +125,35 @@ impl Drop for TokenDir {
     }
 }
 
+/// Write `secret` to a new file readable only by this user.
+fn write_secret(path: &std::path::Path, secret: &str) -> std::io::Result<()> {
+    use std::io::Write;
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)?;
+    f.write_all(secret.as_bytes())
+}
+
+/// The token of the job a `--join` joins: `--token-file`, else
+/// RANKMESH_TOKEN.
+fn join_token(plan: &Plan) -> Result<String, String> {
+    let raw = match &plan.cli.token_file {
+        Some(f) => {
+            std::fs::read_to_string(f).map_err(|e| format!("--token-file {}: {e}", f.display()))?
+        }
+        None => std::env::var("RANKMESH_TOKEN").map_err(|_| {
+            "give the job's token with --token-file FILE (written by the job's rankrun \
+             --token-file) or RANKMESH_TOKEN"
+                .to_string()
+        })?,
+    };
+    rankmesh::bootstrap::JobToken::from_hex(raw.trim())
+        .map(|t| t.to_hex())
+        .map_err(|e| e.to_string())
+}
+
 fn write_token_file(job_id: &str, hex: &str) -> std::io::Result<(PathBuf, PathBuf)> {
     use std::io::Write;
     let dir = std::env::temp_dir().join(format!("rankrun-{}-{job_id}", std::process::id()));
@@ -152,6 +181,9 @@ struct Job {
     code: Option<i32>,
     first_failure: Option<String>,
     grace: Duration,
+    /// An elastic job (or joiners of one): a failed rank does not end the
+    /// others, which recover without it.
+    elastic: bool,
 }
 
 impl Job {
@@ -220,6 +252,18 @@ impl Job {
         }
         let line = format!("{} {}", p.who(), describe(&st, p.remote));
         let code = code_of(&st);
+        if self.elastic {
+            // The survivors go on without it (Communicator::recover); the
+            // job fails only if no process succeeds.
+            if self.first_failure.is_none() {
+                self.first_failure = Some(line.clone());
+            }
+            self.note(format!(
+                "{line}; elastic job: the other ranks continue without it"
+            ))
+            .await;
+            return;
+        }
         self.first_failure = Some(line.clone());
         self.code = Some(code);
         self.note(line).await;
@@ -319,37 +363,60 @@ pub async fn run(plan: Plan) -> i32 {
         }
     };
     let join_timeout = plan.cli.join_timeout;
-    let mut cfg = SeedConfig::new(np);
-    cfg.set_bind(bind)
-        .set_formation_timeout(if join_timeout.is_zero() {
-            FOREVER
-        } else {
-            join_timeout
-        });
-    let seed = match Seed::start(cfg) {
-        Ok(s) => s,
-        Err(e) => {
-            eprintln!("rankrun: error: cannot start the seed on {bind}: {e}");
-            return SETUP_CODE;
+    // Joining a running elastic job: no seed of our own.
+    let joining = plan.cli.join.clone();
+    let elastic = plan.cli.elastic.is_some() || joining.is_some();
+    let (seed, seed_str, job_id, token_hex) = match &joining {
+        Some(addr) => match join_token(&plan) {
+            Ok(t) => (None, addr.clone(), "(joining)".to_string(), t),
+            Err(e) => {
+                eprintln!("rankrun: error: --join: {e}");
+                return SETUP_CODE;
+            }
+        },
+        None => {
+            let mut cfg = SeedConfig::new(np);
+            cfg.set_bind(bind)
+                .set_formation_timeout(if join_timeout.is_zero() {
+                    FOREVER
+                } else {
+                    join_timeout
+                });
+            if let Some((min, max)) = plan.cli.elastic {
+                cfg.set_elastic(min, max);
+            }
+            let seed = match Seed::start(cfg) {
+                Ok(s) => s,
+                Err(e) => {
+                    eprintln!("rankrun: error: cannot start the seed on {bind}: {e}");
+                    return SETUP_CODE;
+                }
+            };
+            let seed_addr = match seed.addr() {
+                Ok(a) => a,
+                Err(e) => {
+                    eprintln!("rankrun: error: {e}");
+                    return SETUP_CODE;
+                }
+            };
+            let seed_str = match &advertise {
+                Some(h) => format!("{h}:{}", seed_addr.port()),
+                None => seed_addr.to_string(),
+            };
+            let (job_id, token_hex) = (seed.job_id().to_string(), seed.token().to_hex());
+            if let Some(f) = &plan.cli.token_file {
+                if let Err(e) = write_secret(f, &token_hex) {
+                    eprintln!("rankrun: error: --token-file {}: {e}", f.display());
+                    return SETUP_CODE;
+                }
+            }
+            (Some(seed), seed_str, job_id, token_hex)
         }
     };
-    let seed_addr = match seed.addr() {
-        Ok(a) => a,
-        Err(e) => {
-            eprintln!("rankrun: error: {e}");
-            return SETUP_CODE;
-        }
-    };
-    let seed_str = match &advertise {
-        Some(h) => format!("{h}:{}", seed_addr.port()),
-        None => seed_addr.to_string(),
-    };
-    let job_id = seed.job_id().to_string();
-    let token_hex = seed.token().to_hex();
     let any_local = matches!(plan.mode, Mode::Hosts(_)) && placements.iter().any(|p| p.local);
     let mut token_dir = TokenDir(None);
     let token_file = if any_local {
-        match write_token_file(&job_id, &token_hex) {
+        match write_token_file(&job_id.replace(['(', ')'], ""), &token_hex) {
             Ok((d, f)) => {
                 token_dir.0 = Some(d);
                 Some(f)
@@ -379,6 +446,10 @@ pub async fn run(plan: Plan) -> i32 {
 
     // Output sinks, one per process.
     let labels: Vec<(String, Option<usize>, String)> = match &plan.mode {
+        Mode::Hosts(_) if joining.is_some() => placements
+            .iter()
+            .map(|p| (format!("joiner {}", p.rank), Some(p.rank), p.host.clone()))
+            .collect(),
         Mode::Hosts(_) => placements
             .iter()
             .map(|p| (format!("rank {}", p.rank), Some(p.rank), p.host.clone()))
@@ -389,6 +460,8 @@ pub async fn run(plan: Plan) -> i32 {
     for (label, rank, host) in &labels {
         let tag = match (rank, quiet, plan.cli.tag_output) {
             (None, _, _) | (_, true, _) => String::new(),
+            (Some(r), false, TagMode::Rank) if joining.is_some() => format!("[+{r}] "),
+            (Some(r), false, TagMode::Host) if joining.is_some() => format!("[{host}:+{r}] "),
             (Some(r), false, TagMode::Rank) => format!("[{r}] "),
             (Some(r), false, TagMode::Host) => format!("[{host}:{r}] "),
         };
@@ -433,6 +506,7 @@ pub async fn run(plan: Plan) -> i32 {
         code: None,
         first_failure: None,
         grace: plan.cli.grace,
+        elastic,
     };
     if !quiet {
         job.note(format!(
@@ -457,13 +531,23 @@ pub async fn run(plan: Plan) -> i32 {
     for (idx, (label, rank, host)) in labels.iter().enumerate() {
         // The contract, after the user's variables so it wins.
         let mut env: Vec<(String, String)> = plan.env.clone();
-        let mut contract = vec![
-            ("RANKMESH_SEED".to_string(), seed_str.clone()),
-            ("RANKMESH_WORLD_SIZE".to_string(), np.to_string()),
-            ("RANKMESH_JOB_ID".to_string(), job_id.clone()),
-            ("WORLD_SIZE".to_string(), np.to_string()),
-        ];
-        if let (Some(r), Some(p)) = (rank, placements.get(idx)) {
+        let mut contract = vec![("RANKMESH_SEED".to_string(), seed_str.clone())];
+        if joining.is_some() {
+            contract.push(("RANKMESH_JOIN".to_string(), "1".to_string()));
+            if let Some(p) = placements.get(idx) {
+                contract.extend([
+                    ("RANKMESH_LOCAL_RANK".to_string(), p.local_rank.to_string()),
+                    ("RANKMESH_LOCAL_SIZE".to_string(), p.local_size.to_string()),
+                ]);
+            }
+        } else {
+            contract.extend([
+                ("RANKMESH_WORLD_SIZE".to_string(), np.to_string()),
+                ("RANKMESH_JOB_ID".to_string(), job_id.clone()),
+                ("WORLD_SIZE".to_string(), np.to_string()),
+            ]);
+        }
+        if let (Some(r), Some(p), None) = (rank, placements.get(idx), &joining) {
             contract.extend([
                 ("RANKMESH_RANK".to_string(), r.to_string()),
                 ("RANKMESH_LOCAL_RANK".to_string(), p.local_rank.to_string()),
@@ -585,10 +669,19 @@ pub async fn run(plan: Plan) -> i32 {
     }
 
     // The event loop.
-    let mut joined_rx = seed.joined_ranks();
-    let formed = seed.wait_formed();
+    let mut joined_rx = match &seed {
+        Some(s) => s.joined_ranks(),
+        None => tokio::sync::watch::channel(Vec::new()).1,
+    };
+    let formed = async {
+        match &seed {
+            Some(s) => s.wait_formed().await,
+            None => std::future::pending().await,
+        }
+    };
     tokio::pin!(formed);
-    let mut forming = job.code.is_none();
+    // Joiners have no formation to watch: the job admits them later.
+    let mut forming = job.code.is_none() && seed.is_some();
     let mut last_progress: Option<Instant> = None;
     // On a terminal, formation progress is a bar; otherwise plain lines.
     let bar = (forming && !quiet && std::io::stderr().is_terminal()).then(|| {
@@ -722,7 +815,22 @@ pub async fn run(plan: Plan) -> i32 {
     };
     let _ = tokio::time::timeout(Duration::from_secs(3), drain).await;
 
-    let code = job.code.unwrap_or(0);
+    let code = job.code.unwrap_or_else(|| {
+        // An elastic job succeeded if any process did; otherwise it failed
+        // with its first failure's code.
+        let ok = job
+            .procs
+            .iter()
+            .any(|p| p.status.is_some_and(|s| s.success()));
+        match job
+            .procs
+            .iter()
+            .find_map(|p| p.status.filter(|s| !s.success()))
+        {
+            Some(st) if !ok => code_of(&st),
+            _ => 0,
+        }
+    });
     let wall = t0.elapsed().as_secs_f64();
     if !quiet || code != 0 {
         summary(&job, &job_id, wall, code).await;
@@ -730,7 +838,9 @@ pub async fn run(plan: Plan) -> i32 {
     drop(job);
     drop(tx);
     let _ = tokio::task::spawn_blocking(move || writer.join()).await;
-    seed.shutdown().await;
+    if let Some(s) = &seed {
+        s.shutdown().await;
+    }
     token_dir.remove();
     code
 }

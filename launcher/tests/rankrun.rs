@@ -341,6 +341,128 @@ fn formation_progress_is_a_bar_on_a_terminal() {
     assert!(all.contains("all 2 ranks joined"), "{all}");
 }
 
+/// The pids in lines `pid N: ...` of `text`, per line prefix.
+fn elastic_pids(text: &str, what: &str) -> Vec<u32> {
+    let mut v: Vec<u32> = text
+        .lines()
+        .filter(|l| l.contains(what))
+        .filter_map(|l| {
+            l.split("pid ")
+                .nth(1)?
+                .split(':')
+                .next()?
+                .trim()
+                .parse()
+                .ok()
+        })
+        .collect();
+    v.sort_unstable();
+    v
+}
+
+#[test]
+fn an_elastic_job_grows_from_2_to_4_ranks_without_restarting_anyone() {
+    let dir = std::env::temp_dir().join(format!("rankrun-elastic-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).expect("tmp dir");
+    let tok = dir.join("token");
+    let mut job = rankrun()
+        .args(["--elastic", "2:4", "-n", "2", "--token-file"])
+        .arg(&tok)
+        .args(["-x", "PROBE=elastic", "-x", "PROBE_TARGET=4"])
+        .arg(probe())
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start rankrun");
+    // The seed's address, from rankrun's first line.
+    let mut err = BufReader::new(job.stderr.take().expect("stderr")).lines();
+    let first = err.next().expect("rankrun said nothing").expect("read");
+    let addr = first
+        .split("seed at ")
+        .nth(1)
+        .and_then(|s| s.split_whitespace().next())
+        .unwrap_or_else(|| panic!("no seed address in {first:?}"))
+        .to_string();
+    let errs = std::thread::spawn(move || err.map_while(|l| l.ok()).collect::<Vec<_>>().join("\n"));
+    let (joiners, _) = run(rankrun()
+        .args(["--join", &addr, "-n", "2", "--token-file"])
+        .arg(&tok)
+        .args(["-x", "PROBE=elastic", "-x", "PROBE_TARGET=4"])
+        .arg(probe()));
+    let out = wait_limited(job, LIMIT);
+    let (so, je) = (text(&out.stdout), text(&joiners.stdout));
+    let se = errs.join().unwrap_or_default();
+    assert_eq!(out.status.code(), Some(0), "{so}\n{se}");
+    assert_eq!(
+        joiners.status.code(),
+        Some(0),
+        "{je}\n{}",
+        text(&joiners.stderr)
+    );
+    // The two original processes started, grew and finished as the same
+    // processes (same pids), now ranks 0 and 1 of 4.
+    let started = elastic_pids(&so, "start as rank");
+    assert_eq!(started.len(), 2, "{so}");
+    assert_eq!(elastic_pids(&so, "/4 (was Some("), started, "{so}");
+    assert_eq!(elastic_pids(&so, "done as rank"), started, "{so}");
+    assert!(
+        so.contains("done as rank 0/4") && so.contains("done as rank 1/4"),
+        "{so}"
+    );
+    // The joiners got the state and became ranks 2 and 3.
+    assert!(
+        je.contains("start as rank 2/4") && je.contains("start as rank 3/4"),
+        "{je}"
+    );
+    assert!(je.contains("(state \"epoch 1\")"), "{je}");
+    assert!(
+        je.contains("done as rank 2/4") && je.contains("done as rank 3/4"),
+        "{je}"
+    );
+    // A joiner with a wrong token is refused; the job was not affected.
+    std::fs::write(dir.join("bad"), "00".repeat(32)).expect("bad token");
+    let (bad, _) = run(rankrun()
+        .args(["--join", &addr, "-n", "1", "--token-file"])
+        .arg(dir.join("bad"))
+        .args(["-x", "PROBE=elastic"])
+        .arg(probe()));
+    assert_ne!(bad.status.code(), Some(0));
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn an_elastic_job_goes_on_without_a_sigkilled_rank() {
+    let t0 = Instant::now();
+    let (out, _) = run(rankrun()
+        .args(["--elastic", "3:4", "-n", "4"])
+        .args([
+            "-x",
+            "PROBE=elastic",
+            "-x",
+            "PROBE_TARGET=4",
+            "-x",
+            "PROBE_VICTIM=3",
+        ])
+        .args(["-x", "RANKMESH_IDLE_TIMEOUT=2"])
+        .arg(probe()));
+    let (so, se) = (text(&out.stdout), text(&out.stderr));
+    assert_eq!(out.status.code(), Some(0), "{so}\n{se}");
+    assert!(
+        se.contains("was killed by SIGKILL; elastic job: the other ranks continue"),
+        "{se}"
+    );
+    for r in 0..3 {
+        assert!(
+            so.contains(&format!("recovered as rank {r}/3 in epoch 2 (left [3])")),
+            "{so}"
+        );
+        assert!(so.contains(&format!("done as rank {r}/3")), "{so}");
+    }
+    assert!(t0.elapsed() < LIMIT);
+}
+
 #[test]
 fn join_timeout_names_the_missing_rank_and_host() {
     let script = format!(

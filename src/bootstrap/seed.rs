@@ -426,8 +426,11 @@ async fn handle(inner: Arc<Inner>, incoming: quinn::Incoming) -> Result<()> {
                       (check RANKMESH_TOKEN; it must come from the rankrun that started the job)";
         return reject(&conn, &mut send, RejectKind::Auth, reason.into()).await;
     }
+    // A late joiner of an elastic job (it asks for no rank and no world
+    // size), or anyone once the job formed, waits for a checkpoint.
     let formed = matches!(*inner.phase.borrow(), Phase::Formed(_));
-    if formed && inner.elastic.is_some() {
+    let late = formed || (req.requested_rank.is_none() && req.world_size.is_none());
+    if late && inner.elastic.is_some() {
         return late_join(inner, conn, send, recv, req).await;
     }
     let info = JoinInfo {
@@ -658,6 +661,16 @@ async fn late_join(
     let Some(el) = &inner.elastic else {
         return Ok(());
     };
+    // Membership starts with the formed job.
+    let mut phase = inner.phase.subscribe();
+    let outcome = tokio::select! {
+        p = phase.wait_for(|p| !matches!(p, Phase::Forming)) => p.map(|p| p.clone()).ok(),
+        _ = conn.closed() => return Ok(()),
+    };
+    if !matches!(outcome, Some(Phase::Formed(_))) {
+        let reason = "the job this process tried to join failed to form".to_string();
+        return reject(&conn, &mut send, RejectKind::Membership, reason).await;
+    }
     let peer = PeerInfo {
         addr: req.listen,
         host: req.host.clone(),
