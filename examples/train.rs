@@ -36,7 +36,11 @@
 //! epoch; the last step is always saved), `--resume` (continue from the
 //! checkpoint in DIR, or start fresh if there is none), `--bucket-kb N`
 //! (largest gradient bucket), `--plot FILE.svg` (draw the loss curves),
-//! `--ranks N` (without a launcher only; default 4).
+//! `--elastic` (under `rankrun --elastic MIN:MAX`: processes started with
+//! `rankrun --join` are admitted at checkpoints and lost ranks are dropped,
+//! see [`train_elastic`]; `--die RANK@STEP` makes that rank SIGKILL itself,
+//! to watch the others recover), `--ranks N` (without a launcher only;
+//! default 4).
 //!
 //! `tests/train.rs` includes this file as a module and calls [`train`].
 
@@ -92,6 +96,13 @@ pub struct TrainConfig {
     pub bucket_bytes: usize,
     /// Draw the loss curve per epoch into this SVG file (rank 0).
     pub plot: Option<PathBuf>,
+    /// Elastic training (`rankrun --elastic`): processes may join at
+    /// checkpoints and lost ranks are dropped; the data is re-sharded over
+    /// the ranks there are.
+    pub elastic: bool,
+    /// Fault injection for demonstrations and tests: this rank (of the
+    /// starting job) kills itself with SIGKILL after this many steps.
+    pub die: Option<(usize, u64)>,
 }
 
 impl Default for TrainConfig {
@@ -111,6 +122,8 @@ impl Default for TrainConfig {
             verbose: true,
             bucket_bytes: 25 << 20,
             plot: None,
+            elastic: false,
+            die: None,
         }
     }
 }
@@ -140,6 +153,17 @@ pub fn parse_args(args: &[String]) -> Result<(TrainConfig, usize), TrainError> {
             "--verify-sync" => cfg.verify_sync = true,
             "--bucket-kb" => cfg.bucket_bytes = value::<usize>(a, it.next())?.saturating_mul(1024),
             "--plot" => cfg.plot = Some(value::<String>(a, it.next())?.into()),
+            "--elastic" => cfg.elastic = true,
+            "--die" => {
+                let v: String = value(a, it.next())?;
+                let (r, st) = v
+                    .split_once('@')
+                    .ok_or_else(|| TrainError::Usage(format!("--die {v}: expected RANK@STEP")))?;
+                cfg.die = Some((
+                    value("--die", Some(&r.to_string()))?,
+                    value("--die", Some(&st.to_string()))?,
+                ));
+            }
             "--ranks" => ranks = value(a, it.next())?,
             "-h" | "--help" => return Err(TrainError::Usage(USAGE.into())),
             other => {
@@ -162,7 +186,7 @@ pub fn parse_args(args: &[String]) -> Result<(TrainConfig, usize), TrainError> {
 
 const USAGE: &str = "usage: train [--epochs N] [--batch N] [--lr F] [--momentum F] [--hidden N] \
 [--seed N] [--checkpoint-dir DIR [--checkpoint-every K] [--resume]] [--bucket-kb N] [--plot FILE.svg] \
-[--verify-sync] [--ranks N]";
+[--elastic [--die RANK@STEP]] [--verify-sync] [--ranks N]";
 
 // ------------------------------------------------------------------ errors
 
@@ -751,6 +775,190 @@ pub async fn train(
     })
 }
 
+/// The outcome of elastic training, with the communicator it ended on.
+pub struct ElasticOutcome {
+    /// Parameters, step, loss curve.
+    pub outcome: Outcome,
+    /// The last communicator (to finalize).
+    pub comm: Communicator,
+    /// Membership changes seen: (step, ranks after it).
+    pub changes: Vec<(u64, usize)>,
+}
+
+/// Whether `e` means a rank was lost (this rank can recover without it).
+fn lost_rank(e: &TrainError) -> bool {
+    matches!(
+        e,
+        TrainError::Comm(rankmesh::Error::PeerLost { .. } | rankmesh::Error::Aborted { .. })
+    )
+}
+
+/// Elastic data-parallel training. The same model, data order and update
+/// as [`train`]; every `--checkpoint-every` steps (default: every epoch)
+/// the ranks commit their state and call `Communicator::checkpoint`, which
+/// admits waiting processes; when a rank is lost, the survivors call
+/// `recover` and continue from the last committed state. Each step shards
+/// the global batch over the ranks there are, so N ranks keep training the
+/// same model. `state` is the job's state for a process that just joined.
+pub async fn train_elastic(
+    mut comm: Communicator,
+    state: Vec<u8>,
+    data: &Data,
+    cfg: &TrainConfig,
+) -> Result<ElasticOutcome, TrainError> {
+    let model = Mlp { hidden: cfg.hidden };
+    let n = model.n_params();
+    let n_train = data.n_train();
+    let spe = n_train.div_ceil(cfg.batch) as u64;
+    let total = cfg.epochs * spe;
+    let every = if cfg.checkpoint_every == 0 {
+        spe
+    } else {
+        cfg.checkpoint_every
+    };
+    let mut st = if state.is_empty() {
+        let mut params = vec![0f32; n];
+        if comm.rank() == 0 {
+            params = model.init(&mut Rng::new(cfg.seed, u64::MAX));
+        }
+        comm.broadcast(&mut params, 0).await?;
+        Checkpoint {
+            hidden: cfg.hidden as u64,
+            batch: cfg.batch as u64,
+            seed: cfg.seed,
+            step: 0,
+            loss_sum: 0.0,
+            loss_count: 0,
+            params,
+            velocity: vec![0f32; n],
+        }
+    } else {
+        Checkpoint::from_bytes(&state, Path::new("(the job's state)"))?
+    };
+    let mut committed = st.to_bytes();
+    let mut log: Vec<EpochStats> = Vec::new();
+    let mut changes = Vec::new();
+    let mut buf = vec![0f32; n + 1];
+    let (mut xs, mut ys) = (Vec::new(), Vec::new());
+    let mut t_epoch = Instant::now();
+    let first_rank = comm.rank();
+    while st.step < total {
+        let result: Result<(), TrainError> = async {
+            let (rank, size) = (comm.rank(), comm.size());
+            let epoch = st.step / spe;
+            let b = (st.step % spe) as usize;
+            let order = Rng::new(st.seed, epoch).permutation(n_train);
+            let lo = b * cfg.batch;
+            let global = &order[lo..(lo + cfg.batch).min(n_train)];
+            let (s, e) = shard(global.len(), rank, size);
+            xs.clear();
+            ys.clear();
+            for &i in &global[s..e] {
+                xs.extend_from_slice(&data.train_x[i * FEATURES..(i + 1) * FEATURES]);
+                ys.push(data.train_y[i]);
+            }
+            buf.iter_mut().for_each(|g| *g = 0.0);
+            buf[n] = model.grad_sum(&st.params, &xs, &ys, &mut buf[..n]);
+            comm.all_reduce(&mut buf, ReduceOp::Sum).await?;
+            let scale = 1.0 / global.len() as f32;
+            for ((p, v), g) in st.params.iter_mut().zip(&mut st.velocity).zip(&buf[..n]) {
+                *v = cfg.momentum * *v + g * scale;
+                *p -= cfg.lr * *v;
+            }
+            st.loss_sum += buf[n] as f64;
+            st.loss_count += global.len() as u64;
+            st.step += 1;
+            if let Some((victim, at)) = cfg.die {
+                if first_rank == victim && st.step == at {
+                    println!("rank {rank}: killing itself after step {at} (--die)");
+                    // SAFETY: kill(2) on this process; no memory is involved.
+                    unsafe {
+                        libc::kill(libc::getpid(), libc::SIGKILL);
+                    }
+                }
+            }
+            if st.step.is_multiple_of(spe) {
+                let (s, e) = shard(data.test_y.len(), rank, size);
+                let mut score = [
+                    model.sse(
+                        &st.params,
+                        &data.test_x[s * FEATURES..e * FEATURES],
+                        &data.test_y[s..e],
+                    ),
+                    (e - s) as f64,
+                ];
+                comm.all_reduce(&mut score, ReduceOp::Sum).await?;
+                let stats = EpochStats {
+                    epoch: st.step / spe,
+                    train_mse: st.loss_sum / st.loss_count.max(1) as f64,
+                    test_rmse: (score[0] / score[1].max(1.0)).sqrt(),
+                    samples_per_s: n_train as f64 / t_epoch.elapsed().as_secs_f64().max(1e-9),
+                    comm: Duration::ZERO,
+                    compute: Duration::ZERO,
+                };
+                if rank == 0 && cfg.verbose {
+                    println!(
+                        "epoch {:3}  train_mse {:.4}  test_rmse {:.4}  on {size} rank(s)",
+                        stats.epoch, stats.train_mse, stats.test_rmse
+                    );
+                }
+                log.push(stats);
+                st.loss_sum = 0.0;
+                st.loss_count = 0;
+                t_epoch = Instant::now();
+            }
+            Ok(())
+        }
+        .await;
+        match result {
+            Ok(()) => {}
+            Err(e) if lost_rank(&e) => {
+                // Back to the last committed state, without the lost rank.
+                let r = comm.recover(&committed).await?;
+                st = Checkpoint::from_bytes(&r.state, Path::new("(the job's state)"))?;
+                log.retain(|s| s.epoch <= st.step / spe);
+                if r.membership.rank == 0 && cfg.verbose {
+                    println!(
+                        "lost rank(s) {:?}: continuing on {} rank(s) from step {}",
+                        r.membership.left, r.membership.size, st.step
+                    );
+                }
+                changes.push((st.step, r.membership.size));
+                comm = r.comm;
+                continue;
+            }
+            Err(e) => return Err(e),
+        }
+        if st.step.is_multiple_of(every) || st.step == total {
+            committed = st.to_bytes();
+            let r = comm.checkpoint(&committed).await?;
+            if r.membership.changed() {
+                if r.membership.rank == 0 && cfg.verbose {
+                    println!(
+                        "step {}: {} rank(s) now (joined at ranks {:?}, left {:?}); data re-sharded",
+                        st.step, r.membership.size, r.membership.joined, r.membership.left
+                    );
+                }
+                changes.push((st.step, r.membership.size));
+            }
+            comm = r.comm;
+        }
+    }
+    if let (0, Some(path)) = (comm.rank(), &cfg.plot) {
+        plot_losses(path, &log, comm.size())?;
+    }
+    Ok(ElasticOutcome {
+        outcome: Outcome {
+            params: st.params,
+            velocity: st.velocity,
+            step: st.step,
+            log,
+        },
+        comm,
+        changes,
+    })
+}
+
 /// Where training starts: fresh, or from a checkpoint.
 struct Start {
     seed: u64,
@@ -1059,6 +1267,14 @@ async fn main() -> std::process::ExitCode {
 
 /// One rank of a job started by `rankrun`.
 async fn run_launched(data: Arc<Data>, cfg: TrainConfig) -> Result<(), TrainError> {
+    if cfg.elastic {
+        let start = rankmesh::init_elastic().await?;
+        if start.comm.rank() == 0 && start.state.is_empty() {
+            println!("{} (elastic)", banner(&data, &cfg, start.comm.size()));
+        }
+        let out = train_elastic(start.comm, start.state, &data, &cfg).await?;
+        return Ok(out.comm.finalize().await?);
+    }
     let comm = rankmesh::init().await?;
     if comm.rank() == 0 {
         println!("{}", banner(&data, &cfg, comm.size()));

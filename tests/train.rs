@@ -169,6 +169,96 @@ async fn plot_draws_the_loss_curve_as_svg() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
+/// Elastic training: a 2-rank job admits two waiting processes at its first
+/// checkpoint (step 5), re-shards the data over 4 ranks and trains on; all
+/// ranks end with identical parameters, close to an uninterrupted run.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn elastic_training_grows_and_matches_an_uninterrupted_run() {
+    use rankmesh::bootstrap::{JoinSpec, Seed, SeedConfig};
+    let data = Arc::new(train::load_data());
+    let cfg = TrainConfig {
+        elastic: true,
+        checkpoint_every: 5,
+        ..small()
+    };
+    let plain = agreed(run(2, &data, &small()).await);
+    let mut sc = SeedConfig::new(2);
+    sc.set_elastic(2, 4);
+    let seed = Seed::start(sc).unwrap();
+    let spec = |rank: Option<usize>| JoinSpec {
+        seed: seed.addr().unwrap(),
+        token: seed.token().clone(),
+        job_id: Some(seed.job_id().to_string()),
+        rank,
+        world_size: rank.map(|_| 2),
+        host: "localhost".into(),
+        late: rank.is_none(),
+    };
+    // The first ranks form the job, then wait until both joiners are queued,
+    // so the first checkpoint (step 5) admits both.
+    let (go, gate) = tokio::sync::watch::channel(false);
+    let start = |rank: Option<usize>| {
+        let (data, cfg, spec, mut gate) = (data.clone(), cfg.clone(), spec(rank), gate.clone());
+        tokio::spawn(async move {
+            let s = rankmesh::init_elastic_with(spec, rankmesh::Config::default())
+                .await
+                .expect("join");
+            gate.wait_for(|g| *g).await.expect("gate");
+            let out = train::train_elastic(s.comm, s.state, &data, &cfg)
+                .await
+                .expect("elastic training");
+            out.comm.finalize().await.expect("finalize");
+            (out.outcome, out.changes)
+        })
+    };
+    let tasks = vec![start(Some(0)), start(Some(1)), start(None), start(None)];
+    for _ in 0..1500 {
+        if seed.waiting_joiners() == 2 {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    assert_eq!(
+        seed.waiting_joiners(),
+        2,
+        "the joiners never reached the seed"
+    );
+    go.send_replace(true);
+    let mut outs = Vec::new();
+    for t in tasks {
+        outs.push(t.await.unwrap());
+    }
+    let (first, first_changes) = &outs[0];
+    assert_eq!(
+        first_changes,
+        &vec![(5, 4)],
+        "the job did not grow at step 5"
+    );
+    for (o, _) in &outs {
+        assert_eq!(o.step, first.step);
+        assert!(o
+            .params
+            .iter()
+            .zip(&first.params)
+            .all(|(a, b)| a.to_bits() == b.to_bits()));
+    }
+    let scale = plain.params.iter().fold(1f32, |m, p| m.max(p.abs()));
+    let worst = plain
+        .params
+        .iter()
+        .zip(&first.params)
+        .map(|(a, b)| (a - b).abs())
+        .fold(0f32, f32::max);
+    assert!(worst <= 1e-5 * scale, "elastic run differs by {worst:e}");
+    // The loss curve continues without a jump.
+    for (a, b) in plain.log.iter().zip(&first.log) {
+        assert!(
+            (a.train_mse - b.train_mse).abs() <= 1e-4 * a.train_mse,
+            "{a:?} vs {b:?}"
+        );
+    }
+}
+
 /// Stopping after a checkpoint and resuming gives exactly (bitwise) the
 /// parameters and loss curve of an uninterrupted run.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

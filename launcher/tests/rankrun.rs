@@ -463,6 +463,64 @@ fn an_elastic_job_goes_on_without_a_sigkilled_rank() {
     assert!(t0.elapsed() < LIMIT);
 }
 
+/// The loss curve lines (`train_mse X  test_rmse Y`) of rank 0's output.
+fn loss_curve(text: &str) -> Vec<(f64, f64)> {
+    text.lines()
+        .filter(|l| l.contains("train_mse") && l.starts_with("[0]"))
+        .filter_map(|l| {
+            let w: Vec<&str> = l.split_whitespace().collect();
+            let at = |k: &str| {
+                w.iter()
+                    .position(|x| *x == k)
+                    .and_then(|i| w.get(i + 1)?.parse().ok())
+            };
+            Some((at("train_mse")?, at("test_rmse")?))
+        })
+        .collect()
+}
+
+/// The training example, elastic, on 4 ranks; rank 3 SIGKILLs itself after
+/// step 12: the three survivors go back to the checkpoint of step 10,
+/// re-shard the data and finish, with the loss curve of an uninterrupted
+/// 4-rank run (to the 4 printed decimals).
+#[test]
+fn elastic_training_survives_a_sigkilled_rank_with_an_unchanged_loss_curve() {
+    let train = examples_dir().join("train");
+    assert!(
+        train.exists(),
+        "{} is missing: run `cargo test --workspace` (it builds the examples)",
+        train.display()
+    );
+    let flags = ["--epochs", "3", "--checkpoint-every", "5", "--hidden", "16"];
+    let (plain, _) = run(rankrun().args(["-n", "4"]).arg(&train).args(flags));
+    assert_eq!(plain.status.code(), Some(0), "{}", text(&plain.stderr));
+    let (el, _) = run(rankrun()
+        .args([
+            "--elastic",
+            "3:4",
+            "-n",
+            "4",
+            "-x",
+            "RANKMESH_IDLE_TIMEOUT=2",
+        ])
+        .arg(&train)
+        .args(flags)
+        .args(["--elastic", "--die", "3@12"]));
+    let (so, se) = (text(&el.stdout), text(&el.stderr));
+    assert_eq!(el.status.code(), Some(0), "{so}\n{se}");
+    assert!(se.contains("rank 3") && se.contains("SIGKILL"), "{se}");
+    assert!(so.contains("continuing on 3 rank(s) from step 10"), "{so}");
+    let (a, b) = (loss_curve(&text(&plain.stdout)), loss_curve(&so));
+    assert_eq!(a.len(), 3, "{}", text(&plain.stdout));
+    assert_eq!(b.len(), 3, "{so}");
+    for ((m1, r1), (m2, r2)) in a.iter().zip(&b) {
+        assert!(
+            (m1 - m2).abs() <= 2e-4 && (r1 - r2).abs() <= 2e-4,
+            "{a:?} vs {b:?}"
+        );
+    }
+}
+
 #[test]
 fn join_timeout_names_the_missing_rank_and_host() {
     let script = format!(
