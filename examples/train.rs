@@ -485,6 +485,25 @@ impl Mlp {
     }
 }
 
+/// This rank's contiguous share of the minibatch `global` (sample indices),
+/// gathered into `xs` (features) and `ys` (targets).
+pub fn take_shard(
+    data: &Data,
+    global: &[usize],
+    rank: usize,
+    size: usize,
+    xs: &mut Vec<f32>,
+    ys: &mut Vec<f32>,
+) {
+    let (s, e) = shard(global.len(), rank, size);
+    xs.clear();
+    ys.clear();
+    for &i in &global[s..e] {
+        xs.extend_from_slice(&data.train_x[i * FEATURES..(i + 1) * FEATURES]);
+        ys.push(data.train_y[i]);
+    }
+}
+
 /// `[start, end)` of this rank's contiguous share of `len` items.
 pub fn shard(len: usize, rank: usize, size: usize) -> (usize, usize) {
     (len * rank / size, len * (rank + 1) / size)
@@ -653,13 +672,7 @@ pub async fn train(
             let t0 = Instant::now();
             let lo = b as usize * cfg.batch;
             let global = &order[lo..(lo + cfg.batch).min(n_train)];
-            let (s, e) = shard(global.len(), rank, size);
-            xs.clear();
-            ys.clear();
-            for &i in &global[s..e] {
-                xs.extend_from_slice(&data.train_x[i * FEATURES..(i + 1) * FEATURES]);
-                ys.push(data.train_y[i]);
-            }
+            take_shard(data, global, rank, size, &mut xs, &mut ys);
             buf.iter_mut().for_each(|g| *g = 0.0);
             // Backward, last layer first, with DDP-style buckets: the
             // output layer's gradient (and the loss, in the buffer's last
@@ -850,13 +863,7 @@ pub async fn train_elastic(
             let order = Rng::new(st.seed, epoch).permutation(n_train);
             let lo = b * cfg.batch;
             let global = &order[lo..(lo + cfg.batch).min(n_train)];
-            let (s, e) = shard(global.len(), rank, size);
-            xs.clear();
-            ys.clear();
-            for &i in &global[s..e] {
-                xs.extend_from_slice(&data.train_x[i * FEATURES..(i + 1) * FEATURES]);
-                ys.push(data.train_y[i]);
-            }
+            take_shard(data, global, rank, size, &mut xs, &mut ys);
             buf.iter_mut().for_each(|g| *g = 0.0);
             buf[n] = model.grad_sum(&st.params, &xs, &ys, &mut buf[..n]);
             comm.all_reduce(&mut buf, ReduceOp::Sum).await?;
