@@ -16,6 +16,9 @@ async fn main() -> Result<()> {
     if mode == "elastic" {
         return elastic().await;
     }
+    if mode == "cycles" {
+        return cycles().await;
+    }
     let victim: Option<usize> = std::env::var("PROBE_VICTIM")
         .ok()
         .and_then(|v| v.parse().ok());
@@ -140,5 +143,76 @@ async fn elastic() -> Result<()> {
         }
     }
     println!("pid {pid}: done as rank {}/{}", comm.rank(), comm.size());
+    comm.finalize().await
+}
+
+/// The process's open file descriptors and resident memory (KiB, after
+/// returning free heap pages to the system).
+fn footprint() -> (usize, u64) {
+    // SAFETY: malloc_trim only releases free memory of glibc's heap.
+    unsafe {
+        libc::malloc_trim(0);
+    }
+    let fds = std::fs::read_dir("/proc/self/fd")
+        .map(|d| d.count())
+        .unwrap_or(0);
+    let statm = std::fs::read_to_string("/proc/self/statm").unwrap_or_default();
+    let pages: u64 = statm
+        .split_whitespace()
+        .nth(1)
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0);
+    (fds, pages * 4)
+}
+
+/// `PROBE=cycles`: the job's 2 first ranks, `PROBE_CYCLES` times: wait at
+/// checkpoints for a joiner (3 ranks), allreduce, then shrink back to 2
+/// once it has left, allreduce; rank 0 prints its footprint. A joiner
+/// (`rankrun --join`) allreduces once with them and leaves.
+async fn cycles() -> Result<()> {
+    let n: usize = std::env::var("PROBE_CYCLES")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(10);
+    let start = rankmesh::init_elastic().await?;
+    let mut comm = start.comm;
+    let check = |comm: &rankmesh::Communicator, v: &[u64]| {
+        let k = comm.size() as u64;
+        if v.iter().any(|&x| x != k * (k + 1) / 2) {
+            eprintln!("wrong allreduce result on {k} ranks");
+            std::process::exit(3);
+        }
+    };
+    if start.membership.previous_rank.is_none() {
+        // A joiner: one allreduce with the job, then leave.
+        let mut v = vec![comm.rank() as u64 + 1; 64];
+        comm.all_reduce(&mut v, rankmesh::ReduceOp::Sum).await?;
+        check(&comm, &v);
+        println!(
+            "joiner: allreduce ok as rank {}/{}",
+            comm.rank(),
+            comm.size()
+        );
+        comm.shutdown_after_error().await;
+        return Ok(());
+    }
+    for cycle in 0..n {
+        for want in [3, 2] {
+            while comm.size() != want {
+                tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                comm = comm.checkpoint(b"cycles").await?.comm;
+            }
+            let mut v = vec![comm.rank() as u64 + 1; 64];
+            comm.all_reduce(&mut v, rankmesh::ReduceOp::Sum).await?;
+            check(&comm, &v);
+        }
+        if comm.rank() == 0 {
+            let (fds, rss) = footprint();
+            println!(
+                "cycle {cycle}: {fds} fds, {rss} KiB resident, pid {}",
+                std::process::id()
+            );
+        }
+    }
     comm.finalize().await
 }

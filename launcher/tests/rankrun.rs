@@ -521,6 +521,89 @@ fn elastic_training_survives_a_sigkilled_rank_with_an_unchanged_loss_curve() {
     }
 }
 
+/// Ten times, a process joins a 2-rank elastic job (3 ranks) and leaves
+/// again (2 ranks); the original processes neither restart nor grow.
+#[test]
+fn ten_grow_and_shrink_cycles_with_real_processes_leak_nothing() {
+    let dir = std::env::temp_dir().join(format!("rankrun-cycles-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).expect("tmp dir");
+    let tok = dir.join("token");
+    let mut job = rankrun()
+        .args(["--elastic", "2:3", "-n", "2", "--token-file"])
+        .arg(&tok)
+        .args([
+            "-x",
+            "PROBE=cycles",
+            "-x",
+            "PROBE_CYCLES=10",
+            "-x",
+            "RANKMESH_IDLE_TIMEOUT=2",
+        ])
+        .arg(probe())
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start rankrun");
+    let mut err = BufReader::new(job.stderr.take().expect("stderr")).lines();
+    let first = err.next().expect("rankrun said nothing").expect("read");
+    let addr = first
+        .split("seed at ")
+        .nth(1)
+        .and_then(|s| s.split_whitespace().next())
+        .unwrap_or_else(|| panic!("no seed address in {first:?}"))
+        .to_string();
+    let errs = std::thread::spawn(move || err.map_while(|l| l.ok()).collect::<Vec<_>>().join("\n"));
+    for i in 0..10 {
+        let (j, _) = run(rankrun()
+            .args(["--join", &addr, "-n", "1", "--token-file"])
+            .arg(&tok)
+            .args(["-x", "PROBE=cycles"])
+            .arg(probe()));
+        let jt = text(&j.stdout);
+        assert_eq!(
+            j.status.code(),
+            Some(0),
+            "joiner {i}: {jt}\n{}",
+            text(&j.stderr)
+        );
+        assert!(jt.contains("allreduce ok as rank 2/3"), "joiner {i}: {jt}");
+    }
+    let out = wait_limited(job, LIMIT);
+    let so = text(&out.stdout);
+    let se = errs.join().unwrap_or_default();
+    assert_eq!(out.status.code(), Some(0), "{so}\n{se}");
+    // (fds, KiB, pid) of rank 0 after cycles 1 and 9.
+    let at = |c: usize| -> (usize, u64, u32) {
+        let l = so
+            .lines()
+            .find(|l| l.contains(&format!("cycle {c}: ")))
+            .unwrap_or_else(|| panic!("no cycle {c} line in {so}"));
+        let w: Vec<&str> = l.split_whitespace().collect();
+        let num = |k: &str| -> u64 {
+            w.iter()
+                .position(|x| x.trim_end_matches(',') == k)
+                .and_then(|i| w.get(i - 1)?.parse().ok())
+                .unwrap_or_else(|| panic!("no {k} in {l:?}"))
+        };
+        let pid = w.last().and_then(|p| p.parse().ok()).expect("pid");
+        (num("fds") as usize, num("KiB"), pid)
+    };
+    let (fds1, rss1, pid1) = at(1);
+    let (fds9, rss9, pid9) = at(9);
+    eprintln!(
+        "rank 0 after cycle 1: {fds1} fds, {rss1} KiB; after cycle 9: {fds9} fds, {rss9} KiB"
+    );
+    assert_eq!(pid1, pid9, "rank 0 was restarted");
+    assert!(fds9 <= fds1 + 2, "file descriptors grew: {fds1} -> {fds9}");
+    assert!(
+        rss9 <= rss1 + 8 * 1024,
+        "resident memory grew: {rss1} -> {rss9} KiB"
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
 #[test]
 fn join_timeout_names_the_missing_rank_and_host() {
     let script = format!(
