@@ -593,6 +593,65 @@ fn allreduce_is_exact_with_20ms_delay_1_percent_reordering_and_1_percent_loss() 
 }
 
 #[test]
+fn allreduce_is_exact_under_a_bandwidth_cap() {
+    if !is_root() {
+        eprintln!("\n*** SKIPPED: needs root (ip netns, tc); CI runs as root ***\n");
+        return;
+    }
+    let h = Hosts::new(5);
+    // Host B sends at most 40 Mbit/s (token bucket filter on its link).
+    run(
+        "ip",
+        &[
+            "netns", "exec", &h.ns[1], "tc", "qdisc", "add", "dev", &h.dev[1], "root", "tbf",
+            "rate", "40mbit", "burst", "32kbit", "latency", "400ms",
+        ],
+    );
+    let mut cfg = Config::default();
+    cfg.set_op_timeout(Duration::from_secs(120));
+    let out = job(&h, cfg, |comm| {
+        Box::pin(async move {
+            let r = comm.rank();
+            let n = 256 * 1024; // 1 MiB of f32
+            let mut wrong = 0usize;
+            for it in 0..4u32 {
+                let mut v: Vec<f32> = (0..n)
+                    .map(|i| ((i as u32 + it + r as u32) % 13) as f32)
+                    .collect();
+                comm.all_reduce(&mut v, ReduceOp::Sum)
+                    .await
+                    .expect("allreduce under a bandwidth cap");
+                wrong += v
+                    .iter()
+                    .enumerate()
+                    .filter(|(i, x)| {
+                        let want: u32 = (0..4).map(|q| (*i as u32 + it + q) % 13).sum();
+                        **x != want as f32
+                    })
+                    .count();
+            }
+            comm.finalize().await.expect("finalize");
+            wrong
+        })
+    });
+    assert_eq!(out, vec![0, 0, 0, 0], "wrong elements per rank");
+    // The cap was in the way: the filter held packets back.
+    let stats = Command::new("ip")
+        .args([
+            "netns", "exec", &h.ns[1], "tc", "-s", "qdisc", "show", "dev", &h.dev[1],
+        ])
+        .output()
+        .expect("tc -s");
+    let stats = String::from_utf8_lossy(&stats.stdout).to_string();
+    let overlimits: u64 = stats
+        .split("overlimits ")
+        .nth(1)
+        .and_then(|t| t.split_whitespace().next()?.parse().ok())
+        .unwrap_or(0);
+    assert!(stats.contains("tbf") && overlimits > 0, "{stats}");
+}
+
+#[test]
 fn a_partitioned_host_is_named_by_the_survivors_within_the_idle_timeout() {
     if !is_root() {
         eprintln!("\n*** SKIPPED: needs root (ip netns); CI runs as root ***\n");
