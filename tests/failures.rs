@@ -228,11 +228,17 @@ fn a_silent_rank_is_detected_within_the_idle_timeout() {
     };
     let (s0, s1, c0, c1) = (spec(0), spec(1), cfg.clone(), cfg);
     let silent = std::thread::spawn(move || {
-        let rt = rt(1);
+        // One thread runs everything of this rank (its QUIC drivers too),
+        // so blocking it silences the rank completely.
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
         rt.block_on(async move {
             let comm = rankmesh::init_with(s1, c1).await.unwrap();
             comm.send(&[1u8], 0, 0).await.unwrap();
-            // Freeze this rank's only runtime thread.
+            // Let the message go out, then freeze this rank's only thread.
+            tokio::time::sleep(Duration::from_millis(500)).await;
             std::thread::sleep(Duration::from_secs(5));
             drop(comm);
         });

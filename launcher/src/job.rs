@@ -181,9 +181,12 @@ struct Job {
     code: Option<i32>,
     first_failure: Option<String>,
     grace: Duration,
-    /// An elastic job (or joiners of one): a failed rank does not end the
-    /// others, which recover without it.
+    /// An elastic job (or joiners of one): a rank that is lost (killed by
+    /// a signal) after formation does not end the others, which recover
+    /// without it.
     elastic: bool,
+    /// The job has formed (always, for joiners: there is nothing to form).
+    formed: bool,
 }
 
 impl Job {
@@ -252,7 +255,10 @@ impl Job {
         }
         let line = format!("{} {}", p.who(), describe(&st, p.remote));
         let code = code_of(&st);
-        if self.elastic {
+        // A lost rank (killed, or its remote shell reporting a signal); a
+        // rank that exits with an error is a failure of the job.
+        let lost = st.signal().is_some() || (p.remote && (129..160).contains(&code));
+        if self.elastic && self.formed && lost {
             // The survivors go on without it (Communicator::recover); the
             // job fails only if no process succeeds.
             if self.first_failure.is_none() {
@@ -507,6 +513,7 @@ pub async fn run(plan: Plan) -> i32 {
         first_failure: None,
         grace: plan.cli.grace,
         elastic,
+        formed: joining.is_some(),
     };
     if !quiet {
         job.note(format!(
@@ -713,6 +720,7 @@ pub async fn run(plan: Plan) -> i32 {
                 }
                 match r {
                     Ok(_) => {
+                        job.formed = true;
                         token_dir.remove();
                         if !quiet {
                             job.note(format!(
@@ -761,7 +769,13 @@ pub async fn run(plan: Plan) -> i32 {
             _ = sigterm.recv() => signals = on_signal(&mut job, libc::SIGTERM, signals).await,
             _ = sighup.recv() => signals = on_signal(&mut job, libc::SIGHUP, signals).await,
             _ = sigusr1.recv() => {
-                // Not an ending: every rank writes its flight recorder.
+                // Not an ending: every rank writes its flight recorder. Only
+                // once the job formed: a rank that has not reached
+                // rankmesh::init yet would die of it.
+                if !job.formed {
+                    job.note("SIGUSR1 not forwarded: the job has not formed yet").await;
+                    continue;
+                }
                 for p in &job.procs {
                     p.signal(libc::SIGUSR1);
                 }
@@ -816,8 +830,9 @@ pub async fn run(plan: Plan) -> i32 {
     let _ = tokio::time::timeout(Duration::from_secs(3), drain).await;
 
     let code = job.code.unwrap_or_else(|| {
-        // An elastic job succeeded if any process did; otherwise it failed
-        // with its first failure's code.
+        // An elastic job whose lost ranks were tolerated succeeded if some
+        // process finished; if every process was lost, the first loss's
+        // code. (A rank that exits with an error sets `job.code`.)
         let ok = job
             .procs
             .iter()

@@ -106,6 +106,9 @@ struct Inner {
     epochs: watch::Sender<u32>,
 }
 
+/// Most member ids an elastic job issues (ids are never reused).
+const MAX_MEMBERS: usize = 1 << 16;
+
 /// Membership of an elastic job.
 struct Elastic {
     min: usize,
@@ -530,6 +533,9 @@ async fn handle(inner: Arc<Inner>, incoming: quinn::Incoming) -> Result<()> {
         );
         inner.phase.send_replace(phase);
     }
+    // Subscribed before the job can form, so no notice for this rank is
+    // missed between formation and its relay.
+    let notices = inner.notices.subscribe();
     let mut rx = inner.phase.subscribe();
     let outcome = tokio::select! {
         p = rx.wait_for(|p| !matches!(p, Phase::Forming)) => p.map(|p| p.clone()).ok(),
@@ -537,19 +543,48 @@ async fn handle(inner: Arc<Inner>, incoming: quinn::Incoming) -> Result<()> {
     };
     match outcome {
         Some(Phase::Formed(peers)) => {
-            write_msg(&mut send, &Formation::Welcome { epoch: 1, peers }).await?;
+            if let Err(e) = write_msg(&mut send, &Formation::Welcome { epoch: 1, peers }).await {
+                depart(&inner, rank, format!("its link to the seed ended: {e}"));
+                return Err(e);
+            }
         }
         Some(Phase::Failed(reason)) => {
             let _ = write_msg(&mut send, &Formation::Failed { reason }).await;
             let _ = send.finish();
+            // Let the rank read the verdict before the connection goes away.
+            let _ = tokio::time::timeout(Duration::from_secs(2), conn.closed()).await;
+            return Ok(());
         }
         _ => {
-            leave("connection closed");
+            if matches!(*inner.phase.borrow(), Phase::Formed(_)) {
+                depart(&inner, rank, "its link to the seed ended".into());
+            } else {
+                leave("connection closed");
+            }
             return Ok(());
         }
     }
-    relay(&inner, rank, &conn, &mut send, &mut recv).await;
+    relay(&inner, rank, &conn, &mut send, &mut recv, notices).await;
     Ok(())
+}
+
+/// A member of the formed job is gone: tell every rank, and (elastic jobs)
+/// stop waiting for it at membership points.
+fn depart(inner: &Inner, rank: usize, reason: String) {
+    tracing::debug!("seed: rank {rank} left: {reason}");
+    let _ = inner.notices.send(Notice::RankGone {
+        rank: rank as u32,
+        reason,
+    });
+    if let Some(el) = &inner.elastic {
+        {
+            let mut el = lock(el);
+            el.live.remove(&rank);
+            el.requests.remove(&rank);
+            el.pending.retain(|&p| p != rank);
+        }
+        inner.try_decide();
+    }
 }
 
 /// For the job's lifetime: pass notices to this rank, take its abort
@@ -560,9 +595,8 @@ async fn relay(
     conn: &quinn::Connection,
     send: &mut quinn::SendStream,
     recv: &mut quinn::RecvStream,
+    mut notices: tokio::sync::broadcast::Receiver<Notice>,
 ) {
-    let mut notices = inner.notices.subscribe();
-    let mut listening = true;
     let why = loop {
         tokio::select! {
             why = conn.closed() => break why,
@@ -579,10 +613,19 @@ async fn relay(
                         break conn.closed().await;
                     }
                 }
-                Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {}
+                Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {
+                    // Notices were lost for this rank; the one it cannot do
+                    // without is the latest epoch decision.
+                    let last = inner.elastic.as_ref().and_then(|el| lock(el).last.clone());
+                    if let Some(info) = last {
+                        if write_msg(send, &Notice::Epoch(info)).await.is_err() {
+                            break conn.closed().await;
+                        }
+                    }
+                }
                 Err(_) => break conn.closed().await,
             },
-            m = read_msg::<Notice>(recv, "rank"), if listening => match m {
+            m = read_msg::<Notice>(recv, "rank") => match m {
                 Ok(Notice::Abort { reason, .. }) => {
                     tracing::warn!("seed: rank {rank} aborted the job: {reason}");
                     let _ = inner.notices.send(Notice::Abort { rank: rank as u32, reason });
@@ -616,7 +659,13 @@ async fn relay(
                     }
                 }
                 Ok(_) => {}
-                Err(_) => listening = false,
+                Err(e) => {
+                    // A rank that can no longer talk to the seed cannot
+                    // reach a membership point: it is gone.
+                    conn.close(VarInt::from_u32(2), b"bad control message");
+                    tracing::warn!("seed: rank {rank}: {e}");
+                    break conn.closed().await;
+                }
             },
         }
     };
@@ -634,19 +683,7 @@ async fn relay(
         }
         other => format!("its link to the seed ended: {other}"),
     };
-    tracing::debug!("seed: rank {rank} left: {reason}");
-    let _ = inner.notices.send(Notice::RankGone {
-        rank: rank as u32,
-        reason,
-    });
-    if let Some(el) = &inner.elastic {
-        {
-            let mut el = lock(el);
-            el.live.remove(&rank);
-            el.requests.remove(&rank);
-        }
-        inner.try_decide();
-    }
+    depart(inner, rank, reason);
 }
 
 /// A process joining an elastic job after formation: admitted now as a
@@ -709,8 +746,19 @@ async fn late_join(
     }
     let id = {
         let mut el = lock(el);
-        el.table.push(peer);
-        el.table.len() - 1
+        if el.table.len() >= MAX_MEMBERS {
+            el.reserved -= 1;
+            None
+        } else {
+            el.table.push(peer);
+            Some(el.table.len() - 1)
+        }
+    };
+    let Some(id) = id else {
+        let reason = format!(
+            "the job has issued {MAX_MEMBERS} member ids, the most it can; start a new job"
+        );
+        return reject(&conn, &mut send, RejectKind::Membership, reason).await;
     };
     let release = || lock(el).reserved -= 1;
     let cert_der = match inner.ca.sign_rank(&req.csr_der, id) {
@@ -720,8 +768,15 @@ async fn late_join(
             return reject(&conn, &mut send, RejectKind::Protocol, e.to_string()).await;
         }
     };
+    let proof = match inner.token.proof(&conn, Direction::SeedToRank) {
+        Ok(p) => p,
+        Err(e) => {
+            release();
+            return Err(e);
+        }
+    };
     let reply = JoinReply::Accepted {
-        proof: inner.token.proof(&conn, Direction::SeedToRank)?,
+        proof,
         rank: id as u32,
         world_size: id as u32 + 1,
         job_id: inner.job_id.clone(),
@@ -732,6 +787,10 @@ async fn late_join(
         Ok(()) => read_msg::<Ready>(&mut recv, "joiner").await,
         Err(e) => Err(e),
     };
+    // Subscribed before this process can be admitted, so neither its
+    // admission nor a notice after it is missed.
+    let mut epochs = inner.epochs.subscribe();
+    let notices = inner.notices.subscribe();
     {
         let mut el = lock(el);
         el.reserved -= 1;
@@ -745,26 +804,44 @@ async fn late_join(
         req.listen,
         req.host
     );
-    let mut epochs = inner.epochs.subscribe();
+    let admitted = |el: &Elastic| {
+        el.last
+            .clone()
+            .filter(|i| i.joined.contains(&(id as u32)) && el.members.contains(&id))
+    };
     let info = loop {
         tokio::select! {
             ch = epochs.changed() => {
                 if ch.is_err() {
                     return Ok(());
                 }
-                let last = lock(el).last.clone();
-                if let Some(info) = last.filter(|i| i.joined.contains(&(id as u32))) {
+                let found = {
+                    let g = lock(el);
+                    admitted(&g)
+                };
+                if let Some(info) = found {
                     break info;
                 }
             }
             _ = conn.closed() => {
-                lock(el).pending.retain(|&p| p != id);
-                tracing::info!("seed: member {id} left before it was admitted");
+                let was_admitted = {
+                    let g = lock(el);
+                    admitted(&g).is_some()
+                };
+                if was_admitted {
+                    depart(&inner, id, "it left right after it was admitted".into());
+                } else {
+                    lock(el).pending.retain(|&p| p != id);
+                    tracing::info!("seed: member {id} left before it was admitted");
+                }
                 return Ok(());
             }
         }
     };
-    write_msg(&mut send, &Formation::Admitted(info)).await?;
-    relay(&inner, id, &conn, &mut send, &mut recv).await;
+    if let Err(e) = write_msg(&mut send, &Formation::Admitted(info)).await {
+        depart(&inner, id, format!("its link to the seed ended: {e}"));
+        return Err(e);
+    }
+    relay(&inner, id, &conn, &mut send, &mut recv, notices).await;
     Ok(())
 }

@@ -84,64 +84,104 @@ impl Communicator {
     async fn membership_point(&self, what: &str, state: &[u8]) -> Result<Rebuilt> {
         let op = format!("{what} (epoch {})", self.inner.epoch);
         let world = self.inner.world.clone();
-        let Some(seed) = world.seed.as_ref() else {
-            return Err(Error::Membership {
-                detail: format!(
-                    "rank {}: {op}: this job has no seed to agree on membership with (elastic \
-                     jobs are started by rankrun --elastic MIN:MAX)",
-                    self.rank()
-                ),
-            });
-        };
         let me = world.transport.rank();
-        let mut news = world.epochs.subscribe();
-        news.borrow_and_update();
-        seed.request_rebuild(me, self.inner.epoch)
-            .await
-            .map_err(|e| Error::Membership {
-                detail: format!("rank {}: {op}: cannot reach the seed: {e}", self.rank()),
-            })?;
-        let limit = self.config().op_timeout();
-        let epoch = self.inner.epoch;
-        let wait = async {
-            loop {
-                if news.changed().await.is_err() {
-                    return Err("the link to the seed ended".to_string());
+        let mut epoch = self.inner.epoch;
+        loop {
+            let info = next_epoch(&world, me, epoch, &op, self.rank()).await?;
+            let next = info.epoch;
+            match enter_epoch(world.clone(), info, Some(self.rank()), Vec::new(), state).await {
+                Ok(mut r) => {
+                    // What changed since this communicator, over every
+                    // epoch this membership point went through.
+                    let now: Vec<usize> = r.comm.inner.members.clone();
+                    r.membership.left = (0..self.size())
+                        .filter(|&i| !now.contains(&self.inner.members[i]))
+                        .collect();
+                    r.membership.joined = (0..now.len())
+                        .filter(|&i| !self.inner.members.contains(&now[i]))
+                        .collect();
+                    return Ok(r);
                 }
-                match news.borrow_and_update().clone() {
-                    Some(EpochNews::Next(info)) if info.epoch > epoch => return Ok(info),
-                    Some(EpochNews::Failed { epoch: e, reason }) if e == epoch => {
-                        return Err(reason)
-                    }
+                // A member of the new epoch was lost while the state was
+                // passed: agree on the next one without it.
+                Err(e) if lost(&e) => epoch = next,
+                Err(e) => return Err(e),
+            }
+        }
+    }
+}
+
+/// Whether `e` means a rank was lost (a membership point can go on
+/// without it).
+fn lost(e: &Error) -> bool {
+    matches!(e, Error::PeerLost { .. } | Error::Aborted { .. })
+}
+
+/// Tell the seed this member (world rank `me`) reached a membership point
+/// of `epoch`, and wait for its decision.
+async fn next_epoch(
+    world: &Arc<World>,
+    me: usize,
+    epoch: u32,
+    op: &str,
+    rank: usize,
+) -> Result<EpochInfo> {
+    let Some(seed) = world.seed.as_ref() else {
+        return Err(Error::Membership {
+            detail: format!(
+                "rank {rank}: {op}: this job has no seed to agree on membership with (elastic \
+                 jobs are started by rankrun --elastic MIN:MAX)"
+            ),
+        });
+    };
+    let mut news = world.epochs.subscribe();
+    news.borrow_and_update();
+    seed.request_rebuild(me, epoch)
+        .await
+        .map_err(|e| Error::Membership {
+            detail: format!("rank {rank}: {op}: cannot reach the seed: {e}"),
+        })?;
+    let limit = world.config.op_timeout();
+    let wait = async {
+        loop {
+            if let Some(n) = news.borrow_and_update().clone() {
+                match n {
+                    EpochNews::Next(info) if info.epoch > epoch => return Ok(info),
+                    EpochNews::Failed { epoch: e, reason } if e == epoch => return Err(reason),
                     _ => {}
                 }
             }
-        };
-        let info = match tokio::time::timeout(limit, wait).await {
-            Ok(Ok(info)) => info,
-            Ok(Err(reason)) => {
-                return Err(Error::Membership {
-                    detail: format!("rank {}: {op}: {reason}", self.rank()),
-                })
+            if news.changed().await.is_err() {
+                return Err("the link to the seed ended".to_string());
             }
-            Err(_) => {
-                return Err(Error::Membership {
-                    detail: format!(
-                        "rank {}: {op}: the seed did not decide the next epoch within {limit:?}: \
-                         a live rank has not reached this membership point (every rank must \
-                         call it)",
-                        self.rank()
-                    ),
-                })
+        }
+    };
+    match tokio::time::timeout(limit, wait).await {
+        Ok(Ok(info)) => Ok(info),
+        Ok(Err(reason)) => Err(Error::Membership {
+            detail: format!("rank {rank}: {op}: {reason}"),
+        }),
+        Err(_) => Err(Error::Membership {
+            detail: format!(
+                "rank {rank}: {op}: the seed did not decide the next epoch within {limit:?}: a \
+                 live rank has not reached this membership point (every rank must call it)"
+            ),
+        }),
+    }
+}
+
+/// A process admitted with `info` enters its epoch; if a member is lost
+/// while the state is passed, it goes through the next membership point.
+pub(crate) async fn enter_admitted(world: Arc<World>, mut info: EpochInfo) -> Result<Rebuilt> {
+    let me = world.transport.rank();
+    loop {
+        let epoch = info.epoch;
+        match enter_epoch(world.clone(), info, None, Vec::new(), &[]).await {
+            Err(e) if lost(&e) => {
+                info = next_epoch(&world, me, epoch, "joining", 0).await?;
             }
-        };
-        let previous = Some(self.rank());
-        let left = info
-            .left
-            .iter()
-            .filter_map(|&id| self.comm_rank_of(id as usize))
-            .collect();
-        enter_epoch(world, info, previous, left, state).await
+            other => return other,
+        }
     }
 }
 

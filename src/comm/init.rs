@@ -1,6 +1,6 @@
 //! Joining a job and building the world communicator.
 
-use super::elastic::{enter_epoch, Membership, Rebuilt};
+use super::elastic::{enter_admitted, Membership, Rebuilt};
 use super::{Communicator, World};
 use crate::bootstrap::{self, JoinSpec};
 use crate::config::Config;
@@ -62,7 +62,7 @@ pub async fn init_elastic_with(spec: JoinSpec, cfg: Config) -> Result<Rebuilt> {
             "the seed admitted this late joiner without an epoch",
         ));
     };
-    enter_epoch(world, info, None, Vec::new(), &[]).await
+    enter_admitted(world, info).await
 }
 
 /// Join through the seed and start this process's transport and world;
@@ -71,6 +71,9 @@ async fn join_world(
     spec: JoinSpec,
     cfg: Config,
 ) -> Result<(Arc<World>, u32, Option<crate::wire::control::EpochInfo>)> {
+    // Take over SIGUSR1 before joining: its default action would end the
+    // process if it arrived while the job forms.
+    let usr1 = sigusr1();
     let ip = cfg.bind_ip().unwrap_or_else(|| route_ip(spec.seed));
     let ep = endpoint::bind(SocketAddr::new(ip, 0), &cfg)?;
     let joined = bootstrap::join(&ep, &spec, &cfg, |creds| {
@@ -86,7 +89,7 @@ async fn join_world(
         job_id,
         Some(joined.seed),
     ));
-    dump_on_sigusr1(&world, epoch);
+    dump_on_sigusr1(&world, epoch, usr1);
     Ok((world, epoch, joined.admitted))
 }
 
@@ -117,14 +120,9 @@ pub async fn init_with(spec: JoinSpec, cfg: Config) -> Result<Communicator> {
 /// On SIGUSR1 (which `rankrun` forwards to every rank), write the flight
 /// recorder and the trace, while the job goes on.
 #[cfg(unix)]
-fn dump_on_sigusr1(world: &Arc<World>, epoch: u32) {
-    use tokio::signal::unix::{signal, SignalKind};
-    let mut sig = match signal(SignalKind::user_defined1()) {
-        Ok(s) => s,
-        Err(e) => {
-            tracing::warn!("cannot listen for SIGUSR1 (no flight-recorder dumps): {e}");
-            return;
-        }
+fn dump_on_sigusr1(world: &Arc<World>, epoch: u32, sig: Option<Usr1>) {
+    let Some(mut sig) = sig else {
+        return;
     };
     let weak = Arc::downgrade(world);
     let task = tokio::spawn(async move {
@@ -150,5 +148,30 @@ fn dump_on_sigusr1(world: &Arc<World>, epoch: u32) {
     world.adopt(task);
 }
 
+#[cfg(unix)]
+type Usr1 = tokio::signal::unix::Signal;
+
+/// A listener for SIGUSR1 (installing it replaces the signal's default
+/// action, ending the process).
+#[cfg(unix)]
+fn sigusr1() -> Option<Usr1> {
+    use tokio::signal::unix::{signal, SignalKind};
+    match signal(SignalKind::user_defined1()) {
+        Ok(s) => Some(s),
+        Err(e) => {
+            tracing::warn!("cannot listen for SIGUSR1 (no flight-recorder dumps): {e}");
+            None
+        }
+    }
+}
+
 #[cfg(not(unix))]
-fn dump_on_sigusr1(_: &Arc<World>, _: u32) {}
+type Usr1 = ();
+
+#[cfg(not(unix))]
+fn sigusr1() -> Option<Usr1> {
+    None
+}
+
+#[cfg(not(unix))]
+fn dump_on_sigusr1(_: &Arc<World>, _: u32, _: Option<Usr1>) {}

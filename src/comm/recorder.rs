@@ -115,7 +115,7 @@ impl Recorder {
                 Some(i) => {
                     ring.remove(i);
                 }
-                None if ring.len() > 2 * self.cap.max(1) => {
+                None if ring.len() > 2 * self.cap.max(64) => {
                     ring.pop_front();
                 }
                 None => break,
@@ -357,7 +357,13 @@ fn rank_file(f: &Path, rank: usize) -> PathBuf {
 }
 
 fn write_atomically(path: &Path, data: &[u8]) -> std::io::Result<()> {
-    let tmp = path.with_extension(format!("tmp{}", std::process::id()));
+    // A temporary name unique to this write (ranks of one process, and two
+    // dumps of one rank, must not share it).
+    static WRITES: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let n = WRITES.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let mut name = path.as_os_str().to_owned();
+    name.push(format!(".tmp.{}.{n}", std::process::id()));
+    let tmp = PathBuf::from(name);
     std::fs::write(&tmp, data)?;
     std::fs::rename(&tmp, path)
 }

@@ -412,15 +412,23 @@ impl Shared {
         }
         let func = self.function(T::DTYPE, None)?;
         let (dst_ptr, _d) = dst.device_ptr(&self.stream);
-        let (src_ptr, _s) = src.device_ptr(&self.stream);
-        let src_ptr = src_ptr + (from * std::mem::size_of::<T>()) as u64;
-        let (off, count) = (at as u64, n as u32);
-        let mut launch = self.stream.launch_builder(&func);
-        launch.arg(&dst_ptr).arg(&src_ptr).arg(&off).arg(&count);
-        // SAFETY: the copy kernel takes (T*, const T*, u64, u32); the
-        // callers checked both ranges against the buffers' lengths.
-        unsafe { launch.launch(LaunchConfig::for_num_elems(count)) }
-            .map_err(|e| self.err("copy kernel", e))?;
+        let (src_base, _s) = src.device_ptr(&self.stream);
+        // The kernel counts elements in a u32: copy in pieces.
+        const PIECE: usize = 1 << 30;
+        let mut done = 0;
+        while done < n {
+            let k = (n - done).min(PIECE);
+            let src_ptr = src_base + ((from + done) * std::mem::size_of::<T>()) as u64;
+            let (off, count) = ((at + done) as u64, k as u32);
+            let mut launch = self.stream.launch_builder(&func);
+            launch.arg(&dst_ptr).arg(&src_ptr).arg(&off).arg(&count);
+            // SAFETY: the copy kernel takes (T*, const T*, u64, u32); the
+            // callers checked both ranges against the buffers' lengths, and
+            // this piece lies within them.
+            unsafe { launch.launch(LaunchConfig::for_num_elems(count)) }
+                .map_err(|e| self.err("copy kernel", e))?;
+            done += k;
+        }
         Ok(())
     }
 }

@@ -576,7 +576,14 @@ struct PollState {
 struct Pending(Arc<(Mutex<PollState>, Condvar)>);
 
 impl Pending {
-    fn finish(self) {
+    /// The mapping's callback ran.
+    fn finish(self) {}
+}
+
+impl Drop for Pending {
+    // Also when wgpu drops a callback without calling it: the poller must
+    // not wait (or spin) for a mapping that will never complete.
+    fn drop(&mut self) {
         let mut s = lock(&self.0 .0);
         s.pending = s.pending.saturating_sub(1);
     }
@@ -646,7 +653,7 @@ impl<T: WgpuElement> WgpuBuffer<T> {
     pub fn zeroed(gpu: &Wgpu, len: usize) -> Result<Self> {
         let size = len
             .checked_mul(std::mem::size_of::<T>())
-            .filter(|&s| s as u64 <= gpu.shared.device.limits().max_buffer_size)
+            .filter(|&s| up4(s as u64) <= gpu.shared.device.limits().max_buffer_size)
             .ok_or_else(|| {
                 gpu_err(format!(
                     "{}: {len} elements exceed the device's largest buffer ({} bytes)",

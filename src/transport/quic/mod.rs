@@ -53,8 +53,9 @@ impl Link {
     }
 }
 
-/// Largest member id a peer certificate may name.
-const MAX_MEMBER_ID: usize = 1 << 20;
+/// How far beyond this rank's peer table a connecting member's id may be
+/// (members admitted at the epoch this rank is still entering).
+const MEMBER_ID_SLACK: usize = 4096;
 
 struct Shared {
     rank: usize,
@@ -277,8 +278,8 @@ impl Shared {
         let rank = pki::rank_from_cert(leaf, &self.job_id)?;
         // Any other member of this job (its certificate is the job CA's):
         // in an elastic job a new member may dial before this rank has
-        // added it to its table.
-        if rank == self.rank || rank > MAX_MEMBER_ID {
+        // added it to its table, but not far beyond it.
+        if rank == self.rank || rank >= self.n_peers() + MEMBER_ID_SLACK {
             return Err(Error::auth(format!(
                 "peer certificate names rank {rank}, not a peer of rank {} ({} known members)",
                 self.rank,
