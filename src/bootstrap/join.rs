@@ -136,13 +136,24 @@ pub async fn join(
         .map_err(|e| Error::transport(None, format!("seed client TLS: {e}")))?;
     let mut client = quinn::ClientConfig::new(Arc::new(tls));
     client.transport_config(endpoint::transport_config(cfg)?);
-    let connecting = endpoint
-        .connect_with(client, seed, "seed.rankmesh")
-        .map_err(|e| unreachable(e.to_string()))?;
-    let conn = tokio::time::timeout(deadline, connecting)
-        .await
-        .map_err(|_| unreachable(format!("no answer within {deadline:?}")))?
-        .map_err(|e| unreachable(e.to_string()))?;
+    // A handshake that times out is tried again until the deadline (a
+    // seed that was briefly busy, or a lost first flight, is not fatal).
+    let until = tokio::time::Instant::now() + deadline;
+    let conn = loop {
+        let connecting = endpoint
+            .connect_with(client.clone(), seed, "seed.rankmesh")
+            .map_err(|e| unreachable(e.to_string()))?;
+        match tokio::time::timeout_at(until, connecting).await {
+            Err(_) => return Err(unreachable(format!("no answer within {deadline:?}"))),
+            Ok(Ok(c)) => break c,
+            Ok(Err(quinn::ConnectionError::TimedOut))
+                if tokio::time::Instant::now() + Duration::from_secs(1) < until =>
+            {
+                tracing::debug!("the seed at {seed} did not answer the handshake; trying again");
+            }
+            Ok(Err(e)) => return Err(unreachable(e.to_string())),
+        }
+    };
     let result = exchange(&conn, endpoint, spec, deadline, cfg.op_timeout(), admitted).await;
     if result.is_err() {
         conn.close(quinn::VarInt::from_u32(1), b"join failed");
