@@ -185,62 +185,49 @@ fn allreduce_is_exact_over_a_link_that_drops_5_percent_of_packets() {
     }
     let h = Hosts::new(1);
     // 5% random loss on everything host B receives over UDP.
-    run(
-        "ip",
+    nft_input_chain(&h.ns[1]);
+    nft(
+        &h.ns[1],
         &[
-            "netns", "exec", &h.ns[1], "nft", "add", "table", "inet", "rmf",
-        ],
-    );
-    run(
-        "ip",
-        &[
-            "netns",
-            "exec",
-            &h.ns[1],
-            "nft",
-            "add",
-            "chain",
-            "inet",
-            "rmf",
-            "in",
-            "{ type filter hook input priority 0 ; }",
-        ],
-    );
-    run(
-        "ip",
-        &[
-            "netns", "exec", &h.ns[1], "nft", "add", "rule", "inet", "rmf", "in", "meta",
-            "l4proto", "udp", "numgen", "random", "mod", "100", "<", "5", "drop",
+            "add", "rule", "inet", "rmf", "in", "meta", "l4proto", "udp", "numgen", "random",
+            "mod", "100", "<", "5", "drop",
         ],
     );
     let mut cfg = Config::default();
     cfg.set_op_timeout(Duration::from_secs(120));
     let out = job(&h, cfg, |comm| {
         Box::pin(async move {
-            let r = comm.rank();
-            let n = 256 * 1024; // 1 MiB of f32
-            let mut wrong = 0usize;
-            for it in 0..8u32 {
-                let mut v: Vec<f32> = (0..n)
-                    .map(|i| ((i as u32 + it + r as u32) % 13) as f32)
-                    .collect();
-                comm.all_reduce(&mut v, ReduceOp::Sum)
-                    .await
-                    .expect("allreduce under loss");
-                wrong += v
-                    .iter()
-                    .enumerate()
-                    .filter(|(i, x)| {
-                        let want: u32 = (0..4).map(|q| (*i as u32 + it + q) % 13).sum();
-                        **x != want as f32
-                    })
-                    .count();
-            }
+            let wrong = exact_allreduces(&comm, 8, "allreduce under loss").await;
             comm.finalize().await.expect("finalize");
             wrong
         })
     });
     assert_eq!(out, vec![0, 0, 0, 0], "wrong elements per rank");
+}
+
+/// Allreduce 1 MiB of f32 whose sum every rank can check (iteration `it`
+/// of a 4-rank job); returns the number of wrong elements.
+async fn exact_allreduce(comm: &rankmesh::Communicator, it: u32, what: &str) -> usize {
+    let r = comm.rank() as u32;
+    let n = 256 * 1024;
+    let mut v: Vec<f32> = (0..n).map(|i| ((i as u32 + it + r) % 13) as f32).collect();
+    comm.all_reduce(&mut v, ReduceOp::Sum).await.expect(what);
+    v.iter()
+        .enumerate()
+        .filter(|(i, x)| {
+            let want: u32 = (0..4).map(|q| (*i as u32 + it + q) % 13).sum();
+            **x != want as f32
+        })
+        .count()
+}
+
+/// [`exact_allreduce`] `iterations` times; the wrong elements in all.
+async fn exact_allreduces(comm: &rankmesh::Communicator, iterations: u32, what: &str) -> usize {
+    let mut wrong = 0;
+    for it in 0..iterations {
+        wrong += exact_allreduce(comm, it, what).await;
+    }
+    wrong
 }
 
 /// `nft` inside namespace `ns`.
@@ -270,26 +257,11 @@ fn nft_input_chain(ns: &str) {
 /// times, until every rank has seen `run_for` pass; returns the number of
 /// wrong elements this rank saw and the iterations done.
 async fn allreduce_loop(comm: rankmesh::Communicator, run_for: Duration) -> (usize, u32) {
-    let r = comm.rank();
-    let n = 256 * 1024;
     let t0 = Instant::now();
     let mut wrong = 0usize;
     let mut it = 0u32;
     loop {
-        let mut v: Vec<f32> = (0..n)
-            .map(|i| ((i as u32 + it + r as u32) % 13) as f32)
-            .collect();
-        comm.all_reduce(&mut v, ReduceOp::Sum)
-            .await
-            .expect("allreduce under faults");
-        wrong += v
-            .iter()
-            .enumerate()
-            .filter(|(i, x)| {
-                let want: u32 = (0..4).map(|q| (*i as u32 + it + q) % 13).sum();
-                **x != want as f32
-            })
-            .count();
+        wrong += exact_allreduce(&comm, it, "allreduce under faults").await;
         it += 1;
         let mut go = [u32::from(t0.elapsed() < run_for)];
         comm.all_reduce(&mut go, ReduceOp::Max)
@@ -559,25 +531,8 @@ fn allreduce_is_exact_with_20ms_delay_1_percent_reordering_and_1_percent_loss() 
     cfg.set_op_timeout(Duration::from_secs(120));
     let out = job_on(&h, cfg, Some(ips), |comm| {
         Box::pin(async move {
-            let r = comm.rank();
-            let n = 256 * 1024; // 1 MiB of f32
-            let mut wrong = 0usize;
-            for it in 0..50u32 {
-                let mut v: Vec<f32> = (0..n)
-                    .map(|i| ((i as u32 + it + r as u32) % 13) as f32)
-                    .collect();
-                comm.all_reduce(&mut v, ReduceOp::Sum)
-                    .await
-                    .expect("allreduce over a slow, lossy, reordering link");
-                wrong += v
-                    .iter()
-                    .enumerate()
-                    .filter(|(i, x)| {
-                        let want: u32 = (0..4).map(|q| (*i as u32 + it + q) % 13).sum();
-                        **x != want as f32
-                    })
-                    .count();
-            }
+            let wrong =
+                exact_allreduces(&comm, 50, "allreduce over a slow, lossy, reordering link").await;
             comm.finalize().await.expect("finalize");
             wrong
         })
@@ -611,25 +566,7 @@ fn allreduce_is_exact_under_a_bandwidth_cap() {
     cfg.set_op_timeout(Duration::from_secs(120));
     let out = job(&h, cfg, |comm| {
         Box::pin(async move {
-            let r = comm.rank();
-            let n = 256 * 1024; // 1 MiB of f32
-            let mut wrong = 0usize;
-            for it in 0..4u32 {
-                let mut v: Vec<f32> = (0..n)
-                    .map(|i| ((i as u32 + it + r as u32) % 13) as f32)
-                    .collect();
-                comm.all_reduce(&mut v, ReduceOp::Sum)
-                    .await
-                    .expect("allreduce under a bandwidth cap");
-                wrong += v
-                    .iter()
-                    .enumerate()
-                    .filter(|(i, x)| {
-                        let want: u32 = (0..4).map(|q| (*i as u32 + it + q) % 13).sum();
-                        **x != want as f32
-                    })
-                    .count();
-            }
+            let wrong = exact_allreduces(&comm, 4, "allreduce under a bandwidth cap").await;
             comm.finalize().await.expect("finalize");
             wrong
         })

@@ -341,6 +341,27 @@ fn formation_progress_is_a_bar_on_a_terminal() {
     assert!(all.contains("all 2 ranks joined"), "{all}");
 }
 
+/// Start an elastic job's rankrun; returns it, its seed's address (from its
+/// first line) and a thread collecting the rest of its stderr.
+fn start_elastic(cmd: &mut Command) -> (Child, String, std::thread::JoinHandle<String>) {
+    let mut job = cmd
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start rankrun");
+    let mut err = BufReader::new(job.stderr.take().expect("stderr")).lines();
+    let first = err.next().expect("rankrun said nothing").expect("read");
+    let addr = first
+        .split("seed at ")
+        .nth(1)
+        .and_then(|s| s.split_whitespace().next())
+        .unwrap_or_else(|| panic!("no seed address in {first:?}"))
+        .to_string();
+    let errs = std::thread::spawn(move || err.map_while(|l| l.ok()).collect::<Vec<_>>().join("\n"));
+    (job, addr, errs)
+}
+
 /// The pids in lines `pid N: ...` of `text`, per line prefix.
 fn elastic_pids(text: &str, what: &str) -> Vec<u32> {
     let mut v: Vec<u32> = text
@@ -366,26 +387,13 @@ fn an_elastic_job_grows_from_2_to_4_ranks_without_restarting_anyone() {
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).expect("tmp dir");
     let tok = dir.join("token");
-    let mut job = rankrun()
-        .args(["--elastic", "2:4", "-n", "2", "--token-file"])
-        .arg(&tok)
-        .args(["-x", "PROBE=elastic", "-x", "PROBE_TARGET=4"])
-        .arg(probe())
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("start rankrun");
-    // The seed's address, from rankrun's first line.
-    let mut err = BufReader::new(job.stderr.take().expect("stderr")).lines();
-    let first = err.next().expect("rankrun said nothing").expect("read");
-    let addr = first
-        .split("seed at ")
-        .nth(1)
-        .and_then(|s| s.split_whitespace().next())
-        .unwrap_or_else(|| panic!("no seed address in {first:?}"))
-        .to_string();
-    let errs = std::thread::spawn(move || err.map_while(|l| l.ok()).collect::<Vec<_>>().join("\n"));
+    let (job, addr, errs) = start_elastic(
+        rankrun()
+            .args(["--elastic", "2:4", "-n", "2", "--token-file"])
+            .arg(&tok)
+            .args(["-x", "PROBE=elastic", "-x", "PROBE_TARGET=4"])
+            .arg(probe()),
+    );
     let (joiners, _) = run(rankrun()
         .args(["--join", &addr, "-n", "2", "--token-file"])
         .arg(&tok)
@@ -529,32 +537,20 @@ fn ten_grow_and_shrink_cycles_with_real_processes_leak_nothing() {
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).expect("tmp dir");
     let tok = dir.join("token");
-    let mut job = rankrun()
-        .args(["--elastic", "2:3", "-n", "2", "--token-file"])
-        .arg(&tok)
-        .args([
-            "-x",
-            "PROBE=cycles",
-            "-x",
-            "PROBE_CYCLES=10",
-            "-x",
-            "RANKMESH_IDLE_TIMEOUT=2",
-        ])
-        .arg(probe())
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("start rankrun");
-    let mut err = BufReader::new(job.stderr.take().expect("stderr")).lines();
-    let first = err.next().expect("rankrun said nothing").expect("read");
-    let addr = first
-        .split("seed at ")
-        .nth(1)
-        .and_then(|s| s.split_whitespace().next())
-        .unwrap_or_else(|| panic!("no seed address in {first:?}"))
-        .to_string();
-    let errs = std::thread::spawn(move || err.map_while(|l| l.ok()).collect::<Vec<_>>().join("\n"));
+    let (job, addr, errs) = start_elastic(
+        rankrun()
+            .args(["--elastic", "2:3", "-n", "2", "--token-file"])
+            .arg(&tok)
+            .args([
+                "-x",
+                "PROBE=cycles",
+                "-x",
+                "PROBE_CYCLES=10",
+                "-x",
+                "RANKMESH_IDLE_TIMEOUT=2",
+            ])
+            .arg(probe()),
+    );
     for i in 0..10 {
         let (j, _) = run(rankrun()
             .args(["--join", &addr, "-n", "1", "--token-file"])

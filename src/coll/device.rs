@@ -31,16 +31,7 @@ impl Ctx<'_> {
         work: &dyn DeviceBuffer,
     ) -> Result<(), ExecError> {
         for ph in &sched.phases {
-            let span = tracing::trace_span!(
-                "step",
-                sub = ph.sub,
-                sends = ph.sends.len(),
-                recvs = ph.recvs.len()
-            );
-            if let Err(e) = tracing::Instrument::instrument(self.phase_device(ph, work), span).await
-            {
-                return Err(self.root_cause(e));
-            }
+            self.step(ph, self.phase_device(ph, work)).await?;
         }
         Ok(())
     }

@@ -146,17 +146,27 @@ impl Ctx<'_> {
         work: &mut [u8],
     ) -> Result<(), ExecError> {
         for ph in &sched.phases {
-            let span = tracing::trace_span!(
-                "step",
-                sub = ph.sub,
-                sends = ph.sends.len(),
-                recvs = ph.recvs.len()
-            );
-            if let Err(e) = tracing::Instrument::instrument(self.phase(ph, src, work), span).await {
-                return Err(self.root_cause(e));
-            }
+            self.step(ph, self.phase(ph, src, work)).await?;
         }
         Ok(())
+    }
+
+    /// Run one phase of a schedule (`fut`) in its tracing span; a failure
+    /// a peer's abort explains is reported as that abort.
+    pub(super) async fn step(
+        &self,
+        ph: &Phase,
+        fut: impl Future<Output = Result<(), ExecError>>,
+    ) -> Result<(), ExecError> {
+        let span = tracing::trace_span!(
+            "step",
+            sub = ph.sub,
+            sends = ph.sends.len(),
+            recvs = ph.recvs.len()
+        );
+        tracing::Instrument::instrument(fut, span)
+            .await
+            .map_err(|e| self.root_cause(e))
     }
 
     /// One phase. Sends borrow the data they send whenever nothing in the
