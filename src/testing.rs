@@ -122,11 +122,22 @@ where
     }
     let mut set = JoinSet::new();
     let mut ids = HashMap::new();
+    // The first program error in time, recorded before that rank's world is
+    // finished: finishing closes its connections, so a peer's consequent
+    // `PeerLost` can reach the join loop before the rank's own task does.
+    let first_failure: Arc<std::sync::Mutex<Option<Error>>> = Arc::default();
     for rank in 0..world_size {
         let started = start(rank);
+        let first = first_failure.clone();
         let h = set.spawn(async move {
             let (world, program) = started.await?;
             let out = program.await;
+            if let Err(e) = &out {
+                first
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .get_or_insert_with(|| e.clone());
+            }
             world.finish(out.is_ok()).await;
             out
         });
@@ -157,7 +168,11 @@ where
             }
         }
     }
-    if let Some(e) = first_err {
+    let recorded = first_failure
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .take();
+    if let Some(e) = recorded.or(first_err) {
         return Err(e);
     }
     outs.into_iter()

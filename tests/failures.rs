@@ -2,7 +2,7 @@
 //! and a rank that leaves mid-job is named by every survivor quickly, also
 //! by ranks it never exchanged a message with (the seed tells them).
 
-use rankmesh::testing::run_local_with;
+use rankmesh::testing::{run_local_with, run_mem_with};
 use rankmesh::{Config, Error, ReduceOp};
 use std::time::{Duration, Instant};
 
@@ -50,6 +50,40 @@ async fn abort_ends_the_job_for_every_rank_with_its_reason() {
         assert!(out[r].contains("rank 2"), "rank {r}: {}", out[r]);
     }
     assert!(t.elapsed() < Duration::from_secs(60));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_abort_is_passed_on_by_ranks_that_end_after_it() {
+    // The in-process transport has no seed: the abort reaches ranks 1 and 3
+    // only because the ranks that end after it pass it on.
+    let out = run_mem_with(4, patient(), |comm| async move {
+        match comm.rank() {
+            2 => {
+                comm.abort("out of memory on the loader").await;
+                Ok(String::new())
+            }
+            1 => {
+                let mut b = [0u8; 4];
+                Ok(comm.recv(&mut b, 0, 9).await.unwrap_err().to_string())
+            }
+            _ => {
+                let mut v = [1.0f32; 16];
+                let e = comm.all_reduce(&mut v, ReduceOp::Sum).await.unwrap_err();
+                assert!(matches!(e, Error::Aborted { by_rank: 2, .. }), "{e}");
+                Ok(e.to_string())
+            }
+        }
+    })
+    .await
+    .unwrap();
+    for r in [0, 1, 3] {
+        assert!(
+            out[r].contains("out of memory on the loader"),
+            "rank {r}: {}",
+            out[r]
+        );
+        assert!(out[r].contains("rank 2"), "rank {r}: {}", out[r]);
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -37,6 +37,9 @@ const ABORT_NOTICE: Duration = Duration::from_secs(2);
 /// How long a rank whose collective timed out waits for the rank it was
 /// waiting on to explain its own timeout.
 const TIMEOUT_GRACE: Duration = Duration::from_secs(1);
+/// How long a rank that lost a peer mid-collective waits for that peer's
+/// explanation (it may have refused the call just before it left).
+const LOST_GRACE: Duration = Duration::from_millis(300);
 
 impl Communicator {
     /// Block until every rank of the communicator has called `barrier`.
@@ -572,7 +575,33 @@ impl Communicator {
                 (e, Some((kind, text)))
             }
             Ok(Err(ExecError::Peer { failure, .. })) => {
-                let e = self.lost(&op, failure);
+                // A rank that refused this call tells the others and then
+                // may leave at once: its notice can arrive after its
+                // departure was seen. The notice names the cause.
+                let explained = match self.comm_rank_of(failure.rank) {
+                    Some(by) => self
+                        .abort_from(seq, by, LOST_GRACE)
+                        .await
+                        .map(|reason| (by, reason)),
+                    None => None,
+                };
+                let e = match explained {
+                    Some((by, reason)) if reason.as_bytes().first() == Some(&ABORT_MISMATCH) => {
+                        Error::Mismatch {
+                            rank: me,
+                            op: op.clone(),
+                            detail: format!(
+                                "reported by rank {by}: {}",
+                                reason.get(1..).unwrap_or_default()
+                            ),
+                        }
+                    }
+                    Some((by, reason)) => Error::Aborted {
+                        by_rank: by,
+                        reason: format!("{op}: {}", reason.get(1..).unwrap_or_default()),
+                    },
+                    None => self.lost(&op, failure),
+                };
                 let n = Some((ABORT_FAILED, e.to_string()));
                 (e, n)
             }
