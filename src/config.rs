@@ -21,6 +21,7 @@ pub struct Config {
     keep_alive: Duration,
     linger: Duration,
     eager_limit: usize,
+    same_host_channel: bool,
     max_message_bytes: u64,
     socket_buffer_bytes: usize,
     mtu_upper_bound: u16,
@@ -44,6 +45,7 @@ impl Default for Config {
             keep_alive: Duration::from_millis(1000),
             linger: Duration::from_secs(10),
             eager_limit: 64 * 1024,
+            same_host_channel: true,
             max_message_bytes: 1 << 36,
             socket_buffer_bytes: 4 << 20,
             mtu_upper_bound: 4000,
@@ -140,6 +142,23 @@ impl Config {
     /// See [`Config::set_eager_limit`].
     pub fn eager_limit(&self) -> usize {
         self.eager_limit
+    }
+
+    /// Whether ranks on the same host (and in the same network namespace)
+    /// move messages over the same-host channel: Unix domain sockets,
+    /// authenticated per connection with a secret exported from the pair's
+    /// mutual-TLS QUIC connection, and not encrypted (the kernel copies the
+    /// bytes from one process to the other). QUIC still carries the
+    /// connection's liveness and the close reasons. Off: every message
+    /// travels over QUIC. Default on; `RANKMESH_SAME_HOST=0` turns it off.
+    /// See docs/security.md and docs/performance.md.
+    pub fn set_same_host_channel(&mut self, on: bool) -> &mut Self {
+        self.same_host_channel = on;
+        self
+    }
+    /// See [`Config::set_same_host_channel`].
+    pub fn same_host_channel(&self) -> bool {
+        self.same_host_channel
     }
 
     /// Largest single message accepted from a peer, in bytes. A frame that

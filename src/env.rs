@@ -14,7 +14,8 @@
 //!
 //! Optional overrides of [`Config`] fields: `RANKMESH_OP_TIMEOUT`,
 //! `RANKMESH_FORMATION_TIMEOUT`, `RANKMESH_IDLE_TIMEOUT` (seconds, decimals
-//! allowed) and `RANKMESH_BIND` (IP address to bind). `RANKMESH_GPU_DEVICE`
+//! allowed), `RANKMESH_BIND` (IP address to bind) and `RANKMESH_SAME_HOST`
+//! (`0`: QUIC even between ranks on one host). `RANKMESH_GPU_DEVICE`
 //! picks the GPU of a process (default: its local rank). `RANKMESH_TRACE`
 //! (a file: Chrome/Perfetto trace per rank) and `RANKMESH_FLIGHT_DIR` (where
 //! flight-recorder dumps go).
@@ -184,6 +185,18 @@ fn apply_overrides_from(cfg: &mut Config, get: Lookup<'_>) -> Result<()> {
     }
     if let Some(d) = get("RANKMESH_FLIGHT_DIR") {
         cfg.set_flight_dir(Some(d.into()));
+    }
+    if let Some(v) = get("RANKMESH_SAME_HOST") {
+        let on = match v.trim() {
+            "1" => true,
+            "0" => false,
+            other => {
+                return Err(Error::config(format!(
+                    "RANKMESH_SAME_HOST={other:?}: expected 1 (use the same-host channel) or 0 (QUIC only)"
+                )))
+            }
+        };
+        cfg.set_same_host_channel(on);
     }
     if let Some(a) = get("RANKMESH_ALGORITHM") {
         let a = a

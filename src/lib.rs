@@ -47,3 +47,4 @@ pub use comm::{
 pub use config::{Algorithm, Config};
 pub use datatype::{DType, Element, ReduceOp};
 pub use error::{Error, Result};
+pub use transport::PeerPath;

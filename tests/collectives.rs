@@ -1,6 +1,7 @@
 //! Collectives against references computed locally: the full grid (every
 //! collective, element type and op, 1..=9 ranks) on the in-memory
-//! transport, and a smaller grid plus the failure cases over real QUIC.
+//! transport, and a smaller grid plus the failure cases over real QUIC and
+//! over the same-host channel.
 
 use half::{bf16, f16};
 use rankmesh::testing::{run_local, run_local_with, run_mem};
@@ -195,14 +196,18 @@ async fn every_algorithm_forced_on_the_memory_transport() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn collectives_over_quic_on_3_5_7_ranks() {
-    for p in [3, 5, 7] {
-        run_local(p, |comm| async move {
-            check_type::<f32>(&comm, 1001).await?;
-            check_type::<u8>(&comm, 5).await?;
-            check_type::<bf16>(&comm, 33).await
-        })
-        .await
-        .unwrap();
+    for same_host in [false, true] {
+        for p in [3, 5, 7] {
+            let mut cfg = Config::default();
+            cfg.set_same_host_channel(same_host);
+            run_local_with(p, cfg, |comm| async move {
+                check_type::<f32>(&comm, 1001).await?;
+                check_type::<u8>(&comm, 5).await?;
+                check_type::<bf16>(&comm, 33).await
+            })
+            .await
+            .unwrap();
+        }
     }
 }
 
@@ -219,6 +224,8 @@ async fn allreduce_is_bitwise_identical_across_ranks_and_large_odd_lengths_are_e
         ] {
             let mut cfg = Config::default();
             cfg.set_algorithm(Some(algo));
+            // 2 ranks over QUIC, 4 over the same-host channel.
+            cfg.set_same_host_channel(p == 4);
             let n = if algo == Algorithm::Ring { len } else { 4099 };
             let out = run_local_with(p, cfg, move |comm| async move {
                 let r = comm.rank();

@@ -1,8 +1,29 @@
-//! Point-to-point messaging over real QUIC loopback (and the in-process
-//! transport): exactness for every size class, ordering, concurrency.
+//! Point-to-point messaging over real QUIC loopback, over the same-host
+//! channel (the default between ranks of one host), and over the in-process
+//! transport: exactness for every size class, ordering, concurrency.
 
-use rankmesh::testing::{run_local, run_mem};
-use rankmesh::{Communicator, Error, Result};
+use rankmesh::testing::{run_local, run_local_with, run_mem};
+use rankmesh::{Communicator, Config, Error, PeerPath, Result};
+
+/// Settings that keep every message on QUIC (`same_host: false`) or let
+/// ranks of this host use the same-host channel.
+fn path(same_host: bool) -> Config {
+    let mut c = Config::default();
+    c.set_same_host_channel(same_host);
+    c
+}
+
+/// The path messages to every other rank took, checked after traffic.
+fn check_paths(comm: &Communicator, want: PeerPath) {
+    for r in (0..comm.size()).filter(|&r| r != comm.rank()) {
+        assert_eq!(
+            comm.path_to(r).unwrap(),
+            want,
+            "rank {} to {r}",
+            comm.rank()
+        );
+    }
+}
 
 fn pattern(len: usize, seed: usize) -> Vec<u8> {
     (0..len)
@@ -38,16 +59,37 @@ async fn all_pairs(comm: Communicator, len: usize) -> Result<()> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn exact_for_every_size_on_2_3_5_ranks() {
-    for n in [2, 3, 5] {
-        for len in [0usize, 1, 7, 4099, 65_537, 300_001] {
-            run_local(n, move |c| all_pairs(c, len)).await.unwrap();
+    for same_host in [false, true] {
+        let want = if same_host {
+            PeerPath::SameHost
+        } else {
+            PeerPath::Quic
+        };
+        for n in [2, 3, 5] {
+            // Around the eager limit (64 KiB): small messages share the
+            // main connection, larger ones get their own stream/connection.
+            for len in [0usize, 1, 7, 4099, 65_536, 65_537, 300_001] {
+                run_local_with(n, path(same_host), move |c| async move {
+                    all_pairs(c.clone(), len).await?;
+                    check_paths(&c, want);
+                    Ok(())
+                })
+                .await
+                .unwrap();
+            }
         }
     }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sixty_four_mib_arrives_exactly() {
-    let out = run_local(2, |comm| async move {
+    for same_host in [false, true] {
+        sixty_four_mib(same_host).await;
+    }
+}
+
+async fn sixty_four_mib(same_host: bool) {
+    let out = run_local_with(2, path(same_host), |comm| async move {
         let len = 64 << 20;
         if comm.rank() == 0 {
             let data: Vec<u32> = (0..len / 4)
@@ -223,27 +265,51 @@ async fn a_message_over_the_limit_is_refused_by_the_sender() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_cancelled_send_does_not_hold_back_later_messages_of_its_tag() {
-    run_local(2, |comm| async move {
+    for same_host in [false, true] {
+        cancelled_send(same_host).await;
+    }
+}
+
+async fn cancelled_send(same_host: bool) {
+    run_local_with(2, path(same_host), |comm| async move {
+        // A first message: the connection (and its path) is set up.
+        let mut first = [0u8; 4];
         if comm.rank() == 0 {
-            // 8 MiB cannot leave at once (flow control): cancelled mid-way
-            // or before it started.
-            let big = vec![1u8; 8 << 20];
+            comm.send(&[1u8; 4], 1, 2).await?;
+        } else {
+            comm.recv(&mut first, 0, 2).await?;
+        }
+        if comm.rank() == 0 {
+            // 64 MiB cannot leave at once while rank 1 reads nothing (flow
+            // control, socket buffers): cancelled mid-way or before it
+            // started.
+            let big = vec![1u8; 64 << 20];
             let cancelled =
                 tokio::time::timeout(std::time::Duration::ZERO, comm.send(&big, 1, 3)).await;
             assert!(cancelled.is_err(), "the send was not cancelled");
             comm.send(&[9u8; 16], 1, 3).await?;
+            comm.send(&[0u8; 1], 1, 4).await?;
         } else {
+            let mut go = [0u8; 1];
+            comm.recv(&mut go, 0, 4).await?;
             // The cancelled message is skipped, or (if its header got out)
             // received as a broken message; either way the next one arrives.
             let mut b = [0u8; 16];
             let mut got = false;
+            let mut errors = Vec::new();
             for _ in 0..2 {
-                if comm.recv(&mut b, 0, 3).await.is_ok() {
-                    got = true;
-                    break;
+                match comm.recv(&mut b, 0, 3).await {
+                    Ok(()) => {
+                        got = true;
+                        break;
+                    }
+                    Err(e) => errors.push(e.to_string()),
                 }
             }
-            assert!(got && b == [9u8; 16], "later message lost: {b:?}");
+            assert!(
+                got && b == [9u8; 16],
+                "later message lost: {b:?}; errors: {errors:?}"
+            );
         }
         Ok(())
     })

@@ -7,7 +7,7 @@ use rankmesh::transport::quic::{endpoint, QuicTransport};
 use rankmesh::transport::{P2pKey, Transport};
 use rankmesh::wire::control::{self, JoinReply, JoinRequest, PREFIX_LEN};
 use rankmesh::wire::{FrameKind, Header};
-use rankmesh::{Config, Error};
+use rankmesh::{Config, Error, PeerPath};
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
@@ -37,7 +37,10 @@ fn spec(seed: &Seed, rank: usize, n: usize) -> JoinSpec {
 }
 
 async fn join_rank(spec: JoinSpec) -> rankmesh::Result<Rank> {
-    let c = cfg();
+    join_rank_with(spec, cfg()).await
+}
+
+async fn join_rank_with(spec: JoinSpec, c: Config) -> rankmesh::Result<Rank> {
     let ep = endpoint::bind("127.0.0.1:0".parse().unwrap(), &c)?;
     let addr = ep.local_addr().unwrap();
     let joined = join(&ep, &spec, &c, |cr| {
@@ -54,10 +57,14 @@ async fn join_rank(spec: JoinSpec) -> rankmesh::Result<Rank> {
 
 /// A seed and `n` ranks, formed.
 async fn form(n: usize) -> (Seed, Vec<Rank>) {
+    form_with(n, cfg()).await
+}
+
+async fn form_with(n: usize, c: Config) -> (Seed, Vec<Rank>) {
     let seed = Seed::start(SeedConfig::new(n)).unwrap();
     let mut handles = Vec::new();
     for r in 0..n {
-        handles.push(tokio::spawn(join_rank(spec(&seed, r, n))));
+        handles.push(tokio::spawn(join_rank_with(spec(&seed, r, n), c.clone())));
     }
     let mut ranks = Vec::new();
     for h in handles {
@@ -448,4 +455,94 @@ async fn formation_deadline_names_the_missing_rank() {
     }
     let s = seed.wait_formed().await.unwrap_err().to_string();
     assert!(s.contains("[2]"), "{s}");
+}
+
+/// A process on this host that connects to a rank's same-host socket.
+fn same_host_connect(job: &str, rank: usize) -> std::os::unix::net::UnixStream {
+    use std::os::linux::net::SocketAddrExt;
+    let addr = std::os::unix::net::SocketAddr::from_abstract_name(format!("rankmesh/{job}/{rank}"))
+        .unwrap();
+    let s = std::os::unix::net::UnixStream::connect_addr(&addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
+    s
+}
+
+/// The hello of the same-host channel: magic, version, kind, rank, secret.
+fn same_host_hello(kind: u8, rank: u32, secret: [u8; 32]) -> Vec<u8> {
+    let mut h = b"RMLC".to_vec();
+    h.extend_from_slice(&[1, kind]);
+    h.extend_from_slice(&rank.to_le_bytes());
+    h.extend_from_slice(&secret);
+    h
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn same_host_connections_without_the_pair_secret_are_refused() {
+    use std::io::{Read, Write};
+    // A short formation timeout: an unproven hello is refused after it.
+    let mut c = cfg();
+    c.set_formation_timeout(Duration::from_secs(3));
+    let (_seed, ranks) = form_with(2, c).await;
+    let job = ranks[0].creds.job_id.clone();
+    // The ranks' own traffic takes the same-host channel.
+    send(&ranks[0], 1, 5, 0, b"first").await;
+    let got = recv(&ranks[1], 0, 5, Duration::from_secs(10)).await;
+    assert_eq!(got.as_deref(), Some(&b"first"[..]));
+    assert_eq!(ranks[0].transport.path(1), PeerPath::SameHost);
+    let j = job.clone();
+    tokio::task::spawn_blocking(move || {
+        // An impostor on this host claims to be rank 0 with a made-up
+        // secret: refused (verdict 0).
+        let mut s = same_host_connect(&j, 1);
+        s.write_all(&same_host_hello(1, 0, [7; 32])).unwrap();
+        let mut verdict = [9u8; 1];
+        s.read_exact(&mut verdict).unwrap();
+        assert_eq!(verdict, [0], "an unproven main connection was accepted");
+        // A message connection with a made-up secret, carrying a message
+        // "from rank 0": closed without being read as a message.
+        let mut m = same_host_connect(&j, 1);
+        let mut frame = same_host_hello(2, 0, [8; 32]);
+        frame.extend_from_slice(&p2p_header(0, 5, 1, 100_000).encode());
+        frame.extend(std::iter::repeat_n(0xEEu8, 100_000));
+        let _ = m.write_all(&frame);
+        let mut rest = Vec::new();
+        let _ = m.read_to_end(&mut rest);
+        assert!(rest.is_empty());
+        // Not a hello at all: closed.
+        let mut g = same_host_connect(&j, 1);
+        g.write_all(&[b'x'; 64]).unwrap();
+        let mut rest = Vec::new();
+        // Closed (with unread bytes left, the close is a reset).
+        let _ = g.read_to_end(&mut rest);
+        assert!(rest.is_empty());
+    })
+    .await
+    .unwrap();
+    // The impostor's message did not take message number 1 of tag 5: the
+    // real one arrives.
+    send(&ranks[0], 1, 5, 1, b"second").await;
+    let got = recv(&ranks[1], 0, 5, Duration::from_secs(10)).await;
+    assert_eq!(got.as_deref(), Some(&b"second"[..]));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_same_host_hello_that_is_not_a_rank_of_the_job_changes_nothing() {
+    use std::io::{Read, Write};
+    let (_seed, ranks) = form(2).await;
+    let job = ranks[0].creds.job_id.clone();
+    tokio::task::spawn_blocking(move || {
+        // A rank number far outside the job, and this rank's own number:
+        // closed at once, without waiting for a secret.
+        for claimed in [1u32 << 30, 1] {
+            let mut s = same_host_connect(&job, 1);
+            s.write_all(&same_host_hello(1, claimed, [1; 32])).unwrap();
+            let mut rest = Vec::new();
+            let _ = s.read_to_end(&mut rest);
+            assert!(rest.is_empty(), "rank {claimed}");
+        }
+    })
+    .await
+    .unwrap();
+    nothing_then_real_passes(&ranks, 0, 1, 6).await;
+    assert_eq!(ranks[0].transport.path(1), PeerPath::SameHost);
 }

@@ -394,6 +394,17 @@ fn an_elastic_job_grows_from_2_to_4_ranks_without_restarting_anyone() {
             .args(["-x", "PROBE=elastic", "-x", "PROBE_TARGET=4"])
             .arg(probe()),
     );
+    // While the job waits for more ranks, a joiner with a wrong token is
+    // refused; the job is not affected.
+    std::fs::write(dir.join("bad"), "00".repeat(32)).expect("bad token");
+    let (bad, _) = run(rankrun()
+        .args(["--join", &addr, "-n", "1", "--token-file"])
+        .arg(dir.join("bad"))
+        .args(["-x", "PROBE=elastic"])
+        .arg(probe()));
+    assert_ne!(bad.status.code(), Some(0));
+    let be = text(&bad.stdout) + &text(&bad.stderr);
+    assert!(be.contains("token"), "{be}");
     let (joiners, _) = run(rankrun()
         .args(["--join", &addr, "-n", "2", "--token-file"])
         .arg(&tok)
@@ -429,14 +440,6 @@ fn an_elastic_job_grows_from_2_to_4_ranks_without_restarting_anyone() {
         je.contains("done as rank 2/4") && je.contains("done as rank 3/4"),
         "{je}"
     );
-    // A joiner with a wrong token is refused; the job was not affected.
-    std::fs::write(dir.join("bad"), "00".repeat(32)).expect("bad token");
-    let (bad, _) = run(rankrun()
-        .args(["--join", &addr, "-n", "1", "--token-file"])
-        .arg(dir.join("bad"))
-        .args(["-x", "PROBE=elastic"])
-        .arg(probe()));
-    assert_ne!(bad.status.code(), Some(0));
     let _ = std::fs::remove_dir_all(&dir);
 }
 
@@ -460,6 +463,12 @@ fn an_elastic_job_goes_on_without_a_sigkilled_rank() {
     assert!(
         se.contains("was killed by SIGKILL; elastic job: the other ranks continue"),
         "{se}"
+    );
+    // The ranks share this host: the killed rank's same-host channel ends
+    // at once, long before the 2 s idle timeout.
+    assert!(
+        so.contains("its same-host channel closed without a goodbye"),
+        "{so}"
     );
     for r in 0..3 {
         assert!(

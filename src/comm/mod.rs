@@ -47,6 +47,9 @@ pub(crate) struct World {
     p2p_ops: AtomicU64,
     /// Helper tasks that live as long as this world (the SIGUSR1 listener).
     helpers: Mutex<Vec<tokio::task::JoinHandle<()>>>,
+    /// Notices still being sent in the background (the skip of a cancelled
+    /// send); a graceful finish lets them out before the goodbye.
+    pub(crate) notices: Mutex<tokio::task::JoinSet<()>>,
     /// The seed's latest membership decision (elastic jobs).
     pub(crate) epochs: tokio::sync::watch::Sender<Option<EpochNews>>,
     /// Listens to the seed's notices (a rank left; the job was aborted).
@@ -92,6 +95,7 @@ impl World {
             recorder: recorder::Recorder::new(transport.rank(), &job_id, &config),
             p2p_ops: AtomicU64::new(0),
             helpers: Mutex::new(Vec::new()),
+            notices: Mutex::new(tokio::task::JoinSet::new()),
             epochs,
             transport,
             config,
@@ -114,6 +118,13 @@ impl World {
         }
         self.stop_helpers();
         self.write_trace();
+        let mut notices =
+            std::mem::take(&mut *self.notices.lock().unwrap_or_else(|p| p.into_inner()));
+        if graceful {
+            // Bounded by the notices' own timeout.
+            while notices.join_next().await.is_some() {}
+        }
+        notices.abort_all();
         self.transport.shutdown(graceful).await;
         if let Some(s) = &self.seed {
             let why = if graceful {
@@ -270,6 +281,16 @@ impl Communicator {
     /// Number of ranks in the communicator.
     pub fn size(&self) -> usize {
         self.inner.members.len()
+    }
+
+    /// How this rank's messages reach `rank` of this communicator: over
+    /// QUIC, over the same-host channel, or not decided yet (the path is
+    /// chosen at the first message to that rank; and for this rank itself).
+    /// For checking that ranks placed on one host really talk over the fast
+    /// path.
+    pub fn path_to(&self, rank: usize) -> Result<crate::transport::PeerPath> {
+        self.check_rank("path_to", "rank", rank)?;
+        Ok(self.transport().path(self.world_rank(rank)))
     }
 
     /// The job id.

@@ -6,8 +6,9 @@
 //! non-overtaking rule) although each travels on its own stream.
 
 use super::Communicator;
+use crate::comm::World;
 use crate::datatype::Element;
-use crate::transport::{P2pKey, Payload, Transport};
+use crate::transport::{P2pKey, Payload};
 use crate::wire::{FrameKind, Header};
 use crate::{Error, Result};
 use std::sync::Arc;
@@ -77,7 +78,7 @@ impl Communicator {
         // receiver is told to skip message number `n`, so that later
         // messages of this tag are not held behind it.
         let mut skip = SkipOnDrop {
-            transport: Some(self.inner.world.transport.clone()),
+            world: Some(self.inner.world.clone()),
             dst: world_dst,
             header: h,
         };
@@ -90,7 +91,7 @@ impl Communicator {
             })
             .await;
         if res.is_ok() {
-            skip.transport = None;
+            skip.world = None;
         }
         res
     }
@@ -172,14 +173,14 @@ impl Communicator {
 /// Sends a Skip frame for a point-to-point message whose send did not
 /// complete (see [`Communicator::send`]).
 struct SkipOnDrop {
-    transport: Option<Arc<dyn Transport>>,
+    world: Option<Arc<World>>,
     dst: usize,
     header: Header,
 }
 
 impl Drop for SkipOnDrop {
     fn drop(&mut self) {
-        let Some(t) = self.transport.take() else {
+        let Some(world) = self.world.take() else {
             return;
         };
         let Ok(rt) = tokio::runtime::Handle::try_current() else {
@@ -189,12 +190,20 @@ impl Drop for SkipOnDrop {
         h.kind = FrameKind::Skip;
         h.len = 0;
         let dst = self.dst;
-        rt.spawn(async move {
-            let _ = tokio::time::timeout(
-                std::time::Duration::from_secs(10),
-                t.send(dst, h, Payload::Owned(Vec::new())),
-            )
-            .await;
-        });
+        let t = world.transport.clone();
+        // Kept by the world: a graceful finish waits for it, so the skip
+        // reaches the peer before this rank's goodbye.
+        let mut notices = world.notices.lock().unwrap_or_else(|p| p.into_inner());
+        while notices.try_join_next().is_some() {}
+        notices.spawn_on(
+            async move {
+                let _ = tokio::time::timeout(
+                    std::time::Duration::from_secs(10),
+                    t.send(dst, h, Payload::Owned(Vec::new())),
+                )
+                .await;
+            },
+            &rt,
+        );
     }
 }

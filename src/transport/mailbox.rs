@@ -113,7 +113,13 @@ pub struct P2pKey {
 enum Body {
     Chunks(VecDeque<Bytes>),
     Stream(quinn::RecvStream),
+    /// A same-host connection carrying this message alone; `buf` is reused
+    /// for its pieces once the previous one was dropped.
+    Local(tokio::net::UnixStream, bytes::BytesMut),
 }
+
+/// Largest piece read at a time from a same-host connection.
+const LOCAL_PIECE: usize = 1 << 20;
 
 /// A received message: its header and a payload that is either already in
 /// memory or still arriving on its stream.
@@ -150,6 +156,14 @@ impl Incoming {
         }
     }
 
+    pub(crate) fn from_local(header: Header, stream: tokio::net::UnixStream) -> Incoming {
+        Incoming {
+            header,
+            remaining: header.len,
+            body: Body::Local(stream, bytes::BytesMut::new()),
+        }
+    }
+
     /// The frame header.
     pub fn header(&self) -> &Header {
         &self.header
@@ -167,6 +181,18 @@ impl Incoming {
                 Ok(c) => c.map(|c| c.bytes),
                 Err(e) => return Err(format!("stream failed mid-message: {e}")),
             },
+            Body::Local(s, buf) => {
+                use bytes::BufMut;
+                use tokio::io::AsyncReadExt;
+                let want = (self.remaining as usize).min(LOCAL_PIECE);
+                // Reclaims the previous piece's memory if it was dropped.
+                buf.reserve(want);
+                match s.read_buf(&mut buf.limit(want)).await {
+                    Ok(0) => None,
+                    Ok(_) => Some(buf.split().freeze()),
+                    Err(e) => return Err(format!("same-host connection failed mid-message: {e}")),
+                }
+            }
         };
         let mut chunk = match chunk {
             Some(c) => c,
@@ -194,6 +220,20 @@ impl Incoming {
             ));
         }
         let mut at = (self.header.len - self.remaining) as usize;
+        if let Body::Local(s, _) = &mut self.body {
+            // Straight from the socket into the destination.
+            use tokio::io::AsyncReadExt;
+            return match s.read_exact(&mut out[at..]).await {
+                Ok(_) => {
+                    self.remaining = 0;
+                    Ok(())
+                }
+                Err(e) => Err(format!(
+                    "same-host connection ended {} bytes before the message's end: {e}",
+                    self.remaining
+                )),
+            };
+        }
         while let Some(c) = self.next_chunk().await? {
             out[at..at + c.len()].copy_from_slice(&c);
             at += c.len();
@@ -342,7 +382,7 @@ impl Mailbox {
             FrameKind::Abort => {
                 let why = match &m.body {
                     Body::Chunks(q) => q.iter().flat_map(|c| c.iter().copied()).collect(),
-                    Body::Stream(_) => Vec::new(),
+                    Body::Stream(_) | Body::Local(..) => Vec::new(),
                 };
                 let why = String::from_utf8_lossy(&why).into_owned();
                 self.abort_locked(&mut st, h.comm_id, h.epoch, h.seq, h.src, why);
@@ -699,6 +739,14 @@ impl Mailbox {
                 let _ = w.send(Err(f.clone()));
             }
         }
+    }
+
+    /// The job abort this rank knows of: the aborting world rank and why.
+    pub fn job_abort(&self) -> Option<(usize, String)> {
+        self.lock()
+            .job_abort
+            .as_ref()
+            .map(|(by, why)| (*by as usize, why.clone()))
     }
 
     /// Whether `rank` was declared gone, and why.

@@ -84,6 +84,10 @@ impl Transport for MemTransport {
         format!("in-process rank {rank}")
     }
 
+    fn path(&self, _rank: usize) -> super::PeerPath {
+        super::PeerPath::InProcess
+    }
+
     fn shutdown(&self, graceful: bool) -> BoxFut<'_, ()> {
         Box::pin(async move {
             if self.fabric.down[self.rank].swap(true, Ordering::AcqRel) {
@@ -94,8 +98,14 @@ impl Transport for MemTransport {
             } else {
                 "the rank stopped after an error"
             };
+            // A rank that ends after a job abort passes the abort on, as the
+            // QUIC transport does with its close code.
+            let abort = self.mailbox().job_abort();
             for (r, mb) in self.fabric.mailboxes.iter().enumerate() {
                 if r != self.rank {
+                    if let Some((by, why)) = &abort {
+                        mb.abort_job(*by, why);
+                    }
                     mb.fail_peer(self.rank, reason);
                 }
             }

@@ -78,6 +78,21 @@ impl Payload<'_> {
     }
 }
 
+/// How this rank's messages reach a peer.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PeerPath {
+    /// Nothing was sent to the peer yet (the path is chosen at the first
+    /// send), or the connection with it ended.
+    NotConnected,
+    /// QUIC with mutual TLS.
+    Quic,
+    /// The same-host channel (Unix domain sockets; see
+    /// [`crate::Config::set_same_host_channel`]).
+    SameHost,
+    /// The in-process transport of tests.
+    InProcess,
+}
+
 /// Moves messages between the ranks of one job.
 pub trait Transport: Send + Sync + 'static {
     /// This rank's world rank.
@@ -105,6 +120,9 @@ pub trait Transport: Send + Sync + 'static {
 
     /// A human-readable location of `rank` (address, host) for messages.
     fn peer_location(&self, rank: usize) -> String;
+
+    /// How messages to `rank` travel.
+    fn path(&self, rank: usize) -> PeerPath;
 
     /// Extend the peer table with new members of an elastic job (`table`
     /// indexed by world rank; entries this rank already has are kept).

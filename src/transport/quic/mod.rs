@@ -12,6 +12,7 @@
 //! receive consumes them.
 
 pub mod endpoint;
+mod local;
 
 use super::{BoxFut, Incoming, Mailbox, Payload, PeerFailure, Transport};
 use crate::config::Config;
@@ -36,11 +37,36 @@ pub const CODE_ABORT: u32 = 1;
 pub const CODE_PROTOCOL: u32 = 2;
 /// Close code: the peer's certificate is not acceptable.
 pub const CODE_AUTH: u32 = 3;
+/// Close code: the job was aborted; the reason is `"{world rank}\n{why}"`
+/// (see [`job_abort_reason`]), so a rank that learns of an abort passes it
+/// on to every peer it is connected to.
+pub const CODE_JOB_ABORT: u32 = 4;
+
+/// Most bytes of an abort reason carried in a close frame (it must fit in
+/// one packet).
+const MAX_CLOSE_REASON: usize = 900;
+
+/// The close reason of [`CODE_JOB_ABORT`]: who aborted the job, and why.
+fn job_abort_reason(by: usize, why: &str) -> Vec<u8> {
+    let mut cut = why.len().min(MAX_CLOSE_REASON);
+    while !why.is_char_boundary(cut) {
+        cut -= 1;
+    }
+    format!("{by}\n{}", &why[..cut]).into_bytes()
+}
+
+/// Parse a [`CODE_JOB_ABORT`] close reason; `None` if it is malformed.
+fn parse_job_abort(reason: &[u8]) -> Option<(usize, String)> {
+    let text = std::str::from_utf8(reason).ok()?;
+    let (by, why) = text.split_once('\n')?;
+    Some((by.parse().ok()?, why.to_string()))
+}
 
 struct Link {
     conn: Mutex<Option<quinn::Connection>>,
     dial: tokio::sync::Mutex<()>,
     done: tokio::sync::watch::Sender<bool>,
+    local: local::LocalLink,
 }
 
 impl Link {
@@ -49,6 +75,7 @@ impl Link {
             conn: Mutex::new(None),
             dial: tokio::sync::Mutex::new(()),
             done: tokio::sync::watch::channel(false).0,
+            local: local::LocalLink::new(),
         }
     }
 }
@@ -128,6 +155,7 @@ impl QuicTransport {
         });
         let acc = sh.clone();
         sh.spawn(async move { acc.accept_loop().await });
+        sh.start_local();
         Ok(QuicTransport { sh })
     }
 
@@ -291,6 +319,21 @@ impl Shared {
 
     /// Receive loop of one connection.
     async fn serve(self: Arc<Self>, rank: usize, conn: quinn::Connection) {
+        let secret = local::secret_of(&conn);
+        if let Some(k) = secret {
+            self.link(rank).local.add_secret(k);
+        }
+        self.serve_conn(rank, &conn).await;
+        let link = self.link(rank);
+        if let Some(k) = &secret {
+            link.local.remove_secret(k);
+        }
+        if self.registered(rank).is_none() {
+            link.local.forget();
+        }
+    }
+
+    async fn serve_conn(self: &Arc<Self>, rank: usize, conn: &quinn::Connection) {
         let mut frames: JoinSet<Frame> = JoinSet::new();
         let end = loop {
             tokio::select! {
@@ -340,6 +383,20 @@ impl Shared {
         let reason = match &end {
             ConnectionError::ApplicationClosed(c) if c.error_code == VarInt::from_u32(CODE_BYE) => {
                 "the rank finalized and closed its connections".to_string()
+            }
+            ConnectionError::ApplicationClosed(c)
+                if c.error_code == VarInt::from_u32(CODE_JOB_ABORT) =>
+            {
+                match parse_job_abort(&c.reason) {
+                    Some((by, why)) => {
+                        // Before the peer is failed: waiters see the abort.
+                        self.mailbox.abort_job(by, &why);
+                        format!("the job was aborted by rank {by}: {why}")
+                    }
+                    None => {
+                        "the rank closed its connection with a malformed abort notice".to_string()
+                    }
+                }
             }
             ConnectionError::ApplicationClosed(c) => format!(
                 "the rank closed its connection: {}",
@@ -487,6 +544,9 @@ impl Shared {
             return Err(self.failure(dst, reason));
         }
         let conn = self.connection(dst).await?;
+        if let Some(tx) = self.local_tx(dst, &conn).await {
+            return self.send_local(dst, &tx, header, payload).await;
+        }
         let lost = |e: &dyn std::fmt::Display| {
             let reason = self
                 .mailbox
@@ -553,14 +613,28 @@ impl Shared {
         if self.closing.swap(true, Ordering::AcqRel) {
             return;
         }
-        if graceful {
+        // After a job abort nothing is waited for: the close passes the
+        // abort on to every connected peer (the aborting rank also reaches
+        // the peers it never talked to, below).
+        let job_abort = self.mailbox.job_abort();
+        if graceful && job_abort.is_none() {
             let deadline = tokio::time::Instant::now() + self.cfg.linger();
             let live: Vec<(usize, quinn::Connection)> = (0..self.n_peers())
                 .filter_map(|r| self.registered(r).map(|c| (r, c)))
                 .filter(|(_, c)| c.close_reason().is_none())
                 .collect();
             let mut byes = Vec::with_capacity(live.len());
+            let mut local_byes = Vec::new();
             for (r, c) in &live {
+                if let Some(tx) = self.link(*r).local.tx() {
+                    // Messages to this peer took the same-host channel: so
+                    // does the goodbye, behind them.
+                    let said = tokio::time::timeout_at(deadline, self.local_bye(&tx)).await;
+                    if matches!(said, Ok(true)) {
+                        local_byes.push(tx);
+                    }
+                    continue;
+                }
                 let bye = Header::new(FrameKind::Bye, self.rank as u32, 0, 0);
                 // Bounded: a live peer that gives no stream credit must not
                 // hold finalize forever.
@@ -603,18 +677,22 @@ impl Shared {
             for s in &byes {
                 let _ = tokio::time::timeout_at(deadline, s.stopped()).await;
             }
+            for tx in &local_byes {
+                let _ = tokio::time::timeout_at(deadline, self.local_bye_acked(tx)).await;
+            }
         }
         let mut notified = Vec::new();
         if !graceful {
             notified = self.reach_unconnected_peers().await;
         }
         tracing::debug!(rank = self.rank, "shutdown: peers done");
-        let (code, why): (u32, &[u8]) = if graceful {
-            (CODE_BYE, b"finalized")
-        } else {
-            (CODE_ABORT, b"rank stopped after an error")
+        let (code, why): (u32, Vec<u8>) = match &job_abort {
+            Some((by, why)) => (CODE_JOB_ABORT, job_abort_reason(*by, why)),
+            None if graceful => (CODE_BYE, b"finalized".to_vec()),
+            None => (CODE_ABORT, b"rank stopped after an error".to_vec()),
         };
-        self.endpoint.close(VarInt::from_u32(code), why);
+        self.endpoint.close(VarInt::from_u32(code), &why);
+        self.close_local();
         let _ = tokio::time::timeout(Duration::from_millis(100), self.endpoint.wait_idle()).await;
         tracing::debug!(rank = self.rank, "shutdown: endpoint idle");
         drop(notified);
@@ -712,6 +790,20 @@ impl Transport for QuicTransport {
                 .is_some_and(|c| c.close_reason().is_none())
     }
 
+    fn path(&self, rank: usize) -> crate::transport::PeerPath {
+        use crate::transport::PeerPath;
+        if rank >= self.sh.n_peers() {
+            return PeerPath::NotConnected;
+        }
+        let link = self.sh.link(rank);
+        match link.local.decided() {
+            Some(Some(_)) => PeerPath::SameHost,
+            Some(None) => PeerPath::Quic,
+            None if self.connected(rank) => PeerPath::Quic,
+            None => PeerPath::NotConnected,
+        }
+    }
+
     fn add_peers(&self, table: &[PeerInfo]) -> std::result::Result<(), String> {
         self.sh.add_peers(table);
         Ok(())
@@ -727,5 +819,30 @@ impl Transport for QuicTransport {
 
     fn shutdown(&self, graceful: bool) -> BoxFut<'_, ()> {
         Box::pin(self.sh.shutdown(graceful))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn job_abort_reasons_round_trip_and_are_bounded() {
+        let r = job_abort_reason(7, "loss became NaN at step 17");
+        assert_eq!(
+            parse_job_abort(&r),
+            Some((7, "loss became NaN at step 17".to_string()))
+        );
+        // A long reason with multi-byte characters is cut on a character
+        // boundary and still parses.
+        let long = "é".repeat(2000);
+        let r = job_abort_reason(3, &long);
+        assert!(r.len() <= MAX_CLOSE_REASON + 4);
+        let (by, why) = parse_job_abort(&r).unwrap();
+        assert_eq!(by, 3);
+        assert!(long.starts_with(&why) && !why.is_empty());
+        for bad in [&b"x\nwhy"[..], b"no newline", b"\xff\n"] {
+            assert_eq!(parse_job_abort(bad), None);
+        }
     }
 }

@@ -1,0 +1,618 @@
+//! The same-host channel: messages between ranks on one host (and in one
+//! network namespace) travel over Unix domain sockets instead of encrypted
+//! QUIC packets.
+//!
+//! Every rank listens on an abstract-namespace socket named after its job
+//! and rank. The first time a rank sends to a peer, once the QUIC connection
+//! of the pair is up, it tries to connect there; when that works (the peer
+//! runs on this host, in this network namespace), every later message to
+//! that peer takes this channel, otherwise QUIC. Per direction, one
+//! long-lived *main* connection carries the messages up to the eager limit
+//! and the goodbye; every larger message gets a connection of its own,
+//! read by its receive once that is posted (as a QUIC stream is), so a large
+//! message never holds up another.
+//!
+//! Abstract sockets have no file permissions, so every connection opens
+//! with a hello that proves who connects: the sender's rank and a 32-byte
+//! secret exported (RFC 8446 section 7.5) from the pair's mutual-TLS QUIC
+//! connection, which only those two ranks can compute. The QUIC connection
+//! stays up: it carries liveness (keep-alives, the idle timeout) and the
+//! reasons a peer closes with.
+
+use super::{Shared, CODE_PROTOCOL};
+use crate::transport::{Incoming, Payload, PeerFailure};
+use crate::wire::{FrameKind, Header, HEADER_LEN};
+use bytes::Bytes;
+use quinn::VarInt;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::unix::{OwnedReadHalf, OwnedWriteHalf};
+use tokio::net::UnixStream;
+use tokio::sync::{Mutex, OwnedMutexGuard};
+
+const MAGIC: [u8; 4] = *b"RMLC";
+const VERSION: u8 = 1;
+/// The hello opens the long-lived connection of one direction.
+const KIND_MAIN: u8 = 1;
+/// The hello opens a connection that carries one large message.
+const KIND_MESSAGE: u8 = 2;
+/// Magic, version, kind, sender rank (u32 LE), secret.
+const HELLO_LEN: usize = 4 + 1 + 1 + 4 + 32;
+/// TLS exporter label of the secret.
+const LABEL: &[u8] = b"EXPORTER-rankmesh-same-host-channel";
+/// After a main connection ended without a goodbye, how long to wait for
+/// the QUIC connection to say why before declaring the peer gone.
+const EOF_GRACE: Duration = Duration::from_millis(500);
+/// How long a send that was cancelled half-way through a small message may
+/// take to finish writing it (the main connection must stay in frame).
+const FINISH_CANCELLED: Duration = Duration::from_secs(60);
+
+/// The secret of one QUIC connection.
+pub(super) type Secret = [u8; 32];
+
+/// The secret both ends of `conn` derive for the same-host channel.
+pub(super) fn secret_of(conn: &quinn::Connection) -> Option<Secret> {
+    let mut out = [0u8; 32];
+    conn.export_keying_material(&mut out, LABEL, b"").ok()?;
+    Some(out)
+}
+
+fn same(a: &Secret, b: &Secret) -> bool {
+    // Constant time: the comparison must not tell how much of a guess was right.
+    a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+/// The abstract socket address of `rank` of job `job_id`.
+fn socket_addr(job_id: &str, rank: usize) -> std::io::Result<std::os::unix::net::SocketAddr> {
+    #[cfg(target_os = "linux")]
+    {
+        use std::os::linux::net::SocketAddrExt;
+        std::os::unix::net::SocketAddr::from_abstract_name(format!("rankmesh/{job_id}/{rank}"))
+    }
+    #[cfg(not(target_os = "linux"))]
+    {
+        let _ = (job_id, rank);
+        Err(std::io::Error::new(
+            std::io::ErrorKind::Unsupported,
+            "the same-host channel needs Linux abstract sockets",
+        ))
+    }
+}
+
+fn connect(addr: &std::os::unix::net::SocketAddr, buffer: usize) -> std::io::Result<UnixStream> {
+    // Connecting to a Unix socket does not wait for the peer: it only
+    // queues the connection in the listener's backlog.
+    let s = std::os::unix::net::UnixStream::connect_addr(addr)?;
+    let _ = socket2::SockRef::from(&s).set_send_buffer_size(buffer);
+    s.set_nonblocking(true)?;
+    UnixStream::from_std(s)
+}
+
+fn hello(kind: u8, rank: usize, secret: &Secret) -> [u8; HELLO_LEN] {
+    let mut h = [0u8; HELLO_LEN];
+    h[..4].copy_from_slice(&MAGIC);
+    h[4] = VERSION;
+    h[5] = kind;
+    h[6..10].copy_from_slice(&(rank as u32).to_le_bytes());
+    h[10..].copy_from_slice(secret);
+    h
+}
+
+/// This rank's side of its channel to one peer.
+pub(super) struct LocalTx {
+    addr: std::os::unix::net::SocketAddr,
+    message_hello: [u8; HELLO_LEN],
+    main: Arc<Mutex<OwnedWriteHalf>>,
+    /// The peer acknowledges the goodbye on the main connection's way back.
+    acks: Mutex<OwnedReadHalf>,
+    /// Large-message connections opened so far (the goodbye carries the
+    /// count, so the peer knows when it has seen them all).
+    opened: AtomicU64,
+}
+
+/// The per-peer state of the channel (part of a QUIC link).
+pub(super) struct LocalLink {
+    /// The channel this rank sends on: decided at its first send to the
+    /// peer (`Some(None)`: QUIC), forgotten with the QUIC connection.
+    out: std::sync::Mutex<Option<Option<Arc<LocalTx>>>>,
+    deciding: Mutex<()>,
+    /// Secrets of the live QUIC connections with the peer.
+    secrets: tokio::sync::watch::Sender<Vec<Secret>>,
+    /// Large-message connections from the peer handled so far.
+    handled: tokio::sync::watch::Sender<u64>,
+}
+
+impl LocalLink {
+    pub(super) fn new() -> LocalLink {
+        LocalLink {
+            out: std::sync::Mutex::new(None),
+            deciding: Mutex::new(()),
+            secrets: tokio::sync::watch::channel(Vec::new()).0,
+            handled: tokio::sync::watch::channel(0).0,
+        }
+    }
+
+    pub(super) fn decided(&self) -> Option<Option<Arc<LocalTx>>> {
+        self.out.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// The channel this rank sends on, if it decided on one.
+    pub(super) fn tx(&self) -> Option<Arc<LocalTx>> {
+        self.decided().flatten()
+    }
+
+    /// The QUIC connection with the peer ended: close the channel (a later
+    /// send decides again, or finds the peer gone).
+    pub(super) fn forget(&self) {
+        self.out.lock().unwrap_or_else(|p| p.into_inner()).take();
+    }
+
+    /// A QUIC connection with the peer is up: accept hellos with its secret.
+    pub(super) fn add_secret(&self, s: Secret) {
+        self.secrets.send_modify(|v| v.push(s));
+    }
+
+    /// That connection ended.
+    pub(super) fn remove_secret(&self, s: &Secret) {
+        self.secrets.send_modify(|v| v.retain(|k| !same(k, s)));
+    }
+}
+
+/// A small message being written on a main connection. If the send is
+/// cancelled half-way, the rest is written in the background so the
+/// connection stays in frame.
+struct FrameWrite {
+    w: Option<OwnedMutexGuard<OwnedWriteHalf>>,
+    frame: Bytes,
+    off: usize,
+}
+
+impl FrameWrite {
+    async fn run(&mut self) -> std::io::Result<()> {
+        while self.off < self.frame.len() {
+            let Some(w) = self.w.as_mut() else { break };
+            match w.write(&self.frame[self.off..]).await {
+                Ok(0) => {
+                    self.w = None;
+                    return Err(std::io::ErrorKind::WriteZero.into());
+                }
+                Ok(n) => self.off += n,
+                Err(e) => {
+                    self.w = None;
+                    return Err(e);
+                }
+            }
+        }
+        self.w = None;
+        Ok(())
+    }
+}
+
+impl Drop for FrameWrite {
+    fn drop(&mut self) {
+        let Some(mut w) = self.w.take() else { return };
+        if self.off == 0 {
+            return;
+        }
+        let rest = self.frame.slice(self.off..);
+        if let Ok(rt) = tokio::runtime::Handle::try_current() {
+            rt.spawn(async move {
+                let _ = tokio::time::timeout(FINISH_CANCELLED, w.write_all(&rest)).await;
+            });
+        }
+    }
+}
+
+impl Shared {
+    /// Listen for same-host connections, if the channel is on and the
+    /// address is free.
+    pub(super) fn start_local(self: &Arc<Self>) {
+        if !self.cfg.same_host_channel() {
+            return;
+        }
+        let listener = socket_addr(&self.job_id, self.rank)
+            .and_then(|a| std::os::unix::net::UnixListener::bind_addr(&a))
+            .and_then(|l| {
+                l.set_nonblocking(true)?;
+                tokio::net::UnixListener::from_std(l)
+            });
+        let listener = match listener {
+            Ok(l) => l,
+            Err(e) => {
+                tracing::debug!(
+                    rank = self.rank,
+                    "no same-host channel (QUIC only): cannot listen: {e}"
+                );
+                return;
+            }
+        };
+        let sh = self.clone();
+        self.spawn(async move {
+            loop {
+                match listener.accept().await {
+                    Ok((s, _)) => {
+                        if sh.closing.load(Ordering::Acquire) {
+                            continue;
+                        }
+                        let h = sh.clone();
+                        sh.spawn(async move { h.local_incoming(s).await });
+                    }
+                    Err(e) => {
+                        tracing::warn!(rank = sh.rank, "same-host accept failed: {e}");
+                        tokio::time::sleep(Duration::from_millis(10)).await;
+                    }
+                }
+            }
+        });
+    }
+
+    /// The same-host channel to `dst` (connected at the first call), or
+    /// `None` when messages to `dst` take QUIC.
+    pub(super) async fn local_tx(
+        self: &Arc<Self>,
+        dst: usize,
+        conn: &quinn::Connection,
+    ) -> Option<Arc<LocalTx>> {
+        if !self.cfg.same_host_channel() {
+            return None;
+        }
+        let link = self.link(dst);
+        if let Some(v) = link.local.decided() {
+            return v;
+        }
+        let _deciding = link.local.deciding.lock().await;
+        if let Some(v) = link.local.decided() {
+            return v;
+        }
+        let tx = self.open_local(dst, conn).await;
+        tracing::debug!(
+            rank = self.rank,
+            peer = dst,
+            "messages to the peer take {}",
+            if tx.is_some() {
+                "the same-host channel"
+            } else {
+                "QUIC"
+            }
+        );
+        *link.local.out.lock().unwrap_or_else(|p| p.into_inner()) = Some(tx.clone());
+        tx
+    }
+
+    async fn open_local(&self, dst: usize, conn: &quinn::Connection) -> Option<Arc<LocalTx>> {
+        let addr = socket_addr(&self.job_id, dst).ok()?;
+        let secret = secret_of(conn)?;
+        // Refused or absent: the peer is on another host or in another
+        // network namespace.
+        let s = connect(&addr, self.cfg.socket_buffer_bytes()).ok()?;
+        let (mut rd, mut wr) = s.into_split();
+        wr.write_all(&hello(KIND_MAIN, self.rank, &secret))
+            .await
+            .ok()?;
+        let mut verdict = [0u8; 1];
+        let answer =
+            tokio::time::timeout(self.cfg.formation_timeout(), rd.read_exact(&mut verdict)).await;
+        if !matches!(answer, Ok(Ok(_))) || verdict[0] != 1 {
+            tracing::warn!(
+                rank = self.rank,
+                peer = dst,
+                "the peer did not accept this rank's same-host channel; using QUIC"
+            );
+            return None;
+        }
+        Some(Arc::new(LocalTx {
+            addr,
+            message_hello: hello(KIND_MESSAGE, self.rank, &secret),
+            main: Arc::new(Mutex::new(wr)),
+            acks: Mutex::new(rd),
+            opened: AtomicU64::new(0),
+        }))
+    }
+
+    /// Send one message over the same-host channel.
+    pub(super) async fn send_local(
+        &self,
+        dst: usize,
+        tx: &LocalTx,
+        header: Header,
+        payload: Payload<'_>,
+    ) -> std::result::Result<(), PeerFailure> {
+        let lost = |e: &dyn std::fmt::Display| {
+            let reason = self
+                .mailbox
+                .gone_reason(dst)
+                .unwrap_or_else(|| format!("send over the same-host channel failed: {e}"));
+            self.failure(dst, reason)
+        };
+        let len = payload.len();
+        if len <= self.cfg.eager_limit() {
+            let mut frame = Vec::with_capacity(HEADER_LEN + len);
+            frame.extend_from_slice(&header.encode());
+            match payload {
+                Payload::Borrowed(d) => frame.extend_from_slice(d),
+                other => {
+                    let Some(v) = other.collect().await else {
+                        return Err(self.failure(
+                            self.rank,
+                            "this rank's payload producer stopped early".into(),
+                        ));
+                    };
+                    for b in v {
+                        frame.extend_from_slice(&b);
+                    }
+                }
+            }
+            let w = tx.main.clone().lock_owned().await;
+            let mut fw = FrameWrite {
+                w: Some(w),
+                frame: Bytes::from(frame),
+                off: 0,
+            };
+            return fw.run().await.map_err(|e| lost(&e));
+        }
+        // A large message: a connection of its own. Dropping it half-way
+        // (a cancelled send) ends it early, which the receive reports.
+        let mut s = connect(&tx.addr, self.cfg.socket_buffer_bytes()).map_err(|e| lost(&e))?;
+        tx.opened.fetch_add(1, Ordering::AcqRel);
+        let mut head = [0u8; HELLO_LEN + HEADER_LEN];
+        head[..HELLO_LEN].copy_from_slice(&tx.message_hello);
+        head[HELLO_LEN..].copy_from_slice(&header.encode());
+        s.write_all(&head).await.map_err(|e| lost(&e))?;
+        match payload {
+            Payload::Owned(v) => {
+                for b in v {
+                    s.write_all(&b).await.map_err(|e| lost(&e))?;
+                }
+            }
+            Payload::Borrowed(d) => s.write_all(d).await.map_err(|e| lost(&e))?,
+            Payload::Stream { len, mut chunks } => {
+                let mut sent = 0;
+                while let Some(b) = chunks.recv().await {
+                    sent += b.len();
+                    if sent > len {
+                        break;
+                    }
+                    s.write_all(&b).await.map_err(|e| lost(&e))?;
+                }
+                if sent != len {
+                    return Err(self.failure(
+                        self.rank,
+                        format!("this rank's payload producer delivered {sent} of {len} bytes"),
+                    ));
+                }
+            }
+        }
+        s.shutdown().await.map_err(|e| lost(&e))?;
+        Ok(())
+    }
+
+    /// Say goodbye on the main connection to a peer: the frame carries how
+    /// many large-message connections were opened.
+    pub(super) async fn local_bye(&self, tx: &LocalTx) -> bool {
+        let mut bye = Header::new(FrameKind::Bye, self.rank as u32, 0, 0);
+        bye.seq = tx.opened.load(Ordering::Acquire);
+        let w = tx.main.clone().lock_owned().await;
+        let mut fw = FrameWrite {
+            w: Some(w),
+            frame: Bytes::copy_from_slice(&bye.encode()),
+            off: 0,
+        };
+        fw.run().await.is_ok()
+    }
+
+    /// Wait until the peer acknowledged the goodbye.
+    pub(super) async fn local_bye_acked(&self, tx: &LocalTx) {
+        let mut ack = [0u8; 1];
+        let _ = tx.acks.lock().await.read_exact(&mut ack).await;
+    }
+
+    /// After the QUIC endpoint closed: end this rank's main connections, so
+    /// peers see them end at once.
+    pub(super) fn close_local(&self) {
+        let links: Vec<_> = self.links.read().unwrap_or_else(|p| p.into_inner()).clone();
+        for l in links {
+            if let Some(tx) = l.local.tx() {
+                if let Ok(mut w) = tx.main.clone().try_lock_owned() {
+                    tokio::spawn(async move {
+                        let _ = w.shutdown().await;
+                    });
+                }
+            }
+        }
+    }
+
+    /// A connection arrived on this rank's same-host socket.
+    async fn local_incoming(self: Arc<Self>, mut s: UnixStream) {
+        let mut hello = [0u8; HELLO_LEN];
+        let limit = self.cfg.formation_timeout();
+        if !matches!(
+            tokio::time::timeout(limit, s.read_exact(&mut hello)).await,
+            Ok(Ok(_))
+        ) {
+            return;
+        }
+        if hello[..4] != MAGIC || hello[4] != VERSION {
+            tracing::warn!(
+                rank = self.rank,
+                "refused a same-host connection: not a rankmesh hello of version {VERSION}"
+            );
+            return;
+        }
+        let kind = hello[5];
+        let mut rank_bytes = [0u8; 4];
+        rank_bytes.copy_from_slice(&hello[6..10]);
+        let rank = u32::from_le_bytes(rank_bytes) as usize;
+        let mut secret = [0u8; 32];
+        secret.copy_from_slice(&hello[10..]);
+        if rank == self.rank || rank >= self.n_peers() + super::MEMBER_ID_SLACK {
+            tracing::warn!(
+                rank = self.rank,
+                "refused a same-host connection claiming to be rank {rank}"
+            );
+            return;
+        }
+        let link = self.link(rank);
+        // The sender derived the secret from its QUIC connection with this
+        // rank, which this side may be finishing just now.
+        let mut known = link.local.secrets.subscribe();
+        let proven = tokio::time::timeout(
+            limit,
+            known.wait_for(|v| v.iter().any(|k| same(k, &secret))),
+        )
+        .await
+        .is_ok_and(|r| r.is_ok());
+        if !proven {
+            tracing::warn!(
+                rank = self.rank,
+                "refused a same-host connection claiming to be rank {rank}: its secret \
+                 belongs to no QUIC connection with that rank"
+            );
+            if kind == KIND_MAIN {
+                let _ = s.write_all(&[0]).await;
+            } else {
+                link.local.handled.send_modify(|n| *n += 1);
+            }
+            return;
+        }
+        match kind {
+            KIND_MAIN => {
+                if s.write_all(&[1]).await.is_ok() {
+                    self.local_main(rank, s).await;
+                }
+            }
+            KIND_MESSAGE => {
+                self.local_message(rank, s).await;
+                link.local.handled.send_modify(|n| *n += 1);
+            }
+            other => tracing::warn!(
+                rank = self.rank,
+                peer = rank,
+                "refused a same-host connection of unknown kind {other}"
+            ),
+        }
+    }
+
+    /// Check a frame header that arrived from `rank` on the channel.
+    fn local_header(&self, rank: usize, hb: &[u8; HEADER_LEN]) -> Result<Header, String> {
+        let h = Header::decode(hb).map_err(|e| e.to_string())?;
+        if h.src as usize != rank {
+            return Err(format!(
+                "frame claims to come from rank {} but the channel was opened by rank {rank}",
+                h.src
+            ));
+        }
+        if h.len > self.cfg.max_message_bytes() {
+            return Err(format!(
+                "frame announces {} payload bytes, more than the limit of {} \
+                 (Config::set_max_message_bytes)",
+                h.len,
+                self.cfg.max_message_bytes()
+            ));
+        }
+        Ok(h)
+    }
+
+    fn local_violation(&self, rank: usize, reason: &str) {
+        tracing::warn!(
+            rank = self.rank,
+            peer = rank,
+            "closing the connection: {reason}"
+        );
+        self.mailbox
+            .fail_peer(rank, &format!("it sent an invalid frame: {reason}"));
+        if let Some(c) = self.registered(rank) {
+            c.close(VarInt::from_u32(CODE_PROTOCOL), reason.as_bytes());
+        }
+    }
+
+    /// One large message: deliver it with its connection, to be read by
+    /// its receive.
+    async fn local_message(&self, rank: usize, mut s: UnixStream) {
+        let mut hb = [0u8; HEADER_LEN];
+        let got = tokio::time::timeout(self.cfg.formation_timeout(), s.read_exact(&mut hb)).await;
+        if !matches!(got, Ok(Ok(_))) {
+            // The send was cancelled before its header.
+            return;
+        }
+        match self.local_header(rank, &hb) {
+            Ok(h) if h.kind != FrameKind::Bye => {
+                self.mailbox.deliver(Incoming::from_local(h, s));
+            }
+            Ok(_) => self.local_violation(rank, "a goodbye on a message connection"),
+            Err(e) => self.local_violation(rank, &e),
+        }
+    }
+
+    /// The main connection from `rank`: small messages and the goodbye.
+    async fn local_main(&self, rank: usize, s: UnixStream) {
+        let (mut rd, mut wr) = s.into_split();
+        let link = self.link(rank);
+        let mut said_bye = false;
+        loop {
+            let mut hb = [0u8; HEADER_LEN];
+            if rd.read_exact(&mut hb).await.is_err() {
+                break;
+            }
+            let h = match self.local_header(rank, &hb) {
+                Ok(h) => h,
+                Err(e) => return self.local_violation(rank, &e),
+            };
+            if h.kind == FrameKind::Bye {
+                // Every large message the peer sent before must have
+                // reached the mailbox first.
+                let mut handled = link.local.handled.subscribe();
+                let all = h.seq;
+                let _ = tokio::time::timeout(self.cfg.linger(), handled.wait_for(|n| *n >= all))
+                    .await
+                    .is_ok();
+                self.mailbox.fail_peer(
+                    rank,
+                    "the rank finalized (it called finalize or ended) without sending this message",
+                );
+                link.done.send_replace(true);
+                let _ = wr.write_all(&[1]).await;
+                said_bye = true;
+                continue;
+            }
+            if h.len > self.cfg.eager_limit() as u64 {
+                return self.local_violation(
+                    rank,
+                    &format!(
+                        "a {}-byte message on the main connection (the eager limit is {})",
+                        h.len,
+                        self.cfg.eager_limit()
+                    ),
+                );
+            }
+            let mut body = vec![0u8; h.len as usize];
+            if rd.read_exact(&mut body).await.is_err() {
+                break;
+            }
+            let chunks = if body.is_empty() {
+                Vec::new()
+            } else {
+                vec![Bytes::from(body)]
+            };
+            self.mailbox.deliver(Incoming::from_chunks(h, chunks));
+        }
+        if said_bye || self.closing.load(Ordering::Acquire) {
+            return;
+        }
+        // Ended without a goodbye. A rank that stops after an error or an
+        // abort closes its QUIC connection with the reason at the same
+        // time; give that a moment to arrive (the QUIC side reports it).
+        let deadline = tokio::time::Instant::now() + EOF_GRACE;
+        while tokio::time::Instant::now() < deadline {
+            if self.closing.load(Ordering::Acquire) || self.mailbox.gone_reason(rank).is_some() {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        self.mailbox.fail_peer(
+            rank,
+            "its same-host channel closed without a goodbye: its process exited or was killed",
+        );
+    }
+}
