@@ -1,7 +1,8 @@
-//! Point-to-point over QUIC loopback: 8-byte round-trip latency and 64 MiB
-//! one-way bandwidth between two ranks, each on its own thread with its own
-//! single-threaded tokio runtime, against raw quinn with the same endpoint
-//! settings and certificates in the same run.
+//! Point-to-point on one host: 8-byte round-trip latency and 64 MiB one-way
+//! bandwidth between two ranks, each on its own thread with its own
+//! single-threaded tokio runtime, over QUIC loopback and over the same-host
+//! channel, against raw quinn with the same endpoint settings and
+//! certificates in the same run.
 //!
 //! ```text
 //! cargo bench --bench p2p
@@ -38,7 +39,7 @@ fn median(mut v: Vec<f64>) -> f64 {
 }
 
 /// (one-way latency in us, bandwidth in GB/s)
-fn bench_rankmesh() -> (f64, f64) {
+fn bench_rankmesh(same_host: bool) -> (f64, f64) {
     let seed_rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(1)
         .enable_all()
@@ -59,7 +60,7 @@ fn bench_rankmesh() -> (f64, f64) {
                 host: "localhost".into(),
                 late: false,
             };
-            std::thread::spawn(move || rt().block_on(rank(spec)).expect("rank"))
+            std::thread::spawn(move || rt().block_on(rank(spec, same_host)).expect("rank"))
         })
         .collect();
     let out: Vec<(f64, f64)> = ranks
@@ -70,8 +71,9 @@ fn bench_rankmesh() -> (f64, f64) {
     out[0]
 }
 
-async fn rank(spec: JoinSpec) -> Result<(f64, f64)> {
+async fn rank(spec: JoinSpec, same_host: bool) -> Result<(f64, f64)> {
     let mut cfg = Config::default();
+    cfg.set_same_host_channel(same_host);
     if std::env::var_os("P2P_NO_RECORDER").is_some() {
         cfg.set_flight_records(0);
     }
@@ -242,19 +244,22 @@ fn main() {
     if std::env::args().any(|a| a == "--list") {
         return;
     }
-    println!("# p2p over QUIC loopback, 2 ranks on 2 threads, current-thread runtimes");
+    println!("# p2p on one host, 2 ranks on 2 threads, current-thread runtimes");
     println!("# {PINGS} round trips x {BATCHES} batches; {BIG_REPS} x 64 MiB; medians");
     // Interleave the two so that machine noise hits both.
     for round in 0..2 {
         let (q_uni, q_bi, q_bw) = bench_quinn();
-        let (r_lat, r_bw) = bench_rankmesh();
+        let (r_lat, r_bw) = bench_rankmesh(false);
+        let (s_lat, s_bw) = bench_rankmesh(true);
         println!(
-            "round {round}: 8 B one-way latency: rankmesh {r_lat:.1} us | raw quinn uni-stream {q_uni:.1} us, \
-             long-lived stream {q_bi:.1} us | ratio rankmesh/quinn-uni {:.2}",
+            "round {round}: 8 B one-way latency: rankmesh QUIC {r_lat:.1} us, same-host channel {s_lat:.1} us \
+             | raw quinn uni-stream {q_uni:.1} us, long-lived stream {q_bi:.1} us \
+             | ratio rankmesh QUIC/quinn-uni {:.2}",
             r_lat / q_uni
         );
         println!(
-            "round {round}: 64 MiB one-way bandwidth: rankmesh {r_bw:.2} GB/s | raw quinn {q_bw:.2} GB/s | ratio {:.2}",
+            "round {round}: 64 MiB one-way bandwidth: rankmesh QUIC {r_bw:.2} GB/s, same-host channel \
+             {s_bw:.2} GB/s | raw quinn {q_bw:.2} GB/s | ratio rankmesh QUIC/quinn {:.2}",
             r_bw / q_bw
         );
     }

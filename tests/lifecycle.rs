@@ -144,3 +144,60 @@ async fn operations_after_finalize_are_errors() {
     .await
     .unwrap();
 }
+
+/// A seed that does not answer at first (its port swallows packets, as a
+/// busy or wedged seed would): the rank's handshake times out, and it tries
+/// again (from a fresh UDP port) until the seed answers.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rank_retries_an_unanswered_seed_handshake_from_a_new_port() {
+    use rankmesh::bootstrap::{JobToken, JoinSpec, Seed, SeedConfig};
+    // Reserve the seed's port with a socket that reads and drops everything.
+    let sink = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    let addr = sink.local_addr().unwrap();
+    sink.set_read_timeout(Some(Duration::from_millis(50)))
+        .unwrap();
+    let token = JobToken::generate().unwrap();
+    let spec = JoinSpec {
+        seed: addr,
+        token: token.clone(),
+        job_id: None,
+        rank: Some(0),
+        world_size: Some(1),
+        host: "localhost".into(),
+        late: false,
+    };
+    let mut cfg = Config::default();
+    // Each handshake attempt gives up after one idle timeout.
+    cfg.set_idle_timeout(Duration::from_millis(700));
+    cfg.set_keep_alive(Duration::from_millis(200));
+    cfg.set_formation_timeout(Duration::from_secs(60));
+    let rank = tokio::spawn(rankmesh::init_with(spec, cfg));
+    // The first attempt's packets arrive and get no answer.
+    let swallowed = tokio::task::spawn_blocking(move || {
+        let (mut n, mut from) = (0, None);
+        let until = Instant::now() + Duration::from_millis(1500);
+        let mut buf = [0u8; 2048];
+        while Instant::now() < until {
+            if let Ok((_, a)) = sink.recv_from(&mut buf) {
+                n += 1;
+                from = Some(a);
+            }
+        }
+        (n, from)
+    })
+    .await
+    .unwrap();
+    assert!(swallowed.0 > 0, "the rank never tried the seed");
+    // Now the seed starts on that port and answers.
+    let mut scfg = SeedConfig::new(1);
+    scfg.set_bind(addr).set_token(token);
+    let seed = Seed::start(scfg).unwrap();
+    let comm = tokio::time::timeout(Duration::from_secs(60), rank)
+        .await
+        .expect("the rank did not join after the seed came up")
+        .unwrap()
+        .unwrap();
+    assert_eq!(comm.size(), 1);
+    comm.finalize().await.unwrap();
+    seed.shutdown().await;
+}

@@ -149,7 +149,18 @@ pub async fn join(
             Ok(Err(quinn::ConnectionError::TimedOut))
                 if tokio::time::Instant::now() + Duration::from_secs(1) < until =>
             {
-                tracing::debug!("the seed at {seed} did not answer the handshake; trying again");
+                // Try again from a fresh UDP port: whatever state the seed's
+                // side holds for the old address does not apply to the new
+                // one. (Nothing has this rank's address yet.)
+                tracing::warn!(
+                    "the seed at {seed} did not answer the handshake; trying again from a new port"
+                );
+                if let Ok(local) = endpoint.local_addr() {
+                    let fresh = endpoint::socket(SocketAddr::new(local.ip(), 0), cfg)?;
+                    endpoint.rebind(fresh).map_err(|e| {
+                        Error::transport(None, format!("cannot switch to a new UDP port: {e}"))
+                    })?;
+                }
             }
             Ok(Err(e)) => return Err(unreachable(e.to_string())),
         }

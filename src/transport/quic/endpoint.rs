@@ -11,6 +11,25 @@ use std::sync::Arc;
 /// quinn endpoint (client-capable; the server side is enabled once the rank
 /// has its certificate).
 pub fn bind(addr: SocketAddr, cfg: &Config) -> Result<quinn::Endpoint> {
+    let std_sock = socket(addr, cfg)?;
+    // quinn caps the UDP payload it accepts (and so the path MTU it can
+    // discover) at 1472 bytes unless told otherwise; raise the cap to the
+    // configured MTU upper bound so that discovery can reach it.
+    let mut ep_cfg = quinn::EndpointConfig::default();
+    ep_cfg
+        .max_udp_payload_size(cfg.mtu_upper_bound())
+        .map_err(|e| Error::config(format!("MTU upper bound: {e}")))?;
+    quinn::Endpoint::new(ep_cfg, None, std_sock, Arc::new(quinn::TokioRuntime)).map_err(|e| {
+        Error::transport(
+            None,
+            format!("cannot start endpoint on UDP socket on {addr}: {e}"),
+        )
+    })
+}
+
+/// A UDP socket bound to `addr`, with the configured buffer sizes, for an
+/// endpoint (or for [`quinn::Endpoint::rebind`]).
+pub fn socket(addr: SocketAddr, cfg: &Config) -> Result<std::net::UdpSocket> {
     let io = |what: &str, e: std::io::Error| {
         Error::transport(None, format!("cannot {what} UDP socket on {addr}: {e}"))
     };
@@ -21,16 +40,7 @@ pub fn bind(addr: SocketAddr, cfg: &Config) -> Result<quinn::Endpoint> {
     let _ = sock.set_send_buffer_size(cfg.socket_buffer_bytes());
     sock.set_nonblocking(true).map_err(|e| io("configure", e))?;
     sock.bind(&addr.into()).map_err(|e| io("bind", e))?;
-    let std_sock: std::net::UdpSocket = sock.into();
-    // quinn caps the UDP payload it accepts (and so the path MTU it can
-    // discover) at 1472 bytes unless told otherwise; raise the cap to the
-    // configured MTU upper bound so that discovery can reach it.
-    let mut ep_cfg = quinn::EndpointConfig::default();
-    ep_cfg
-        .max_udp_payload_size(cfg.mtu_upper_bound())
-        .map_err(|e| Error::config(format!("MTU upper bound: {e}")))?;
-    quinn::Endpoint::new(ep_cfg, None, std_sock, Arc::new(quinn::TokioRuntime))
-        .map_err(|e| io("start endpoint on", e))
+    Ok(sock.into())
 }
 
 /// quinn transport settings for rank-to-rank connections.
