@@ -597,43 +597,26 @@ async fn relay(
     recv: &mut quinn::RecvStream,
     mut notices: tokio::sync::broadcast::Receiver<Notice>,
 ) {
-    let why = loop {
-        tokio::select! {
-            why = conn.closed() => break why,
-            n = notices.recv() => match n {
-                Ok(n) => {
-                    let from = match &n {
-                        Notice::RankGone { rank, .. } | Notice::Abort { rank, .. } => *rank as usize,
-                        // Only the seed sends these; a member's own request
-                        // is never relayed.
-                        Notice::Epoch(_) | Notice::RebuildFailed { .. } => usize::MAX,
-                        Notice::Rebuild { .. } => continue,
-                    };
-                    if from != rank && write_msg(send, &n).await.is_err() {
-                        break conn.closed().await;
-                    }
-                }
-                Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {
-                    // Notices were lost for this rank; the one it cannot do
-                    // without is the latest epoch decision.
-                    let last = inner.elastic.as_ref().and_then(|el| lock(el).last.clone());
-                    if let Some(info) = last {
-                        if write_msg(send, &Notice::Epoch(info)).await.is_err() {
-                            break conn.closed().await;
-                        }
-                    }
-                }
-                Err(_) => break conn.closed().await,
-            },
-            m = read_msg::<Notice>(recv, "rank") => match m {
+    // Reading and writing run side by side, each resuming where it was:
+    // a message half read when a notice goes out must not be lost (a
+    // `read_msg` future dropped mid-message would desynchronise the stream).
+    let (reply_tx, mut reply_rx) = tokio::sync::mpsc::unbounded_channel::<Notice>();
+    let reader = async {
+        loop {
+            match read_msg::<Notice>(recv, "rank").await {
                 Ok(Notice::Abort { reason, .. }) => {
                     tracing::warn!("seed: rank {rank} aborted the job: {reason}");
-                    let _ = inner.notices.send(Notice::Abort { rank: rank as u32, reason });
+                    let _ = inner.notices.send(Notice::Abort {
+                        rank: rank as u32,
+                        reason,
+                    });
                 }
                 Ok(Notice::Rebuild { epoch, .. }) => {
                     let refused = match &inner.elastic {
-                        None => Some("this job is not elastic (start it with rankrun --elastic \
-                                      MIN:MAX)".to_string()),
+                        None => Some(
+                            "this job is not elastic (start it with rankrun --elastic MIN:MAX)"
+                                .to_string(),
+                        ),
                         Some(el) => {
                             let mut el = lock(el);
                             if el.epoch != epoch || !el.members.contains(&rank) {
@@ -650,10 +633,7 @@ async fn relay(
                     };
                     match refused {
                         Some(reason) => {
-                            let n = Notice::RebuildFailed { epoch, reason };
-                            if write_msg(send, &n).await.is_err() {
-                                break conn.closed().await;
-                            }
+                            let _ = reply_tx.send(Notice::RebuildFailed { epoch, reason });
                         }
                         None => inner.try_decide(),
                     }
@@ -664,10 +644,52 @@ async fn relay(
                     // reach a membership point: it is gone.
                     conn.close(VarInt::from_u32(2), b"bad control message");
                     tracing::warn!("seed: rank {rank}: {e}");
-                    break conn.closed().await;
+                    return;
                 }
-            },
+            }
         }
+    };
+    let writer = async {
+        loop {
+            let n = tokio::select! {
+                n = notices.recv() => match n {
+                    Ok(n) => {
+                        let from = match &n {
+                            Notice::RankGone { rank, .. } | Notice::Abort { rank, .. } => {
+                                *rank as usize
+                            }
+                            // Only the seed sends these; a member's own
+                            // request is never relayed.
+                            Notice::Epoch(_) | Notice::RebuildFailed { .. } => usize::MAX,
+                            Notice::Rebuild { .. } => continue,
+                        };
+                        if from == rank {
+                            continue;
+                        }
+                        n
+                    }
+                    Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {
+                        // Notices were lost for this rank; the one it cannot
+                        // do without is the latest epoch decision.
+                        let last = inner.elastic.as_ref().and_then(|el| lock(el).last.clone());
+                        match last {
+                            Some(info) => Notice::Epoch(info),
+                            None => continue,
+                        }
+                    }
+                    Err(_) => return,
+                },
+                Some(n) = reply_rx.recv() => n,
+            };
+            if write_msg(send, &n).await.is_err() {
+                return;
+            }
+        }
+    };
+    let why = tokio::select! {
+        why = conn.closed() => why,
+        _ = reader => conn.closed().await,
+        _ = writer => conn.closed().await,
     };
     let reason = match &why {
         quinn::ConnectionError::ApplicationClosed(c) if c.error_code == VarInt::from_u32(0) => {
@@ -722,12 +744,14 @@ async fn late_join(
     }
     let full = {
         let mut el = lock(el);
-        let taken = el.members.len() + el.pending.len() + el.reserved;
+        // Members known to be gone leave at the next epoch: they hold no slot.
+        let live = el.members.iter().filter(|m| el.live.contains(m)).count();
+        let taken = live + el.pending.len() + el.reserved;
         if taken >= el.max {
             Some(format!(
                 "the job already has {} rank(s) and {} waiting to join, its maximum of {} \
                  (rankrun --elastic MIN:MAX); this process was not admitted",
-                el.members.len(),
+                live,
                 el.pending.len() + el.reserved,
                 el.max
             ))

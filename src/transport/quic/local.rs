@@ -122,6 +122,8 @@ pub(super) struct LocalLink {
     secrets: tokio::sync::watch::Sender<Vec<Secret>>,
     /// Large-message connections from the peer handled so far.
     handled: tokio::sync::watch::Sender<u64>,
+    /// Main connections from the peer still being read.
+    inbound: tokio::sync::watch::Sender<usize>,
 }
 
 impl LocalLink {
@@ -131,7 +133,17 @@ impl LocalLink {
             deciding: Mutex::new(()),
             secrets: tokio::sync::watch::channel(Vec::new()).0,
             handled: tokio::sync::watch::channel(0).0,
+            inbound: tokio::sync::watch::channel(0).0,
         }
+    }
+
+    /// Wait (at most `limit`) until no main connection from the peer is
+    /// being read any more.
+    pub(super) async fn inbound_drained(&self, limit: Duration) {
+        let mut rx = self.inbound.subscribe();
+        let _ = tokio::time::timeout(limit, rx.wait_for(|n| *n == 0))
+            .await
+            .is_ok();
     }
 
     pub(super) fn decided(&self) -> Option<Option<Arc<LocalTx>>> {
@@ -547,6 +559,33 @@ impl Shared {
 
     /// The main connection from `rank`: small messages and the goodbye.
     async fn local_main(&self, rank: usize, s: UnixStream) {
+        let link = self.link(rank);
+        link.local.inbound.send_modify(|n| *n += 1);
+        let said_bye = self.read_main(rank, s).await;
+        link.local.inbound.send_modify(|n| *n = n.saturating_sub(1));
+        if said_bye || self.closing.load(Ordering::Acquire) {
+            return;
+        }
+        // Ended without a goodbye. A rank that stops after an error or an
+        // abort closes its QUIC connection with the reason at the same
+        // time; give that a moment to arrive (the QUIC side reports it once
+        // this channel is drained).
+        let deadline = tokio::time::Instant::now() + EOF_GRACE;
+        while tokio::time::Instant::now() < deadline {
+            if self.closing.load(Ordering::Acquire) || self.mailbox.gone_reason(rank).is_some() {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        self.mailbox.fail_peer(
+            rank,
+            "its same-host channel closed without a goodbye: its process exited or was killed",
+        );
+    }
+
+    /// Read a main connection to its end; true if the peer said goodbye
+    /// (or broke the protocol, which already failed it).
+    async fn read_main(&self, rank: usize, s: UnixStream) -> bool {
         let (mut rd, mut wr) = s.into_split();
         let link = self.link(rank);
         let mut said_bye = false;
@@ -557,7 +596,10 @@ impl Shared {
             }
             let h = match self.local_header(rank, &hb) {
                 Ok(h) => h,
-                Err(e) => return self.local_violation(rank, &e),
+                Err(e) => {
+                    self.local_violation(rank, &e);
+                    return true;
+                }
             };
             if h.kind == FrameKind::Bye {
                 // Every large message the peer sent before must have
@@ -577,7 +619,7 @@ impl Shared {
                 continue;
             }
             if h.len > self.cfg.eager_limit() as u64 {
-                return self.local_violation(
+                self.local_violation(
                     rank,
                     &format!(
                         "a {}-byte message on the main connection (the eager limit is {})",
@@ -585,6 +627,7 @@ impl Shared {
                         self.cfg.eager_limit()
                     ),
                 );
+                return true;
             }
             let mut body = vec![0u8; h.len as usize];
             if rd.read_exact(&mut body).await.is_err() {
@@ -597,22 +640,6 @@ impl Shared {
             };
             self.mailbox.deliver(Incoming::from_chunks(h, chunks));
         }
-        if said_bye || self.closing.load(Ordering::Acquire) {
-            return;
-        }
-        // Ended without a goodbye. A rank that stops after an error or an
-        // abort closes its QUIC connection with the reason at the same
-        // time; give that a moment to arrive (the QUIC side reports it).
-        let deadline = tokio::time::Instant::now() + EOF_GRACE;
-        while tokio::time::Instant::now() < deadline {
-            if self.closing.load(Ordering::Acquire) || self.mailbox.gone_reason(rank).is_some() {
-                return;
-            }
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
-        self.mailbox.fail_peer(
-            rank,
-            "its same-host channel closed without a goodbye: its process exited or was killed",
-        );
+        said_bye
     }
 }

@@ -67,6 +67,9 @@ struct Link {
     dial: tokio::sync::Mutex<()>,
     done: tokio::sync::watch::Sender<bool>,
     local: local::LocalLink,
+    /// Connections with the peer that ended and whose end is still being
+    /// reported (the mailbox is told once the peer's data is all in).
+    ending: std::sync::atomic::AtomicUsize,
 }
 
 impl Link {
@@ -76,6 +79,7 @@ impl Link {
             dial: tokio::sync::Mutex::new(()),
             done: tokio::sync::watch::channel(false).0,
             local: local::LocalLink::new(),
+            ending: std::sync::atomic::AtomicUsize::new(0),
         }
     }
 }
@@ -366,6 +370,21 @@ impl Shared {
         };
         frames.abort_all();
         let link = self.link(rank);
+        // Until the mailbox is told below, this rank still counts as
+        // connected to the peer, so the seed's notice of its departure does
+        // not overtake the peer's last data.
+        link.ending.fetch_add(1, Ordering::AcqRel);
+        self.report_end(rank, conn, &end).await;
+        link.ending.fetch_sub(1, Ordering::AcqRel);
+    }
+
+    async fn report_end(
+        self: &Arc<Self>,
+        rank: usize,
+        conn: &quinn::Connection,
+        end: &ConnectionError,
+    ) {
+        let link = self.link(rank);
         link.done.send_replace(true);
         {
             // Forget the ended connection (and the buffers its state
@@ -380,7 +399,7 @@ impl Shared {
         if self.closing.load(Ordering::Acquire) {
             return;
         }
-        let reason = match &end {
+        let reason = match end {
             ConnectionError::ApplicationClosed(c) if c.error_code == VarInt::from_u32(CODE_BYE) => {
                 "the rank finalized and closed its connections".to_string()
             }
@@ -414,6 +433,12 @@ impl Shared {
             other => format!("connection lost: {other}"),
         };
         tracing::debug!(rank = self.rank, peer = rank, "peer gone: {reason}");
+        // What a peer that closed sent over the same-host channel before is
+        // still in this rank's socket buffers: let it reach the mailbox
+        // first. (A silent peer's channel has nothing more to give.)
+        if !matches!(end, ConnectionError::TimedOut) {
+            self.link(rank).local.inbound_drained(LOCAL_DRAIN).await;
+        }
         self.mailbox.fail_peer(rank, &reason);
     }
 
@@ -742,6 +767,10 @@ impl Shared {
 /// Bytes of borrowed payload copied per write.
 const COPY_PIECE: usize = 1 << 20;
 
+/// How long a closed connection's end waits for the peer's same-host
+/// channel to be read to its end.
+const LOCAL_DRAIN: Duration = Duration::from_secs(2);
+
 /// How long a finalizing rank waits for its Byes to be acknowledged.
 const BYE_ACK_WAIT: Duration = Duration::from_secs(2);
 
@@ -784,10 +813,11 @@ impl Transport for QuicTransport {
 
     fn connected(&self, rank: usize) -> bool {
         rank < self.sh.n_peers()
-            && self
+            && (self
                 .sh
                 .registered(rank)
                 .is_some_and(|c| c.close_reason().is_none())
+                || self.sh.link(rank).ending.load(Ordering::Acquire) > 0)
     }
 
     fn path(&self, rank: usize) -> crate::transport::PeerPath {
