@@ -546,3 +546,94 @@ async fn a_same_host_hello_that_is_not_a_rank_of_the_job_changes_nothing() {
     nothing_then_real_passes(&ranks, 0, 1, 6).await;
     assert_eq!(ranks[0].transport.path(1), PeerPath::SameHost);
 }
+
+/// Not a test on its own: run by
+/// `a_process_squatting_a_ranks_same_host_name_gets_no_secret` as a separate
+/// process that holds a rank's same-host name and records what it is sent.
+#[test]
+fn squatter_helper() {
+    use std::io::Read;
+    use std::os::linux::net::SocketAddrExt;
+    let (Some(name), Some(out)) = (
+        std::env::var_os("RANKMESH_TEST_SQUAT"),
+        std::env::var_os("RANKMESH_TEST_SQUAT_OUT"),
+    ) else {
+        return;
+    };
+    let addr =
+        std::os::unix::net::SocketAddr::from_abstract_name(name.to_string_lossy().as_bytes())
+            .unwrap();
+    let l = std::os::unix::net::UnixListener::bind_addr(&addr).unwrap();
+    std::fs::write(&out, b"").unwrap();
+    // Record everything every connection sends, until killed.
+    for s in l.incoming() {
+        let Ok(mut s) = s else { continue };
+        s.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+        let mut got = Vec::new();
+        let _ = s.read_to_end(&mut got);
+        let mut all = std::fs::read(&out).unwrap_or_default();
+        all.extend_from_slice(&got);
+        std::fs::write(&out, all).unwrap();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_process_squatting_a_ranks_same_host_name_gets_no_secret() {
+    let seed = Seed::start(SeedConfig::new(2)).unwrap();
+    let job = seed.job_id().to_string();
+    // Another process takes rank 1's same-host name before rank 1 exists.
+    let out = std::env::temp_dir().join(format!("rankmesh-squat-{}", std::process::id()));
+    let _ = std::fs::remove_file(&out);
+    let mut squatter = std::process::Command::new(std::env::current_exe().unwrap())
+        .args([
+            "--exact",
+            "squatter_helper",
+            "--nocapture",
+            "--test-threads=1",
+        ])
+        .env("RANKMESH_TEST_SQUAT", format!("rankmesh/{job}/1"))
+        .env("RANKMESH_TEST_SQUAT_OUT", &out)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let t = std::time::Instant::now();
+    while !out.exists() {
+        assert!(
+            t.elapsed() < Duration::from_secs(30),
+            "the squatter did not start"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let mut handles = Vec::new();
+    for r in 0..2 {
+        handles.push(tokio::spawn(join_rank(spec(&seed, r, 2))));
+    }
+    let mut ranks = Vec::new();
+    for h in handles {
+        ranks.push(h.await.unwrap().unwrap());
+    }
+    // Rank 0's messages to rank 1 flow (over QUIC: the name is not rank
+    // 1's), small and large.
+    send(&ranks[0], 1, 5, 0, b"small").await;
+    assert_eq!(
+        recv(&ranks[1], 0, 5, Duration::from_secs(10))
+            .await
+            .as_deref(),
+        Some(&b"small"[..])
+    );
+    let big = vec![7u8; 200_000];
+    send(&ranks[0], 1, 5, 1, &big).await;
+    assert_eq!(
+        recv(&ranks[1], 0, 5, Duration::from_secs(10)).await,
+        Some(big)
+    );
+    assert_eq!(ranks[0].transport.path(1), PeerPath::Quic);
+    let _ = squatter.kill();
+    let _ = squatter.wait();
+    // The squatter was connected to (it is where rank 1's name leads) but
+    // was never sent a hello, let alone the secret.
+    let got = std::fs::read(&out).unwrap_or_default();
+    let _ = std::fs::remove_file(&out);
+    assert!(got.is_empty(), "the squatter received {} bytes", got.len());
+}

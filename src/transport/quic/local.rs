@@ -12,12 +12,15 @@
 //! read by its receive once that is posted (as a QUIC stream is), so a large
 //! message never holds up another.
 //!
-//! Abstract sockets have no file permissions, so every connection opens
-//! with a hello that proves who connects: the sender's rank and a 32-byte
-//! secret exported (RFC 8446 section 7.5) from the pair's mutual-TLS QUIC
-//! connection, which only those two ranks can compute. The QUIC connection
-//! stays up: it carries liveness (keep-alives, the idle timeout) and the
-//! reasons a peer closes with.
+//! Abstract sockets have no file permissions: any local process can bind a
+//! free name or connect to a bound one. So a sender first checks that the
+//! process listening on the peer's name is the peer (its pid, from the
+//! kernel's `SO_PEERCRED`, must be the pid the peer joined with, which the
+//! seed passed on); only then does it open with a hello that proves who
+//! connects: the sender's rank and a 32-byte secret exported (RFC 8446
+//! section 7.5) from the pair's mutual-TLS QUIC connection, which only those
+//! two ranks can compute. The QUIC connection stays up: it carries liveness
+//! (keep-alives, the idle timeout) and the reasons a peer closes with.
 
 use super::{Shared, CODE_PROTOCOL};
 use crate::transport::{Incoming, Payload, PeerFailure};
@@ -81,13 +84,29 @@ fn socket_addr(job_id: &str, rank: usize) -> std::io::Result<std::os::unix::net:
     }
 }
 
-fn connect(addr: &std::os::unix::net::SocketAddr, buffer: usize) -> std::io::Result<UnixStream> {
+/// Connect to `addr` and check that the listening process is `pid`.
+fn connect(
+    addr: &std::os::unix::net::SocketAddr,
+    pid: u32,
+    buffer: usize,
+) -> std::io::Result<UnixStream> {
     // Connecting to a Unix socket does not wait for the peer: it only
     // queues the connection in the listener's backlog.
     let s = std::os::unix::net::UnixStream::connect_addr(addr)?;
     let _ = socket2::SockRef::from(&s).set_send_buffer_size(buffer);
     s.set_nonblocking(true)?;
-    UnixStream::from_std(s)
+    let s = UnixStream::from_std(s)?;
+    let listener = s.peer_cred()?.pid();
+    if listener != Some(pid as i32) {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::PermissionDenied,
+            format!(
+                "the process listening there is pid {listener:?}, not the peer's pid {pid}; \
+                 another process holds the name"
+            ),
+        ));
+    }
+    Ok(s)
 }
 
 fn hello(kind: u8, rank: usize, secret: &Secret) -> [u8; HELLO_LEN] {
@@ -103,6 +122,8 @@ fn hello(kind: u8, rank: usize, secret: &Secret) -> [u8; HELLO_LEN] {
 /// This rank's side of its channel to one peer.
 pub(super) struct LocalTx {
     addr: std::os::unix::net::SocketAddr,
+    /// The peer's process id, which its listener must have.
+    pid: u32,
     message_hello: [u8; HELLO_LEN],
     main: Arc<Mutex<OwnedWriteHalf>>,
     /// The peer acknowledges the goodbye on the main connection's way back.
@@ -245,9 +266,8 @@ impl Shared {
             loop {
                 match listener.accept().await {
                     Ok((s, _)) => {
-                        if sh.closing.load(Ordering::Acquire) {
-                            continue;
-                        }
+                        // Also while finalizing: a peer's goodbye counts the
+                        // message connections it opened.
                         let h = sh.clone();
                         sh.spawn(async move { h.local_incoming(s).await });
                     }
@@ -295,10 +315,23 @@ impl Shared {
 
     async fn open_local(&self, dst: usize, conn: &quinn::Connection) -> Option<Arc<LocalTx>> {
         let addr = socket_addr(&self.job_id, dst).ok()?;
+        let pid = self.peer_pid(dst)?;
         let secret = secret_of(conn)?;
         // Refused or absent: the peer is on another host or in another
-        // network namespace.
-        let s = connect(&addr, self.cfg.socket_buffer_bytes()).ok()?;
+        // network namespace. Held by another process: never send it the
+        // secret.
+        let s = match connect(&addr, pid, self.cfg.socket_buffer_bytes()) {
+            Ok(s) => s,
+            Err(e) if e.kind() == std::io::ErrorKind::PermissionDenied => {
+                tracing::warn!(
+                    rank = self.rank,
+                    peer = dst,
+                    "not using the same-host channel to the peer: {e}"
+                );
+                return None;
+            }
+            Err(_) => return None,
+        };
         let (mut rd, mut wr) = s.into_split();
         wr.write_all(&hello(KIND_MAIN, self.rank, &secret))
             .await
@@ -316,6 +349,7 @@ impl Shared {
         }
         Some(Arc::new(LocalTx {
             addr,
+            pid,
             message_hello: hello(KIND_MESSAGE, self.rank, &secret),
             main: Arc::new(Mutex::new(wr)),
             acks: Mutex::new(rd),
@@ -366,7 +400,12 @@ impl Shared {
         }
         // A large message: a connection of its own. Dropping it half-way
         // (a cancelled send) ends it early, which the receive reports.
-        let mut s = connect(&tx.addr, self.cfg.socket_buffer_bytes()).map_err(|e| lost(&e))?;
+        let mut s = connect(&tx.addr, tx.pid, self.cfg.socket_buffer_bytes()).map_err(|e| {
+            self.failure(
+                dst,
+                format!("cannot open a same-host connection for a large message: {e}"),
+            )
+        })?;
         tx.opened.fetch_add(1, Ordering::AcqRel);
         let mut head = [0u8; HELLO_LEN + HEADER_LEN];
         head[..HELLO_LEN].copy_from_slice(&tx.message_hello);
@@ -483,8 +522,6 @@ impl Shared {
             );
             if kind == KIND_MAIN {
                 let _ = s.write_all(&[0]).await;
-            } else {
-                link.local.handled.send_modify(|n| *n += 1);
             }
             return;
         }
@@ -583,17 +620,24 @@ impl Shared {
         );
     }
 
-    /// Read a main connection to its end; true if the peer said goodbye
-    /// (or broke the protocol, which already failed it).
+    /// Read a main connection to its end; true if the peer said goodbye,
+    /// broke the protocol (which already failed it), or sent nothing at all
+    /// (its first send was cancelled while the channel was set up: the
+    /// peer is not gone, its next send opens another channel).
     async fn read_main(&self, rank: usize, s: UnixStream) -> bool {
         let (mut rd, mut wr) = s.into_split();
         let link = self.link(rank);
         let mut said_bye = false;
+        let mut frames = 0u64;
         loop {
             let mut hb = [0u8; HEADER_LEN];
             if rd.read_exact(&mut hb).await.is_err() {
+                if frames == 0 {
+                    return true;
+                }
                 break;
             }
+            frames += 1;
             let h = match self.local_header(rank, &hb) {
                 Ok(h) => h,
                 Err(e) => {

@@ -212,6 +212,12 @@ impl Shared {
         g.get(rank).map(|p| p.addr)
     }
 
+    /// The process id `rank` reported when it joined (attested by the seed).
+    fn peer_pid(&self, rank: usize) -> Option<u32> {
+        let g = self.peers.read().unwrap_or_else(|p| p.into_inner());
+        g.get(rank).map(|p| p.pid)
+    }
+
     /// The connection state of `rank` (created on demand).
     fn link(&self, rank: usize) -> Arc<Link> {
         if let Some(l) = self
