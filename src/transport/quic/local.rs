@@ -84,18 +84,34 @@ fn socket_addr(job_id: &str, rank: usize) -> std::io::Result<std::os::unix::net:
     }
 }
 
-/// Connect to `addr` and check that the listening process is `pid`.
-fn connect(
-    addr: &std::os::unix::net::SocketAddr,
-    pid: u32,
-    buffer: usize,
-) -> std::io::Result<UnixStream> {
-    // Connecting to a Unix socket does not wait for the peer: it only
-    // queues the connection in the listener's backlog.
-    let s = std::os::unix::net::UnixStream::connect_addr(addr)?;
+/// The name of `rank`'s socket as a path: Linux reads a leading NUL byte as
+/// "abstract namespace".
+fn socket_path(job_id: &str, rank: usize) -> std::path::PathBuf {
+    use std::os::unix::ffi::OsStrExt;
+    let name = format!("\0rankmesh/{job_id}/{rank}");
+    std::path::PathBuf::from(std::ffi::OsStr::from_bytes(name.as_bytes()))
+}
+
+/// How long a connect waits for room in a busy listener's backlog.
+const BACKLOG_WAIT: Duration = Duration::from_secs(5);
+
+/// Connect to `path` and check that the listening process is `pid`. Never
+/// blocks the thread: a full backlog is waited out asynchronously.
+async fn connect(path: &std::path::Path, pid: u32, buffer: usize) -> std::io::Result<UnixStream> {
+    let until = tokio::time::Instant::now() + BACKLOG_WAIT;
+    let s = loop {
+        match UnixStream::connect(path).await {
+            Ok(s) => break s,
+            Err(e)
+                if e.kind() == std::io::ErrorKind::WouldBlock
+                    && tokio::time::Instant::now() < until =>
+            {
+                tokio::time::sleep(Duration::from_millis(2)).await;
+            }
+            Err(e) => return Err(e),
+        }
+    };
     let _ = socket2::SockRef::from(&s).set_send_buffer_size(buffer);
-    s.set_nonblocking(true)?;
-    let s = UnixStream::from_std(s)?;
     let listener = s.peer_cred()?.pid();
     if listener != Some(pid as i32) {
         return Err(std::io::Error::new(
@@ -121,7 +137,7 @@ fn hello(kind: u8, rank: usize, secret: &Secret) -> [u8; HELLO_LEN] {
 
 /// This rank's side of its channel to one peer.
 pub(super) struct LocalTx {
-    addr: std::os::unix::net::SocketAddr,
+    path: std::path::PathBuf,
     /// The peer's process id, which its listener must have.
     pid: u32,
     message_hello: [u8; HELLO_LEN],
@@ -314,13 +330,13 @@ impl Shared {
     }
 
     async fn open_local(&self, dst: usize, conn: &quinn::Connection) -> Option<Arc<LocalTx>> {
-        let addr = socket_addr(&self.job_id, dst).ok()?;
+        let path = socket_path(&self.job_id, dst);
         let pid = self.peer_pid(dst)?;
         let secret = secret_of(conn)?;
         // Refused or absent: the peer is on another host or in another
         // network namespace. Held by another process: never send it the
         // secret.
-        let s = match connect(&addr, pid, self.cfg.socket_buffer_bytes()) {
+        let s = match connect(&path, pid, self.cfg.socket_buffer_bytes()).await {
             Ok(s) => s,
             Err(e) if e.kind() == std::io::ErrorKind::PermissionDenied => {
                 tracing::warn!(
@@ -348,7 +364,7 @@ impl Shared {
             return None;
         }
         Some(Arc::new(LocalTx {
-            addr,
+            path,
             pid,
             message_hello: hello(KIND_MESSAGE, self.rank, &secret),
             main: Arc::new(Mutex::new(wr)),
@@ -400,12 +416,14 @@ impl Shared {
         }
         // A large message: a connection of its own. Dropping it half-way
         // (a cancelled send) ends it early, which the receive reports.
-        let mut s = connect(&tx.addr, tx.pid, self.cfg.socket_buffer_bytes()).map_err(|e| {
-            self.failure(
-                dst,
-                format!("cannot open a same-host connection for a large message: {e}"),
-            )
-        })?;
+        let mut s = connect(&tx.path, tx.pid, self.cfg.socket_buffer_bytes())
+            .await
+            .map_err(|e| {
+                self.failure(
+                    dst,
+                    format!("cannot open a same-host connection for a large message: {e}"),
+                )
+            })?;
         tx.opened.fetch_add(1, Ordering::AcqRel);
         let mut head = [0u8; HELLO_LEN + HEADER_LEN];
         head[..HELLO_LEN].copy_from_slice(&tx.message_hello);
