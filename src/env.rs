@@ -326,13 +326,19 @@ mod tests {
             ("RANKMESH_OP_TIMEOUT", "2.5"),
             ("RANKMESH_IDLE_TIMEOUT", "0.9"),
             ("RANKMESH_BIND", "127.0.0.1"),
+            ("RANKMESH_SAME_HOST", "0"),
         ]);
         let mut c = Config::default();
+        assert!(c.same_host_channel());
         apply_overrides_from(&mut c, &|k| m.get(k).cloned()).unwrap();
+        assert!(!c.same_host_channel());
         assert_eq!(c.op_timeout(), Duration::from_millis(2500));
         assert_eq!(c.idle_timeout(), Duration::from_millis(900));
         assert!(c.keep_alive() < c.idle_timeout());
         let m = env(&[("RANKMESH_OP_TIMEOUT", "-1")]);
         assert!(apply_overrides_from(&mut c, &|k| m.get(k).cloned()).is_err());
+        let m = env(&[("RANKMESH_SAME_HOST", "yes")]);
+        let e = apply_overrides_from(&mut c, &|k| m.get(k).cloned()).unwrap_err();
+        assert!(e.to_string().contains("RANKMESH_SAME_HOST"), "{e}");
     }
 }

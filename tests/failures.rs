@@ -14,41 +14,51 @@ fn patient() -> Config {
     cfg
 }
 
+/// Rank 2 aborts with `reason` (after `delay`). Rank 1 waits in a
+/// point-to-point receive from rank 0, which never sends; ranks 0 and 3
+/// wait in an allreduce rank 2 never joins. Each returns its error's text.
+async fn abort_program(
+    comm: rankmesh::Communicator,
+    reason: &'static str,
+    delay: Duration,
+) -> rankmesh::Result<String> {
+    match comm.rank() {
+        2 => {
+            tokio::time::sleep(delay).await;
+            comm.abort(reason).await;
+            Ok(String::new())
+        }
+        1 => {
+            let mut b = [0u8; 4];
+            Ok(comm.recv(&mut b, 0, 9).await.unwrap_err().to_string())
+        }
+        _ => {
+            let mut v = [1.0f32; 16];
+            let e = comm.all_reduce(&mut v, ReduceOp::Sum).await.unwrap_err();
+            assert!(matches!(e, Error::Aborted { by_rank: 2, .. }), "{e}");
+            Ok(e.to_string())
+        }
+    }
+}
+
+/// Every rank but the aborting one names rank 2 and its reason.
+fn check_aborted(out: &[String], reason: &str) {
+    for r in [0, 1, 3] {
+        assert!(out[r].contains(reason), "rank {r}: {}", out[r]);
+        assert!(out[r].contains("rank 2"), "rank {r}: {}", out[r]);
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn abort_ends_the_job_for_every_rank_with_its_reason() {
     let t = Instant::now();
-    let out = run_local_with(4, patient(), |comm| async move {
-        match comm.rank() {
-            2 => {
-                tokio::time::sleep(Duration::from_millis(300)).await;
-                comm.abort("loss became NaN at step 17").await;
-                Ok(String::new())
-            }
-            // Rank 1 waits in a point-to-point receive from rank 0, which
-            // never sends; ranks 0 and 3 wait in an allreduce rank 2 never
-            // joins.
-            1 => {
-                let mut b = [0u8; 4];
-                Ok(comm.recv(&mut b, 0, 9).await.unwrap_err().to_string())
-            }
-            _ => {
-                let mut v = [1.0f32; 16];
-                let e = comm.all_reduce(&mut v, ReduceOp::Sum).await.unwrap_err();
-                assert!(matches!(e, Error::Aborted { by_rank: 2, .. }), "{e}");
-                Ok(e.to_string())
-            }
-        }
+    let reason = "loss became NaN at step 17";
+    let out = run_local_with(4, patient(), move |comm| {
+        abort_program(comm, reason, Duration::from_millis(300))
     })
     .await
     .unwrap();
-    for r in [0, 1, 3] {
-        assert!(
-            out[r].contains("loss became NaN at step 17"),
-            "rank {r}: {}",
-            out[r]
-        );
-        assert!(out[r].contains("rank 2"), "rank {r}: {}", out[r]);
-    }
+    check_aborted(&out, reason);
     assert!(t.elapsed() < Duration::from_secs(60));
 }
 
@@ -56,34 +66,13 @@ async fn abort_ends_the_job_for_every_rank_with_its_reason() {
 async fn an_abort_is_passed_on_by_ranks_that_end_after_it() {
     // The in-process transport has no seed: the abort reaches ranks 1 and 3
     // only because the ranks that end after it pass it on.
-    let out = run_mem_with(4, patient(), |comm| async move {
-        match comm.rank() {
-            2 => {
-                comm.abort("out of memory on the loader").await;
-                Ok(String::new())
-            }
-            1 => {
-                let mut b = [0u8; 4];
-                Ok(comm.recv(&mut b, 0, 9).await.unwrap_err().to_string())
-            }
-            _ => {
-                let mut v = [1.0f32; 16];
-                let e = comm.all_reduce(&mut v, ReduceOp::Sum).await.unwrap_err();
-                assert!(matches!(e, Error::Aborted { by_rank: 2, .. }), "{e}");
-                Ok(e.to_string())
-            }
-        }
+    let reason = "out of memory on the loader";
+    let out = run_mem_with(4, patient(), move |comm| {
+        abort_program(comm, reason, Duration::ZERO)
     })
     .await
     .unwrap();
-    for r in [0, 1, 3] {
-        assert!(
-            out[r].contains("out of memory on the loader"),
-            "rank {r}: {}",
-            out[r]
-        );
-        assert!(out[r].contains("rank 2"), "rank {r}: {}", out[r]);
-    }
+    check_aborted(&out, reason);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -382,11 +382,7 @@ impl Shared {
         payload: Payload<'_>,
     ) -> std::result::Result<(), PeerFailure> {
         let lost = |e: &dyn std::fmt::Display| {
-            let reason = self
-                .mailbox
-                .gone_reason(dst)
-                .unwrap_or_else(|| format!("send over the same-host channel failed: {e}"));
-            self.failure(dst, reason)
+            self.send_failure(dst, format!("send over the same-host channel failed: {e}"))
         };
         let len = payload.len();
         if len <= self.cfg.eager_limit() {

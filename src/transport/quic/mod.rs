@@ -265,6 +265,13 @@ impl Shared {
         PeerFailure::lost(rank, reason)
     }
 
+    /// A send to `dst` failed: the reason `dst` is known to be gone, if it
+    /// is, else `what`.
+    fn send_failure(&self, dst: usize, what: String) -> PeerFailure {
+        let reason = self.mailbox.gone_reason(dst).unwrap_or(what);
+        self.failure(dst, reason)
+    }
+
     async fn accept_loop(self: Arc<Self>) {
         while let Some(incoming) = self.endpoint.accept().await {
             if self.closing.load(Ordering::Acquire) {
@@ -578,13 +585,7 @@ impl Shared {
         if let Some(tx) = self.local_tx(dst, &conn).await {
             return self.send_local(dst, &tx, header, payload).await;
         }
-        let lost = |e: &dyn std::fmt::Display| {
-            let reason = self
-                .mailbox
-                .gone_reason(dst)
-                .unwrap_or_else(|| format!("send failed: {e}"));
-            self.failure(dst, reason)
-        };
+        let lost = |e: &dyn std::fmt::Display| self.send_failure(dst, format!("send failed: {e}"));
         let s = conn.open_uni().await.map_err(|e| lost(&e))?;
         let mut guard = ResetOnDrop(Some(s));
         if let Some(s) = guard.0.as_mut() {
