@@ -581,6 +581,11 @@ impl Shared {
         if let Some(reason) = self.mailbox.gone_reason(dst) {
             return Err(self.failure(dst, reason));
         }
+        // Fast path: the same-host channel to `dst` is up (it is forgotten
+        // with the QUIC connection, so a later send decides again).
+        if let Some(tx) = self.link(dst).local.tx() {
+            return self.send_local(dst, &tx, header, payload).await;
+        }
         let conn = self.connection(dst).await?;
         if let Some(tx) = self.local_tx(dst, &conn).await {
             return self.send_local(dst, &tx, header, payload).await;
