@@ -164,9 +164,12 @@ impl Ctx<'_> {
             sends = ph.sends.len(),
             recvs = ph.recvs.len()
         );
-        tracing::Instrument::instrument(fut, span)
-            .await
-            .map_err(|e| self.root_cause(e))
+        let res = if span.is_disabled() {
+            fut.await
+        } else {
+            tracing::Instrument::instrument(fut, span).await
+        };
+        res.map_err(|e| self.root_cause(e))
     }
 
     /// One phase. Sends borrow the data they send whenever nothing in the

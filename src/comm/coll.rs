@@ -7,6 +7,7 @@
 //! (an Abort frame for that sequence number), so nobody waits for it until a
 //! timeout: all members return an error naming the cause.
 
+use super::recorder::What;
 use super::Communicator;
 use crate::coll::exec::{Ctx, Desc, ExecError};
 use crate::coll::select::{Algorithm, CostModel};
@@ -368,7 +369,7 @@ impl Communicator {
             self.inner.comm_id,
             seq,
             desc.kind.name(),
-            || desc.mine(),
+            What::Coll(desc.wire()),
             desc.count * desc.dtype.size() as u64,
             desc.algo,
             self.size(),
@@ -383,8 +384,12 @@ impl Communicator {
             algorithm = desc.algo,
             peers = self.size(),
         );
-        let res =
-            tracing::Instrument::instrument(self.run_coll_inner(seq, desc, plan, work), span).await;
+        let run = self.run_coll_inner(seq, desc, plan, work);
+        let res = if span.is_disabled() {
+            run.await
+        } else {
+            tracing::Instrument::instrument(run, span).await
+        };
         guard.finish(&res);
         if let Err(e @ Error::Timeout { .. }) = &res {
             self.dump_flight(&format!("timeout: {e}"), &self.waiting_report());
@@ -437,12 +442,15 @@ impl Communicator {
         plan: &Schedule,
         work: Work<'_>,
     ) -> Result<()> {
-        let op = self.op_name(seq, &desc);
-        self.check_open(&op)?;
+        // The operation's name is only needed for errors and warnings.
+        let op_name = || self.op_name(seq, &desc);
+        if self.is_finalized() {
+            self.check_open(&op_name())?;
+        }
         let mailbox = self.transport().mailbox();
         let (comm_id, epoch) = (self.inner.comm_id, self.inner.epoch);
         if let Some(late) = mailbox.begin_coll(comm_id, epoch) {
-            let e = self.late_mismatch(&op, late);
+            let e = self.late_mismatch(&op_name(), late);
             self.abort_collective(seq, ABORT_MISMATCH, &e.to_string())
                 .await;
             return Err(e);
@@ -465,18 +473,23 @@ impl Communicator {
                 Work::Device(buf) => ctx.run_device(plan, buf).await,
             }
         };
-        let res = tokio::time::timeout(limit, self.warn_while(run, &op, &waiting)).await;
+        let res = self.warn_while(run, limit, &op_name, &waiting).await;
         let me = self.rank();
-        let (err, notice) = match res {
-            Ok(Ok(())) => {
+        let failure = match res {
+            Some(Ok(())) => {
                 let Some(late) = mailbox.end_coll(comm_id, epoch, seq, desc.wire()) else {
                     return Ok(());
                 };
-                let e = self.late_mismatch(&op, late);
+                let e = self.late_mismatch(&op_name(), late);
                 self.send_abort(seq, ABORT_MISMATCH, &e.to_string()).await;
                 return Err(e);
             }
-            Err(_) => {
+            Some(Err(e)) => Some(e),
+            None => None,
+        };
+        let op = op_name();
+        let (err, notice) = match failure {
+            None => {
                 let w = waiting.load(Ordering::Relaxed);
                 let waiting_on = if w == usize::MAX { Vec::new() } else { vec![w] };
                 let e = Error::Timeout {
@@ -507,7 +520,7 @@ impl Communicator {
                 self.record_abort(seq, ABORT_FAILED, &e.to_string());
                 (e, None)
             }
-            Ok(Err(ExecError::Mismatch { detail, .. })) => {
+            Some(ExecError::Mismatch { detail, .. }) => {
                 let n = Some((ABORT_MISMATCH, detail.clone()));
                 (
                     Error::Mismatch {
@@ -518,14 +531,14 @@ impl Communicator {
                     n,
                 )
             }
-            Ok(Err(ExecError::Device { detail })) => {
+            Some(ExecError::Device { detail }) => {
                 let e = Error::Gpu {
                     detail: format!("rank {me}: {op}: {detail}"),
                 };
                 let n = Some((ABORT_FAILED, e.to_string()));
                 (e, n)
             }
-            Ok(Err(ExecError::Broken { peer, detail })) => {
+            Some(ExecError::Broken { peer, detail }) => {
                 let e = Error::Transport {
                     rank: Some(me),
                     detail: format!("{op}: the message from rank {peer} broke off: {detail}"),
@@ -533,13 +546,13 @@ impl Communicator {
                 let n = Some((ABORT_FAILED, e.to_string()));
                 (e, n)
             }
-            Ok(Err(ExecError::Peer { failure, .. }))
+            Some(ExecError::Peer { failure, .. })
                 if failure.aborted && failure.reason.as_bytes().first() == Some(&ABORT_JOB) =>
             {
                 // The whole job was aborted: every rank heard it already.
                 (self.lost(&op, failure), None)
             }
-            Ok(Err(ExecError::Peer { failure, .. })) if failure.aborted => {
+            Some(ExecError::Peer { failure, .. }) if failure.aborted => {
                 let by = self.comm_rank_of(failure.rank).unwrap_or(failure.rank);
                 let (kind, why) = match failure.reason.as_bytes().first() {
                     Some(&k) => (k, failure.reason.get(1..).unwrap_or_default().to_string()),
@@ -574,7 +587,7 @@ impl Communicator {
                 };
                 (e, Some((kind, text)))
             }
-            Ok(Err(ExecError::Peer { failure, .. })) => {
+            Some(ExecError::Peer { failure, .. }) => {
                 // A rank that refused this call tells the others and then
                 // may leave at once: its notice can arrive after its
                 // departure was seen. The notice names the cause.
@@ -631,19 +644,31 @@ impl Communicator {
 
     /// Drive `run`, logging a warning every [`Config::hang_warning`] while it
     /// waits, naming the rank it waits on.
+    /// Run `run` for at most `limit`, logging a warning naming what this
+    /// rank waits on every `Config::hang_warning` meanwhile; `None` when the
+    /// limit passed. One timer serves both.
     async fn warn_while<T>(
         &self,
         run: impl std::future::Future<Output = T>,
-        op: &str,
+        limit: Duration,
+        op: &(dyn Fn() -> String + Sync),
         waiting: &AtomicUsize,
-    ) -> T {
+    ) -> Option<T> {
         let every = self.config().hang_warning().max(Duration::from_millis(10));
         let started = tokio::time::Instant::now();
-        tokio::pin!(run);
+        let deadline = started + limit;
+        let mut next_warning = started + every;
+        let timer = tokio::time::sleep_until(next_warning.min(deadline));
+        tokio::pin!(run, timer);
         loop {
-            match tokio::time::timeout(every, &mut run).await {
-                Ok(v) => return v,
-                Err(_) => {
+            tokio::select! {
+                biased;
+                v = &mut run => return Some(v),
+                () = &mut timer => {
+                    let now = tokio::time::Instant::now();
+                    if now >= deadline {
+                        return None;
+                    }
                     let w = waiting.load(Ordering::Relaxed);
                     let on = if w == usize::MAX {
                         "its peers".to_string()
@@ -655,19 +680,20 @@ impl Communicator {
                     };
                     tracing::warn!(
                         rank = self.rank(),
-                        "{op} has waited {:.0?} on {on}; it fails after {:?} \
+                        "{} has waited {:.0?} on {on}; it fails after {:?} \
                          (Config::set_op_timeout)\n{}",
+                        op(),
                         started.elapsed(),
                         self.config().op_timeout(),
                         self.waiting_report()
                     );
+                    next_warning = now + every;
+                    timer.as_mut().reset(next_warning.min(deadline));
                 }
             }
         }
     }
 
-    /// Record that this rank abandoned collective `seq` and tell every other
-    /// member, so that none of them waits for it.
     async fn abort_collective(&self, seq: u64, kind: u8, text: &str) {
         self.record_abort(seq, kind, text);
         self.send_abort(seq, kind, text).await;

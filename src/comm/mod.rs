@@ -357,8 +357,12 @@ impl Communicator {
         Ok(())
     }
 
+    fn is_finalized(&self) -> bool {
+        self.inner.world.finalized.load(Ordering::Acquire)
+    }
+
     fn check_open(&self, op: &str) -> Result<()> {
-        if self.inner.world.finalized.load(Ordering::Acquire) {
+        if self.is_finalized() {
             return Err(Error::InvalidArgument {
                 rank: self.rank(),
                 op: op.to_string(),
@@ -390,7 +394,7 @@ impl Communicator {
     /// Run `fut` bounded by the operation timeout.
     async fn bounded<T>(
         &self,
-        op: &str,
+        op: &(dyn Fn() -> String + Sync),
         waiting_on: &[usize],
         fut: impl Future<Output = Result<T>>,
     ) -> Result<T> {
@@ -399,7 +403,7 @@ impl Communicator {
             Ok(r) => r,
             Err(_) => Err(Error::Timeout {
                 rank: self.rank(),
-                op: op.to_string(),
+                op: op(),
                 waiting_on: waiting_on.to_vec(),
                 after: limit,
                 hint: "the peer never made the matching call, or is much slower; if it is \

@@ -5,6 +5,7 @@
 //! order, so messages of one sender and tag never overtake each other (MPI's
 //! non-overtaking rule) although each travels on its own stream.
 
+use super::recorder::What;
 use super::Communicator;
 use crate::comm::World;
 use crate::datatype::Element;
@@ -23,7 +24,13 @@ impl Communicator {
             self.inner.comm_id,
             world.next_p2p_op(),
             "send",
-            || format!("to rank {dst}, tag {tag}, {} x {:?}", data.len(), T::DTYPE),
+            What::P2p {
+                to: true,
+                peer: dst,
+                tag,
+                count: data.len(),
+                dtype: T::DTYPE,
+            },
             std::mem::size_of_val(data) as u64,
             "p2p",
             1,
@@ -34,9 +41,13 @@ impl Communicator {
     }
 
     async fn send_inner<T: Element>(&self, data: &[T], dst: usize, tag: u32) -> Result<()> {
-        let op = format!("send to rank {dst} tag {tag}");
-        self.check_open(&op)?;
-        self.check_rank(&op, "destination", dst)?;
+        let op = || format!("send to rank {dst} tag {tag}");
+        if self.is_finalized() {
+            self.check_open(&op())?;
+        }
+        if dst >= self.size() {
+            self.check_rank(&op(), "destination", dst)?;
+        }
         let bytes: &[u8] = bytemuck::cast_slice(data);
         let limit = self.config().max_message_bytes();
         if bytes.len() as u64 > limit {
@@ -44,7 +55,7 @@ impl Communicator {
             // whole connection as a protocol violation.
             return Err(Error::InvalidArgument {
                 rank: self.rank(),
-                op,
+                op: op(),
                 detail: format!(
                     "{} bytes is more than the largest message, {limit} bytes; send it in \
                      parts or raise Config::set_max_message_bytes on every rank",
@@ -87,7 +98,7 @@ impl Communicator {
                 self.transport()
                     .send(world_dst, h, Payload::Borrowed(bytes))
                     .await
-                    .map_err(|f| self.lost(&op, f))
+                    .map_err(|f| self.lost(&op(), f))
             })
             .await;
         if res.is_ok() {
@@ -104,7 +115,13 @@ impl Communicator {
             self.inner.comm_id,
             world.next_p2p_op(),
             "recv",
-            || format!("from rank {src}, tag {tag}, {} x {:?}", buf.len(), T::DTYPE),
+            What::P2p {
+                to: false,
+                peer: src,
+                tag,
+                count: buf.len(),
+                dtype: T::DTYPE,
+            },
             std::mem::size_of_val(buf) as u64,
             "p2p",
             1,
@@ -115,9 +132,13 @@ impl Communicator {
     }
 
     async fn recv_inner<T: Element>(&self, buf: &mut [T], src: usize, tag: u32) -> Result<()> {
-        let op = format!("recv from rank {src} tag {tag}");
-        self.check_open(&op)?;
-        self.check_rank(&op, "source", src)?;
+        let op = || format!("recv from rank {src} tag {tag}");
+        if self.is_finalized() {
+            self.check_open(&op())?;
+        }
+        if src >= self.size() {
+            self.check_rank(&op(), "source", src)?;
+        }
         let key = P2pKey {
             src: self.world_rank(src) as u32,
             comm_id: self.inner.comm_id,
@@ -133,12 +154,12 @@ impl Communicator {
                 .mailbox()
                 .recv_p2p(key)
                 .await
-                .map_err(|f| self.lost(&op, f))?;
+                .map_err(|f| self.lost(&op(), f))?;
             let h = *m.header();
             if h.dtype != T::DTYPE {
                 return Err(Error::Mismatch {
                     rank: me,
-                    op: op.clone(),
+                    op: op(),
                     detail: format!(
                         "rank {src} sent {} elements of {}, this rank receives into a buffer of {}",
                         h.total,
@@ -150,7 +171,7 @@ impl Communicator {
             if h.len != want {
                 return Err(Error::InvalidArgument {
                     rank: me,
-                    op: op.clone(),
+                    op: op(),
                     detail: format!(
                         "rank {src} sent {} bytes ({} elements of {}), the receive buffer holds \
                          {want} bytes ({} elements); both sides must agree on the length",
@@ -163,7 +184,7 @@ impl Communicator {
             }
             m.read_into(out).await.map_err(|e| Error::Transport {
                 rank: Some(me),
-                detail: format!("{op}: the message from rank {src} broke off: {e}"),
+                detail: format!("{}: the message from rank {src} broke off: {e}", op()),
             })
         })
         .await

@@ -3,6 +3,8 @@
 //! optional Chrome/Perfetto trace (`RANKMESH_TRACE`).
 
 use crate::config::Config;
+use crate::datatype::DType;
+use crate::wire::CollDesc;
 use std::collections::VecDeque;
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
@@ -12,6 +14,56 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 /// Most operations a trace keeps (later ones are counted, not kept).
 const TRACE_MAX: usize = 1_000_000;
 
+/// The shape of an operation, kept as data: it is put in words only when
+/// a report or trace is written, not on every call.
+#[derive(Clone, Debug)]
+pub(crate) enum What {
+    /// A collective call.
+    Coll(CollDesc),
+    /// A send (`to`) or receive of `count` elements.
+    P2p {
+        to: bool,
+        peer: usize,
+        tag: u32,
+        count: usize,
+        dtype: DType,
+    },
+    /// Anything else, in words.
+    Text(String),
+}
+
+impl std::fmt::Display for What {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            What::Coll(d) => write!(f, "{d}"),
+            What::P2p {
+                to,
+                peer,
+                tag,
+                count,
+                dtype,
+            } => write!(
+                f,
+                "{} rank {peer}, tag {tag}, {count} x {dtype:?}",
+                if *to { "to" } else { "from" }
+            ),
+            What::Text(t) => f.write_str(t),
+        }
+    }
+}
+
+impl From<String> for What {
+    fn from(s: String) -> What {
+        What::Text(s)
+    }
+}
+
+impl From<&str> for What {
+    fn from(s: &str) -> What {
+        What::Text(s.to_string())
+    }
+}
+
 /// One operation of this rank.
 #[derive(Clone, Debug)]
 pub(crate) struct Record {
@@ -19,8 +71,8 @@ pub(crate) struct Record {
     pub seq: u64,
     /// e.g. "all_reduce", "send".
     pub op: &'static str,
-    /// Shape, in words: "1024 x f32, op Sum" / "to rank 3, tag 7".
-    pub what: String,
+    /// Shape: "all_reduce with 1024 elements of f32, op Sum" / "to rank 3, tag 7".
+    pub what: What,
     pub bytes: u64,
     pub algorithm: &'static str,
     pub peers: usize,
@@ -86,7 +138,7 @@ impl Recorder {
         comm: u64,
         seq: u64,
         op: &'static str,
-        what: String,
+        what: impl Into<What>,
         bytes: u64,
         algorithm: &'static str,
         peers: usize,
@@ -98,7 +150,7 @@ impl Recorder {
             comm,
             seq,
             op,
-            what,
+            what: what.into(),
             bytes,
             algorithm,
             peers,
@@ -131,13 +183,13 @@ impl Recorder {
         comm: u64,
         seq: u64,
         op: &'static str,
-        what: impl FnOnce() -> String,
+        what: What,
         bytes: u64,
         algorithm: &'static str,
         peers: usize,
     ) -> OpGuard<'_> {
         if self.enabled() {
-            self.begin(comm, seq, op, what(), bytes, algorithm, peers);
+            self.begin(comm, seq, op, what, bytes, algorithm, peers);
         }
         OpGuard {
             rec: self,
@@ -164,12 +216,12 @@ impl Recorder {
         };
         r.end = Some(now);
         r.outcome = Some(error.unwrap_or_default());
-        let done = r.clone();
+        let done = self.trace.as_ref().map(|_| r.clone());
         if self.cap == 0 {
             ring.retain(|r| r.end.is_none());
         }
         drop(ring);
-        if let Some((_, t)) = &self.trace {
+        if let (Some((_, t)), Some(done)) = (&self.trace, done) {
             let mut t = lock(t);
             if t.done.len() < TRACE_MAX {
                 t.done.push(done);
@@ -188,7 +240,12 @@ impl Recorder {
             let _ = write!(
                 s,
                 "  comm {:#x} #{:<6} {:<14} {:<40} {:>12} B  {:<18}",
-                r.comm, r.seq, r.op, r.what, r.bytes, r.algorithm
+                r.comm,
+                r.seq,
+                r.op,
+                r.what.to_string(),
+                r.bytes,
+                r.algorithm
             );
             let ago = now.saturating_sub(r.start);
             match (&r.end, &r.outcome) {
@@ -302,7 +359,7 @@ impl Recorder {
             // One row per communicator (Perfetto groups by thread id).
             tid = r.comm % 1_000_000_007,
             comm = r.comm,
-            what = json_escape(&r.what),
+            what = json_escape(&r.what.to_string()),
             bytes = r.bytes,
             alg = r.algorithm,
             peers = r.peers,
@@ -409,7 +466,7 @@ mod tests {
         let r = Recorder::new(2, "job", &cfg(3, None, &d));
         r.begin(0, 0, "barrier", String::new(), 0, "dissemination", 4);
         for seq in 1..10 {
-            r.begin(0, seq, "all_reduce", "4 x f32".into(), 16, "ring", 4);
+            r.begin(0, seq, "all_reduce", "4 x f32", 16, "ring", 4);
             r.end(0, seq, "all_reduce", None);
         }
         r.begin(0, 10, "broadcast", String::new(), 8, "binomial", 4);
@@ -430,9 +487,9 @@ mod tests {
     fn trace_is_chrome_json_per_rank() {
         let d = tmp("trace");
         let r = Recorder::new(1, "j\"b", &cfg(8, Some(d.join("t.json")), &d));
-        r.begin(7, 0, "all_reduce", "2 x \"f32\"".into(), 8, "ring", 2);
+        r.begin(7, 0, "all_reduce", "2 x \"f32\"", 8, "ring", 2);
         r.end(7, 0, "all_reduce", None);
-        r.begin(7, 1, "send", "to rank 0, tag 3".into(), 8, "p2p", 1);
+        r.begin(7, 1, "send", "to rank 0, tag 3", 8, "p2p", 1);
         r.write_trace().unwrap();
         let text = std::fs::read_to_string(d.join("t.rank1.json")).unwrap();
         assert!(text.starts_with("{\"displayTimeUnit\""), "{text}");
