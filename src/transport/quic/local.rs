@@ -27,12 +27,11 @@ use crate::transport::{Incoming, Payload, PeerFailure};
 use crate::wire::{FrameKind, Header, HEADER_LEN};
 use bytes::Bytes;
 use quinn::VarInt;
-use std::io::{Read, Write};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
-use tokio::io::unix::AsyncFd;
-use tokio::io::{AsyncReadExt, AsyncWriteExt, Interest};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::unix::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::UnixStream;
 use tokio::sync::{Mutex, OwnedMutexGuard};
 
@@ -142,11 +141,9 @@ pub(super) struct LocalTx {
     /// The peer's process id, which its listener must have.
     pid: u32,
     message_hello: [u8; HELLO_LEN],
-    main: Arc<MainConn>,
-    /// Held while a frame is written on `main`.
-    writing: Arc<Mutex<()>>,
-    /// Held while reading the goodbye's acknowledgement from `main`.
-    acks: Mutex<()>,
+    main: Arc<Mutex<OwnedWriteHalf>>,
+    /// The peer acknowledges the goodbye on the main connection's way back.
+    acks: Mutex<OwnedReadHalf>,
     /// Large-message connections opened so far (the goodbye carries the
     /// count, so the peer knows when it has seen them all).
     opened: AtomicU64,
@@ -216,24 +213,15 @@ impl LocalLink {
 /// cancelled half-way, the rest is written in the background so the
 /// connection stays in frame.
 struct FrameWrite {
-    w: Option<(OwnedMutexGuard<()>, Arc<MainConn>)>,
+    w: Option<OwnedMutexGuard<OwnedWriteHalf>>,
     frame: Bytes,
     off: usize,
 }
 
 impl FrameWrite {
-    async fn new(main: &Arc<MainConn>, lock: &Arc<Mutex<()>>, frame: Bytes) -> FrameWrite {
-        let guard = lock.clone().lock_owned().await;
-        FrameWrite {
-            w: Some((guard, main.clone())),
-            frame,
-            off: 0,
-        }
-    }
-
     async fn run(&mut self) -> std::io::Result<()> {
         while self.off < self.frame.len() {
-            let Some((_, w)) = self.w.as_ref() else { break };
+            let Some(w) = self.w.as_mut() else { break };
             match w.write(&self.frame[self.off..]).await {
                 Ok(0) => {
                     self.w = None;
@@ -253,87 +241,16 @@ impl FrameWrite {
 
 impl Drop for FrameWrite {
     fn drop(&mut self) {
-        let Some((guard, w)) = self.w.take() else {
-            return;
-        };
+        let Some(mut w) = self.w.take() else { return };
         if self.off == 0 {
             return;
         }
         let rest = self.frame.slice(self.off..);
         if let Ok(rt) = tokio::runtime::Handle::try_current() {
             rt.spawn(async move {
-                let _guard = guard;
                 let _ = tokio::time::timeout(FINISH_CANCELLED, w.write_all(&rest)).await;
             });
         }
-    }
-}
-
-/// The sending end of a main connection.
-///
-/// Registered with the runtime for readability only. A Unix socket tells
-/// its sender "writable" every time the receiver consumes data, so a
-/// sending socket registered for writability wakes its process for every
-/// message the peer reads, typically while that process sleeps waiting for
-/// its own messages: one useless wake-up per message on the latency path.
-/// Writes go straight to the socket; only when it is full does a write wait
-/// for room, through a registration made for that wait alone.
-struct MainConn {
-    fd: AsyncFd<std::os::unix::net::UnixStream>,
-}
-
-impl MainConn {
-    fn new(s: UnixStream) -> std::io::Result<MainConn> {
-        // Leaves the runtime's registration; the socket stays non-blocking.
-        let s = s.into_std()?;
-        // SAFETY: `s` owns its descriptor, which stays open and unchanged
-        // until the `AsyncFd` (its only owner) is dropped.
-        let fd = unsafe { AsyncFd::register_with_interest(s, Interest::READABLE)? };
-        Ok(MainConn { fd })
-    }
-
-    async fn write(&self, buf: &[u8]) -> std::io::Result<usize> {
-        loop {
-            match self.fd.get_ref().write(buf) {
-                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
-                    let dup = self.fd.get_ref().try_clone()?;
-                    // SAFETY: `dup` owns a duplicate descriptor, which stays
-                    // open and unchanged until `room` is dropped below.
-                    let room = unsafe { AsyncFd::register_with_interest(dup, Interest::WRITABLE)? };
-                    let _ready = room.writable().await?;
-                }
-                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-                other => return other,
-            }
-        }
-    }
-
-    async fn write_all(&self, mut buf: &[u8]) -> std::io::Result<()> {
-        while !buf.is_empty() {
-            match self.write(buf).await? {
-                0 => return Err(std::io::ErrorKind::WriteZero.into()),
-                n => buf = &buf[n..],
-            }
-        }
-        Ok(())
-    }
-
-    async fn read_exact(&self, mut buf: &mut [u8]) -> std::io::Result<()> {
-        while !buf.is_empty() {
-            let mut ready = self.fd.readable().await?;
-            match ready.try_io(|fd| fd.get_ref().read(buf)) {
-                Ok(Ok(0)) => return Err(std::io::ErrorKind::UnexpectedEof.into()),
-                Ok(Ok(n)) => buf = &mut buf[n..],
-                Ok(Err(e)) if e.kind() == std::io::ErrorKind::Interrupted => {}
-                Ok(Err(e)) => return Err(e),
-                Err(_would_block) => {}
-            }
-        }
-        Ok(())
-    }
-
-    fn shutdown(&self) -> std::io::Result<()> {
-        self.fd.get_ref().shutdown(std::net::Shutdown::Write)
     }
 }
 
@@ -431,13 +348,13 @@ impl Shared {
             }
             Err(_) => return None,
         };
-        let mut s = s;
-        s.write_all(&hello(KIND_MAIN, self.rank, &secret))
+        let (mut rd, mut wr) = s.into_split();
+        wr.write_all(&hello(KIND_MAIN, self.rank, &secret))
             .await
             .ok()?;
         let mut verdict = [0u8; 1];
         let answer =
-            tokio::time::timeout(self.cfg.formation_timeout(), s.read_exact(&mut verdict)).await;
+            tokio::time::timeout(self.cfg.formation_timeout(), rd.read_exact(&mut verdict)).await;
         if !matches!(answer, Ok(Ok(_))) || verdict[0] != 1 {
             tracing::warn!(
                 rank = self.rank,
@@ -450,9 +367,8 @@ impl Shared {
             path,
             pid,
             message_hello: hello(KIND_MESSAGE, self.rank, &secret),
-            main: Arc::new(MainConn::new(s).ok()?),
-            writing: Arc::new(Mutex::new(())),
-            acks: Mutex::new(()),
+            main: Arc::new(Mutex::new(wr)),
+            acks: Mutex::new(rd),
             opened: AtomicU64::new(0),
         }))
     }
@@ -486,7 +402,12 @@ impl Shared {
                     }
                 }
             }
-            let mut fw = FrameWrite::new(&tx.main, &tx.writing, Bytes::from(frame)).await;
+            let w = tx.main.clone().lock_owned().await;
+            let mut fw = FrameWrite {
+                w: Some(w),
+                frame: Bytes::from(frame),
+                off: 0,
+            };
             return fw.run().await.map_err(|e| lost(&e));
         }
         // A large message: a connection of its own. Dropping it half-way
@@ -537,16 +458,19 @@ impl Shared {
     pub(super) async fn local_bye(&self, tx: &LocalTx) -> bool {
         let mut bye = Header::new(FrameKind::Bye, self.rank as u32, 0, 0);
         bye.seq = tx.opened.load(Ordering::Acquire);
-        let frame = Bytes::copy_from_slice(&bye.encode());
-        let mut fw = FrameWrite::new(&tx.main, &tx.writing, frame).await;
+        let w = tx.main.clone().lock_owned().await;
+        let mut fw = FrameWrite {
+            w: Some(w),
+            frame: Bytes::copy_from_slice(&bye.encode()),
+            off: 0,
+        };
         fw.run().await.is_ok()
     }
 
     /// Wait until the peer acknowledged the goodbye.
     pub(super) async fn local_bye_acked(&self, tx: &LocalTx) {
         let mut ack = [0u8; 1];
-        let _reading = tx.acks.lock().await;
-        let _ = tx.main.read_exact(&mut ack).await;
+        let _ = tx.acks.lock().await.read_exact(&mut ack).await;
     }
 
     /// After the QUIC endpoint closed: end this rank's main connections, so
@@ -555,8 +479,10 @@ impl Shared {
         let links: Vec<_> = self.links.read().unwrap_or_else(|p| p.into_inner()).clone();
         for l in links {
             if let Some(tx) = l.local.tx() {
-                if let Ok(_writing) = tx.writing.try_lock() {
-                    let _ = tx.main.shutdown();
+                if let Ok(mut w) = tx.main.clone().try_lock_owned() {
+                    tokio::spawn(async move {
+                        let _ = w.shutdown().await;
+                    });
                 }
             }
         }
@@ -776,46 +702,5 @@ impl Shared {
             self.mailbox.deliver(Incoming::from_chunks(h, chunks));
         }
         said_bye
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use std::io::Read as _;
-
-    /// A writer that outruns its reader fills the socket and waits for room
-    /// (through its temporary registration for writability), then finishes
-    /// with every byte in order; the way back reads through the
-    /// readable-only registration.
-    #[tokio::test]
-    async fn a_full_main_connection_waits_for_room_and_loses_nothing() {
-        let (a, b) = std::os::unix::net::UnixStream::pair().unwrap();
-        a.set_nonblocking(true).unwrap();
-        let main = MainConn::new(UnixStream::from_std(a).unwrap()).unwrap();
-        let total = 16 << 20;
-        let data: Vec<u8> = (0..total).map(|i| (i % 251) as u8).collect();
-        let expect = data.clone();
-        let reader = std::thread::spawn(move || {
-            // Far more than the socket holds is written before this reads.
-            std::thread::sleep(Duration::from_millis(300));
-            let mut b = b;
-            let mut got = vec![0u8; total];
-            b.read_exact(&mut got).unwrap();
-            std::io::Write::write_all(&mut b, b"ack").unwrap();
-            got
-        });
-        tokio::time::timeout(Duration::from_secs(60), main.write_all(&data))
-            .await
-            .expect("the writer never got room again")
-            .unwrap();
-        let mut ack = [0u8; 3];
-        tokio::time::timeout(Duration::from_secs(60), main.read_exact(&mut ack))
-            .await
-            .expect("the acknowledgement never arrived")
-            .unwrap();
-        assert_eq!(&ack, b"ack");
-        assert!(reader.join().unwrap() == expect, "bytes lost or reordered");
-        main.shutdown().unwrap();
     }
 }
