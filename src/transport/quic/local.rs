@@ -24,6 +24,7 @@
 
 use super::{Shared, CODE_PROTOCOL};
 use crate::transport::{Incoming, Payload, PeerFailure};
+use crate::wire::hello::{Hello, HelloKind, HELLO_LEN};
 use crate::wire::{FrameKind, Header, HEADER_LEN};
 use bytes::Bytes;
 use quinn::VarInt;
@@ -35,14 +36,6 @@ use tokio::net::unix::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::UnixStream;
 use tokio::sync::{Mutex, OwnedMutexGuard};
 
-const MAGIC: [u8; 4] = *b"RMLC";
-const VERSION: u8 = 1;
-/// The hello opens the long-lived connection of one direction.
-const KIND_MAIN: u8 = 1;
-/// The hello opens a connection that carries one large message.
-const KIND_MESSAGE: u8 = 2;
-/// Magic, version, kind, sender rank (u32 LE), secret.
-const HELLO_LEN: usize = 4 + 1 + 1 + 4 + 32;
 /// TLS exporter label of the secret.
 const LABEL: &[u8] = b"EXPORTER-rankmesh-same-host-channel";
 /// After a main connection ended without a goodbye, how long to wait for
@@ -125,14 +118,13 @@ async fn connect(path: &std::path::Path, pid: u32, buffer: usize) -> std::io::Re
     Ok(s)
 }
 
-fn hello(kind: u8, rank: usize, secret: &Secret) -> [u8; HELLO_LEN] {
-    let mut h = [0u8; HELLO_LEN];
-    h[..4].copy_from_slice(&MAGIC);
-    h[4] = VERSION;
-    h[5] = kind;
-    h[6..10].copy_from_slice(&(rank as u32).to_le_bytes());
-    h[10..].copy_from_slice(secret);
-    h
+fn hello(kind: HelloKind, rank: usize, secret: &Secret) -> [u8; HELLO_LEN] {
+    Hello {
+        kind,
+        rank: rank as u32,
+        secret: *secret,
+    }
+    .encode()
 }
 
 /// This rank's side of its channel to one peer.
@@ -349,7 +341,7 @@ impl Shared {
             Err(_) => return None,
         };
         let (mut rd, mut wr) = s.into_split();
-        wr.write_all(&hello(KIND_MAIN, self.rank, &secret))
+        wr.write_all(&hello(HelloKind::Main, self.rank, &secret))
             .await
             .ok()?;
         let mut verdict = [0u8; 1];
@@ -366,7 +358,7 @@ impl Shared {
         Some(Arc::new(LocalTx {
             path,
             pid,
-            message_hello: hello(KIND_MESSAGE, self.rank, &secret),
+            message_hello: hello(HelloKind::Message, self.rank, &secret),
             main: Arc::new(Mutex::new(wr)),
             acks: Mutex::new(rd),
             opened: AtomicU64::new(0),
@@ -498,19 +490,13 @@ impl Shared {
         ) {
             return;
         }
-        if hello[..4] != MAGIC || hello[4] != VERSION {
-            tracing::warn!(
-                rank = self.rank,
-                "refused a same-host connection: not a rankmesh hello of version {VERSION}"
-            );
-            return;
-        }
-        let kind = hello[5];
-        let mut rank_bytes = [0u8; 4];
-        rank_bytes.copy_from_slice(&hello[6..10]);
-        let rank = u32::from_le_bytes(rank_bytes) as usize;
-        let mut secret = [0u8; 32];
-        secret.copy_from_slice(&hello[10..]);
+        let (kind, rank, secret) = match Hello::decode(&hello) {
+            Ok(h) => (h.kind, h.rank as usize, h.secret),
+            Err(e) => {
+                tracing::warn!(rank = self.rank, "refused a same-host connection: {e}");
+                return;
+            }
+        };
         if rank == self.rank || rank >= self.n_peers() + super::MEMBER_ID_SLACK {
             tracing::warn!(
                 rank = self.rank,
@@ -534,26 +520,21 @@ impl Shared {
                 "refused a same-host connection claiming to be rank {rank}: its secret \
                  belongs to no QUIC connection with that rank"
             );
-            if kind == KIND_MAIN {
+            if kind == HelloKind::Main {
                 let _ = s.write_all(&[0]).await;
             }
             return;
         }
         match kind {
-            KIND_MAIN => {
+            HelloKind::Main => {
                 if s.write_all(&[1]).await.is_ok() {
                     self.local_main(rank, s).await;
                 }
             }
-            KIND_MESSAGE => {
+            HelloKind::Message => {
                 self.local_message(rank, s).await;
                 link.local.handled.send_modify(|n| *n += 1);
             }
-            other => tracing::warn!(
-                rank = self.rank,
-                peer = rank,
-                "refused a same-host connection of unknown kind {other}"
-            ),
         }
     }
 
