@@ -221,7 +221,8 @@ impl Config {
     }
 
     /// Messages that may be in flight from one peer at once (QUIC concurrent
-    /// streams). Default 1024.
+    /// streams; on the same-host channel, large messages the receiver has
+    /// not received yet). Default 1024.
     pub fn set_max_streams(&mut self, n: u32) -> &mut Self {
         self.max_streams = n;
         self

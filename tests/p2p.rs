@@ -316,3 +316,46 @@ async fn cancelled_send(same_host: bool) {
     .await
     .unwrap();
 }
+
+/// On the same-host channel, each large message the receiver has not taken
+/// yet holds a connection there; like QUIC's stream limit, at most
+/// `max_streams` of them are outstanding per peer, and a further send waits
+/// until one is received. Nothing is lost or reordered meanwhile.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unreceived_large_messages_are_bounded_by_max_streams_on_the_same_host_channel() {
+    let mut cfg = path(true);
+    cfg.set_max_streams(2);
+    // Above the eager limit (64 KiB), well below a socket's buffer.
+    let len = 100 << 10;
+    run_local_with(2, cfg, move |comm| async move {
+        if comm.rank() == 0 {
+            comm.send(&pattern(len, 1), 1, 1).await?;
+            comm.send(&pattern(len, 2), 1, 2).await?;
+            let data = pattern(len, 3);
+            let third = comm.send(&data, 1, 3);
+            tokio::pin!(third);
+            let early =
+                tokio::time::timeout(std::time::Duration::from_millis(500), &mut third).await;
+            assert!(
+                early.is_err(),
+                "a third unreceived large message was accepted with max_streams = 2"
+            );
+            assert_eq!(comm.path_to(1)?, PeerPath::SameHost);
+            comm.send(&[1u8], 1, 9).await?;
+            tokio::time::timeout(std::time::Duration::from_secs(60), third)
+                .await
+                .expect("the third send never resumed after a receive")?;
+        } else {
+            let mut go = [0u8; 1];
+            comm.recv(&mut go, 0, 9).await?;
+            for tag in 1..=3u32 {
+                let mut buf = vec![0u8; len];
+                comm.recv(&mut buf, 0, tag).await?;
+                assert!(buf == pattern(len, tag as usize), "tag {tag} differs");
+            }
+        }
+        Ok(())
+    })
+    .await
+    .unwrap();
+}

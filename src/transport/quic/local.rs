@@ -139,6 +139,10 @@ pub(super) struct LocalTx {
     /// Large-message connections opened so far (the goodbye carries the
     /// count, so the peer knows when it has seen them all).
     opened: AtomicU64,
+    /// One permit per large message the peer has not received yet (each
+    /// holds a connection at the peer): at most `Config::max_streams`, as
+    /// QUIC bounds the streams a peer may hold open.
+    large: Arc<tokio::sync::Semaphore>,
 }
 
 /// The per-peer state of the channel (part of a QUIC link).
@@ -362,6 +366,7 @@ impl Shared {
             main: Arc::new(Mutex::new(wr)),
             acks: Mutex::new(rd),
             opened: AtomicU64::new(0),
+            large: Arc::new(tokio::sync::Semaphore::new(self.cfg.max_streams() as usize)),
         }))
     }
 
@@ -404,6 +409,13 @@ impl Shared {
         }
         // A large message: a connection of its own. Dropping it half-way
         // (a cancelled send) ends it early, which the receive reports.
+        // Wait while the peer holds as many unreceived ones as it may.
+        let permit = tx.large.clone().acquire_owned().await.map_err(|_| {
+            self.failure(
+                dst,
+                "this rank's same-host channel to the peer closed".into(),
+            )
+        })?;
         let mut s = connect(&tx.path, tx.pid, self.cfg.socket_buffer_bytes())
             .await
             .map_err(|e| {
@@ -442,6 +454,13 @@ impl Shared {
             }
         }
         s.shutdown().await.map_err(|e| lost(&e))?;
+        // The permit returns when the peer has received the message (its
+        // receive drops the connection: end of stream here) or is gone.
+        self.spawn(async move {
+            let _permit = permit;
+            let mut b = [0u8; 1];
+            let _ = s.read(&mut b).await;
+        });
         Ok(())
     }
 
