@@ -309,7 +309,7 @@ impl Communicator {
     /// taken, it tells the other members, who would otherwise wait for this
     /// rank's part until their timeout.
     pub(super) async fn check_root(&self, seq: u64, desc: &Desc, root: usize) -> Result<()> {
-        let res = self.check_rank(&self.op_name(seq, desc), "root", root);
+        let res = self.check_rank(|| self.op_name(seq, desc), "root", root);
         self.refused(seq, res).await
     }
 
@@ -444,9 +444,7 @@ impl Communicator {
     ) -> Result<()> {
         // The operation's name is only needed for errors and warnings.
         let op_name = || self.op_name(seq, &desc);
-        if self.is_finalized() {
-            self.check_open(&op_name())?;
-        }
+        self.check_open(op_name)?;
         let mailbox = self.transport().mailbox();
         let (comm_id, epoch) = (self.inner.comm_id, self.inner.epoch);
         if let Some(late) = mailbox.begin_coll(comm_id, epoch) {
@@ -694,6 +692,8 @@ impl Communicator {
         }
     }
 
+    /// Record that this rank abandoned collective `seq` and tell every other
+    /// member, so that none of them waits for it.
     async fn abort_collective(&self, seq: u64, kind: u8, text: &str) {
         self.record_abort(seq, kind, text);
         self.send_abort(seq, kind, text).await;

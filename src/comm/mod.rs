@@ -289,7 +289,7 @@ impl Communicator {
     /// For checking that ranks placed on one host really talk over the fast
     /// path.
     pub fn path_to(&self, rank: usize) -> Result<crate::transport::PeerPath> {
-        self.check_rank("path_to", "rank", rank)?;
+        self.check_rank(|| "path_to".into(), "rank", rank)?;
         Ok(self.transport().path(self.world_rank(rank)))
     }
 
@@ -343,11 +343,12 @@ impl Communicator {
         self.inner.members.iter().position(|&w| w == world_rank)
     }
 
-    fn check_rank(&self, op: &str, what: &str, r: usize) -> Result<()> {
+    /// `op` names the operation (formatted only for the error).
+    fn check_rank(&self, op: impl FnOnce() -> String, what: &str, r: usize) -> Result<()> {
         if r >= self.size() {
             return Err(Error::InvalidArgument {
                 rank: self.rank(),
-                op: op.to_string(),
+                op: op(),
                 detail: format!(
                     "{what} {r} is out of range: the communicator has ranks 0..{}",
                     self.size().saturating_sub(1)
@@ -361,11 +362,12 @@ impl Communicator {
         self.inner.world.finalized.load(Ordering::Acquire)
     }
 
-    fn check_open(&self, op: &str) -> Result<()> {
+    /// `op` names the operation (formatted only for the error).
+    fn check_open(&self, op: impl FnOnce() -> String) -> Result<()> {
         if self.is_finalized() {
             return Err(Error::InvalidArgument {
                 rank: self.rank(),
-                op: op.to_string(),
+                op: op(),
                 detail: "the communicator was finalized; no operation is possible after finalize"
                     .into(),
             });

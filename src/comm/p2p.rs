@@ -42,12 +42,8 @@ impl Communicator {
 
     async fn send_inner<T: Element>(&self, data: &[T], dst: usize, tag: u32) -> Result<()> {
         let op = || format!("send to rank {dst} tag {tag}");
-        if self.is_finalized() {
-            self.check_open(&op())?;
-        }
-        if dst >= self.size() {
-            self.check_rank(&op(), "destination", dst)?;
-        }
+        self.check_open(op)?;
+        self.check_rank(op, "destination", dst)?;
         let bytes: &[u8] = bytemuck::cast_slice(data);
         let limit = self.config().max_message_bytes();
         if bytes.len() as u64 > limit {
@@ -133,12 +129,8 @@ impl Communicator {
 
     async fn recv_inner<T: Element>(&self, buf: &mut [T], src: usize, tag: u32) -> Result<()> {
         let op = || format!("recv from rank {src} tag {tag}");
-        if self.is_finalized() {
-            self.check_open(&op())?;
-        }
-        if src >= self.size() {
-            self.check_rank(&op(), "source", src)?;
-        }
+        self.check_open(op)?;
+        self.check_rank(op, "source", src)?;
         let key = P2pKey {
             src: self.world_rank(src) as u32,
             comm_id: self.inner.comm_id,
