@@ -28,6 +28,7 @@ pub struct Config {
     stream_receive_window: u32,
     send_window: u64,
     max_streams: u32,
+    max_unexpected_bytes: u64,
     bind_ip: Option<IpAddr>,
     algorithm: Option<Algorithm>,
     flight_records: usize,
@@ -52,6 +53,7 @@ impl Default for Config {
             stream_receive_window: 2 << 20,
             send_window: 16 << 20,
             max_streams: 1024,
+            max_unexpected_bytes: 1 << 30,
             bind_ip: None,
             algorithm: None,
             flight_records: 256,
@@ -232,6 +234,20 @@ impl Config {
         self.max_streams
     }
 
+    /// Most bytes of one peer's messages (those up to the eager limit, which
+    /// are read as they arrive) held in memory before this rank receives
+    /// them. A peer that pushes more is cut off with an error naming it,
+    /// instead of this rank running out of memory. Default 1 GiB; at least
+    /// the eager limit.
+    pub fn set_max_unexpected_bytes(&mut self, bytes: u64) -> &mut Self {
+        self.max_unexpected_bytes = bytes;
+        self
+    }
+    /// See [`Config::set_max_unexpected_bytes`].
+    pub fn max_unexpected_bytes(&self) -> u64 {
+        self.max_unexpected_bytes
+    }
+
     /// Local IP address the rank's endpoint binds to. Default: the address
     /// of the interface that routes to the seed.
     pub fn set_bind_ip(&mut self, ip: Option<IpAddr>) -> &mut Self {
@@ -332,6 +348,13 @@ impl Config {
                 "max_streams, stream_receive_window and send_window must be greater than zero",
             ));
         }
+        if self.max_unexpected_bytes < self.eager_limit as u64 {
+            return Err(crate::Error::config(format!(
+                "max_unexpected_bytes {} is below the eager limit {}: no small message \
+                 could wait for its receive",
+                self.max_unexpected_bytes, self.eager_limit
+            )));
+        }
         if self.mtu_upper_bound < 1200 {
             return Err(crate::Error::config(format!(
                 "MTU upper bound {} is below QUIC's minimum of 1200 bytes",
@@ -409,6 +432,13 @@ mod tests {
         let mut c = Config::default();
         c.set_mtu_upper_bound(1000);
         assert!(c.validate().is_err());
+        let mut c = Config::default();
+        c.set_max_unexpected_bytes(1000);
+        assert!(c
+            .validate()
+            .unwrap_err()
+            .to_string()
+            .contains("eager limit"));
         // Deadlines are computed as now + timeout: "forever" is refused
         // instead of overflowing later.
         let mut c = Config::default();

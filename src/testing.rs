@@ -84,10 +84,11 @@ where
     T: Send + 'static,
 {
     config.validate()?;
-    let transports: Vec<Option<MemTransport>> = MemTransport::fabric(world_size)
-        .into_iter()
-        .map(Some)
-        .collect();
+    let transports: Vec<Option<MemTransport>> =
+        MemTransport::fabric_with_limit(world_size, config.max_unexpected_bytes())
+            .into_iter()
+            .map(Some)
+            .collect();
     let transports = Arc::new(std::sync::Mutex::new(transports));
     let f = Arc::new(f);
     drive(world_size, move |rank| {

@@ -359,3 +359,71 @@ async fn unreceived_large_messages_are_bounded_by_max_streams_on_the_same_host_c
     .await
     .unwrap();
 }
+
+/// A peer that pushes more small messages than the receiver may hold
+/// unreceived is cut off with an error naming it and the setting, on every
+/// path, instead of the receiver's memory growing without bound; messages
+/// received as they come never count against the limit.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_peer_pushing_beyond_max_unexpected_bytes_is_cut_off_with_a_clear_error() {
+    let piece = 32 << 10;
+    let program = move |comm: Communicator| async move {
+        // Well past the limit in total, but each is received before the
+        // next is sent.
+        let mut ack = [0u8; 1];
+        for i in 0..24 {
+            if comm.rank() == 0 {
+                comm.send(&pattern(piece, i), 1, 1).await?;
+                comm.recv(&mut ack, 1, 4).await?;
+            } else {
+                let mut b = vec![0u8; piece];
+                comm.recv(&mut b, 0, 1).await?;
+                assert!(b == pattern(piece, i));
+                comm.send(&ack, 0, 4).await?;
+            }
+        }
+        comm.barrier().await?;
+        let mut b = [0u8; 1];
+        if comm.rank() == 0 {
+            // Nobody receives these: the 9th crosses 256 KiB. Then wait
+            // (for a message that never comes) until rank 1 cuts this rank
+            // off, so that it does not finalize first.
+            for i in 0..64 {
+                if let Err(e) = comm.send(&pattern(piece, i), 1, 2).await {
+                    return Ok(e.to_string());
+                }
+            }
+            let e = comm.recv(&mut b, 1, 5).await.unwrap_err();
+            return Ok(e.to_string());
+        }
+        let e = comm.recv(&mut b, 0, 3).await.unwrap_err();
+        Ok(e.to_string())
+    };
+    for transport in ["mem", "quic", "same-host"] {
+        let mut cfg = path(transport == "same-host");
+        cfg.set_max_unexpected_bytes(256 << 10);
+        let run = async {
+            if transport == "mem" {
+                rankmesh::testing::run_mem_with(2, cfg, program).await
+            } else {
+                run_local_with(2, cfg, program).await
+            }
+        };
+        let out = tokio::time::timeout(std::time::Duration::from_secs(120), run)
+            .await
+            .unwrap_or_else(|_| panic!("{transport}: nobody was cut off (hung)"))
+            .unwrap_or_else(|e| panic!("{transport}: {e}"));
+        // The receiver names the sender and the setting; the sender learns
+        // why it was cut off.
+        assert!(
+            out[1].contains("rank 0") && out[1].contains("set_max_unexpected_bytes"),
+            "{transport}: {}",
+            out[1]
+        );
+        assert!(
+            out[0].contains("set_max_unexpected_bytes"),
+            "{transport}: {}",
+            out[0]
+        );
+    }
+}

@@ -14,6 +14,8 @@ use crate::wire::{CollDesc, FrameKind, Header, ABORT_JOB, ABORT_MISMATCH};
 use bytes::Bytes;
 use std::collections::{BTreeMap, VecDeque};
 use std::hash::{BuildHasherDefault, Hasher};
+use std::sync::atomic::{AtomicU64, Ordering as AtomicOrdering};
+use std::sync::Arc;
 use std::sync::Mutex;
 use tokio::sync::oneshot;
 
@@ -168,6 +170,21 @@ pub struct Incoming {
     header: Header,
     body: Body,
     remaining: u64,
+    /// The bytes this message holds against its sender's allowance.
+    _charge: Option<Charge>,
+}
+
+/// Bytes of one sender's messages held in memory until they are received:
+/// returned when the message is dropped (received or discarded).
+struct Charge {
+    held: Arc<AtomicU64>,
+    bytes: u64,
+}
+
+impl Drop for Charge {
+    fn drop(&mut self) {
+        self.held.fetch_sub(self.bytes, AtomicOrdering::Relaxed);
+    }
 }
 
 impl std::fmt::Debug for Incoming {
@@ -186,6 +203,7 @@ impl Incoming {
             header,
             remaining: header.len,
             body: Body::Chunks(chunks.into()),
+            _charge: None,
         }
     }
 
@@ -194,6 +212,7 @@ impl Incoming {
             header,
             remaining: header.len,
             body: Body::Stream(stream),
+            _charge: None,
         }
     }
 
@@ -202,6 +221,7 @@ impl Incoming {
             header,
             remaining: header.len,
             body: Body::Local(stream, bytes::BytesMut::new()),
+            _charge: None,
         }
     }
 
@@ -332,6 +352,8 @@ struct State {
     calls: HashMap<(u64, u32), Calls>,
     /// The job was aborted: by which world rank, and why.
     job_abort: Option<(u32, String)>,
+    /// Bytes of each sender's messages held in memory (see [`Charge`]).
+    held: HashMap<u32, Arc<AtomicU64>>,
 }
 
 impl State {
@@ -355,9 +377,16 @@ impl State {
 }
 
 /// Received messages of one rank, waiting to be matched.
-#[derive(Default)]
 pub struct Mailbox {
     state: Mutex<State>,
+    /// Most bytes of one sender's messages held before their receive.
+    unexpected_limit: u64,
+}
+
+impl Default for Mailbox {
+    fn default() -> Mailbox {
+        Mailbox::with_unexpected_limit(u64::MAX)
+    }
 }
 
 enum Key {
@@ -409,6 +438,16 @@ impl Mailbox {
         Mailbox::default()
     }
 
+    /// An empty mailbox that holds at most `limit` bytes of one sender's
+    /// in-memory messages before they are received
+    /// ([`crate::Config::set_max_unexpected_bytes`]).
+    pub fn with_unexpected_limit(limit: u64) -> Mailbox {
+        Mailbox {
+            state: Mutex::new(State::default()),
+            unexpected_limit: limit,
+        }
+    }
+
     fn lock(&self) -> std::sync::MutexGuard<'_, State> {
         // A panic while holding this lock cannot leave the maps inconsistent
         // (every update is a single insert/remove), so poisoning is ignored.
@@ -416,9 +455,31 @@ impl Mailbox {
     }
 
     /// Hand a received message to its receive (or keep it until one is posted).
-    pub fn deliver(&self, m: Incoming) {
+    ///
+    /// A message held in memory counts against its sender's allowance until
+    /// it is received or dropped; a message beyond it is refused with the
+    /// reason (the transport then cuts the sender off: nothing it sends
+    /// after a refused message may be delivered).
+    pub fn deliver(&self, mut m: Incoming) -> Result<(), String> {
         let h = *m.header();
         let mut st = self.lock();
+        if let (FrameKind::Coll | FrameKind::P2p, Body::Chunks(q)) = (h.kind, &m.body) {
+            let bytes: u64 = q.iter().map(|c| c.len() as u64).sum();
+            if bytes > 0 {
+                let held = st.held.entry(h.src).or_default().clone();
+                let now = held.fetch_add(bytes, AtomicOrdering::Relaxed) + bytes;
+                let charge = Charge { held, bytes };
+                if now > self.unexpected_limit {
+                    return Err(format!(
+                        "rank {} sent more than {} bytes of messages that their destination \
+                         has not received yet (Config::set_max_unexpected_bytes); post the \
+                         receives sooner, or raise the limit on every rank",
+                        h.src, self.unexpected_limit
+                    ));
+                }
+                m._charge = Some(charge);
+            }
+        }
         match h.kind {
             FrameKind::Abort => {
                 let why = match &m.body {
@@ -477,7 +538,7 @@ impl Mailbox {
                         n = h.sub,
                         "duplicate p2p frame dropped"
                     );
-                    return;
+                    return Ok(());
                 }
                 let m = (h.kind == FrameKind::P2p).then_some(m);
                 if h.sub == q.next {
@@ -494,6 +555,7 @@ impl Mailbox {
             }
             FrameKind::Bye => {}
         }
+        Ok(())
     }
 
     /// A frame for a call this rank already finished: remember the
@@ -843,13 +905,38 @@ mod tests {
         b[0]
     }
 
+    /// Messages held for a sender count against its allowance until they
+    /// are received; one beyond it is refused; receiving returns the bytes.
+    #[tokio::test]
+    async fn a_sender_beyond_its_allowance_is_refused_until_receives_drain_it() {
+        let mb = Mailbox::with_unexpected_limit(2);
+        mb.deliver(p2p(1, 5, 0, 10)).unwrap();
+        mb.deliver(p2p(1, 5, 1, 11)).unwrap();
+        // Another sender has its own allowance.
+        mb.deliver(p2p(2, 5, 0, 20)).unwrap();
+        let refused = mb.deliver(p2p(1, 5, 2, 12)).unwrap_err();
+        assert!(refused.contains("set_max_unexpected_bytes"), "{refused}");
+        // A received (and dropped) message returns its byte.
+        assert_eq!(byte(mb.recv_p2p(key(1, 5)).await.unwrap()).await, 10);
+        mb.deliver(p2p(1, 5, 2, 12)).unwrap();
+        assert_eq!(byte(mb.recv_p2p(key(1, 5)).await.unwrap()).await, 11);
+        assert_eq!(byte(mb.recv_p2p(key(1, 5)).await.unwrap()).await, 12);
+        // Empty messages (barrier steps, skips) cost nothing.
+        let mut h = Header::new(FrameKind::P2p, 1, 0, 0);
+        h.seq = 6;
+        for n in 0..10 {
+            h.sub = n;
+            mb.deliver(Incoming::from_chunks(h, Vec::new())).unwrap();
+        }
+    }
+
     #[tokio::test]
     async fn p2p_messages_are_handed_out_in_sender_order() {
         let mb = Mailbox::new();
         // Message 1 overtakes message 0 in transit.
-        mb.deliver(p2p(1, 5, 1, 11));
-        mb.deliver(p2p(1, 5, 2, 12));
-        mb.deliver(p2p(1, 5, 0, 10));
+        mb.deliver(p2p(1, 5, 1, 11)).unwrap();
+        mb.deliver(p2p(1, 5, 2, 12)).unwrap();
+        mb.deliver(p2p(1, 5, 0, 10)).unwrap();
         for want in [10, 11, 12] {
             assert_eq!(byte(mb.recv_p2p(key(1, 5)).await.unwrap()).await, want);
         }
@@ -862,7 +949,7 @@ mod tests {
         let mb2 = mb.clone();
         let t = tokio::spawn(async move { byte(mb2.recv_p2p(key(2, 0)).await.unwrap()).await });
         tokio::task::yield_now().await;
-        mb.deliver(p2p(2, 0, 0, 42));
+        mb.deliver(p2p(2, 0, 0, 42)).unwrap();
         assert_eq!(t.await.unwrap(), 42);
     }
 
@@ -874,7 +961,7 @@ mod tests {
             let r = tokio::time::timeout(std::time::Duration::from_millis(5), f).await;
             assert!(r.is_err());
         }
-        mb.deliver(p2p(1, 0, 0, 7));
+        mb.deliver(p2p(1, 0, 0, 7)).unwrap();
         assert_eq!(byte(mb.recv_p2p(key(1, 0)).await.unwrap()).await, 7);
         let ck = CollKey {
             src: 3,
@@ -891,7 +978,7 @@ mod tests {
     #[tokio::test]
     async fn lost_peer_fails_waiters_but_delivered_data_survives() {
         let mb = std::sync::Arc::new(Mailbox::new());
-        mb.deliver(p2p(4, 0, 0, 1));
+        mb.deliver(p2p(4, 0, 0, 1)).unwrap();
         let mb2 = mb.clone();
         let ck = CollKey {
             src: 4,

@@ -23,8 +23,16 @@ pub struct MemTransport {
 impl MemTransport {
     /// Create `n` connected ranks.
     pub fn fabric(n: usize) -> Vec<MemTransport> {
+        MemTransport::fabric_with_limit(n, u64::MAX)
+    }
+
+    /// Create `n` connected ranks whose mailboxes hold at most
+    /// `unexpected_limit` bytes of one sender's unreceived messages.
+    pub fn fabric_with_limit(n: usize, unexpected_limit: u64) -> Vec<MemTransport> {
         let fabric = Arc::new(Fabric {
-            mailboxes: (0..n).map(|_| Mailbox::new()).collect(),
+            mailboxes: (0..n)
+                .map(|_| Mailbox::with_unexpected_limit(unexpected_limit))
+                .collect(),
             down: (0..n).map(|_| AtomicBool::new(false)).collect(),
         });
         (0..n)
@@ -67,8 +75,13 @@ impl Transport for MemTransport {
                     "this rank's payload producer stopped early",
                 ));
             };
-            mb.deliver(Incoming::from_chunks(header, chunks));
-            Ok(())
+            // The receiver refuses what exceeds its allowance for this
+            // sender: the sender learns it as a failure of this send.
+            mb.deliver(Incoming::from_chunks(header, chunks))
+                .map_err(|why| {
+                    mb.fail_peer(self.rank, &why);
+                    PeerFailure::lost(dst, format!("rank {dst} refused it: {why}"))
+                })
         })
     }
 

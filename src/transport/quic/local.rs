@@ -601,7 +601,10 @@ impl Shared {
         }
         match self.local_header(rank, &hb) {
             Ok(h) if h.kind != FrameKind::Bye => {
-                self.mailbox.deliver(Incoming::from_local(h, s));
+                // A large message is never held in memory: never refused.
+                if let Err(reason) = self.mailbox.deliver(Incoming::from_local(h, s)) {
+                    self.overrun(rank, &reason);
+                }
             }
             Ok(_) => self.local_violation(rank, "a goodbye on a message connection"),
             Err(e) => self.local_violation(rank, &e),
@@ -699,7 +702,10 @@ impl Shared {
             } else {
                 vec![Bytes::from(body)]
             };
-            self.mailbox.deliver(Incoming::from_chunks(h, chunks));
+            if let Err(reason) = self.mailbox.deliver(Incoming::from_chunks(h, chunks)) {
+                self.overrun(rank, &reason);
+                return true;
+            }
         }
         said_bye
     }

@@ -152,7 +152,7 @@ impl QuicTransport {
             client,
             peers: RwLock::new(peers),
             links: RwLock::new(links),
-            mailbox: Mailbox::new(),
+            mailbox: Mailbox::with_unexpected_limit(cfg.max_unexpected_bytes()),
             cfg: cfg.clone(),
             tasks: Mutex::new(JoinSet::new()),
             closing: AtomicBool::new(false),
@@ -186,6 +186,8 @@ enum Frame {
     Bye,
     Dropped,
     Violation(String),
+    /// The peer pushed more than this rank holds for it unreceived.
+    Overrun(String),
 }
 
 impl Shared {
@@ -377,6 +379,7 @@ impl Shared {
                         self.mailbox.fail_peer(rank, &format!("it sent an invalid frame: {reason}"));
                         conn.close(VarInt::from_u32(CODE_PROTOCOL), reason.as_bytes());
                     }
+                    Ok(Frame::Overrun(reason)) => self.overrun(rank, &reason),
                     Ok(Frame::Delivered) | Ok(Frame::Dropped) | Err(_) => {}
                 },
             }
@@ -488,8 +491,10 @@ impl Shared {
             ));
         }
         if h.len as usize > self.cfg.eager_limit() {
-            self.mailbox.deliver(Incoming::from_stream(h, s));
-            return Frame::Delivered;
+            return match self.mailbox.deliver(Incoming::from_stream(h, s)) {
+                Ok(()) => Frame::Delivered,
+                Err(reason) => Frame::Overrun(reason),
+            };
         }
         let mut chunks = Vec::new();
         let mut left = h.len as usize;
@@ -511,8 +516,26 @@ impl Shared {
                 }
             }
         }
-        self.mailbox.deliver(Incoming::from_chunks(h, chunks));
-        Frame::Delivered
+        match self.mailbox.deliver(Incoming::from_chunks(h, chunks)) {
+            Ok(()) => Frame::Delivered,
+            Err(reason) => Frame::Overrun(reason),
+        }
+    }
+
+    /// `rank` pushed more unreceived messages than this rank holds for it:
+    /// cut it off (every operation waiting on it fails with the reason, and
+    /// it learns the reason from the close) rather than lose a message or
+    /// run out of memory.
+    fn overrun(&self, rank: usize, reason: &str) {
+        tracing::error!(
+            rank = self.rank,
+            peer = rank,
+            "closing the connection: {reason}"
+        );
+        self.mailbox.fail_peer(rank, reason);
+        if let Some(c) = self.registered(rank) {
+            c.close(VarInt::from_u32(CODE_PROTOCOL), reason.as_bytes());
+        }
     }
 
     async fn connection(
@@ -572,8 +595,10 @@ impl Shared {
             let Some(chunks) = payload.collect().await else {
                 return Err(self.failure(dst, "this rank's payload producer stopped early".into()));
             };
-            self.mailbox.deliver(Incoming::from_chunks(header, chunks));
-            return Ok(());
+            return self
+                .mailbox
+                .deliver(Incoming::from_chunks(header, chunks))
+                .map_err(|why| self.failure(dst, format!("this rank refused it: {why}")));
         }
         if self.closing.load(Ordering::Acquire) {
             return Err(self.failure(dst, "this rank's transport is shut down".into()));
