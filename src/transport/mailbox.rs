@@ -174,6 +174,10 @@ pub struct Incoming {
     _charge: Option<Charge>,
 }
 
+/// What holding one message costs besides its payload (the message, its
+/// slot in the maps), as counted against its sender's allowance.
+const HELD_OVERHEAD: u64 = 256;
+
 /// Bytes of one sender's messages held in memory until they are received:
 /// returned when the message is dropped (received or discarded).
 struct Charge {
@@ -464,8 +468,10 @@ impl Mailbox {
         let h = *m.header();
         let mut st = self.lock();
         if let (FrameKind::Coll | FrameKind::P2p, Body::Chunks(q)) = (h.kind, &m.body) {
-            let bytes: u64 = q.iter().map(|c| c.len() as u64).sum();
-            if bytes > 0 {
+            // Payload plus what keeping any message costs (so that a flood
+            // of empty messages is bounded too).
+            let bytes = q.iter().map(|c| c.len() as u64).sum::<u64>() + HELD_OVERHEAD;
+            {
                 let held = st.held.entry(h.src).or_default().clone();
                 let now = held.fetch_add(bytes, AtomicOrdering::Relaxed) + bytes;
                 let charge = Charge { held, bytes };
@@ -909,7 +915,8 @@ mod tests {
     /// are received; one beyond it is refused; receiving returns the bytes.
     #[tokio::test]
     async fn a_sender_beyond_its_allowance_is_refused_until_receives_drain_it() {
-        let mb = Mailbox::with_unexpected_limit(2);
+        // Room for two one-byte messages.
+        let mb = Mailbox::with_unexpected_limit(2 * (1 + HELD_OVERHEAD));
         mb.deliver(p2p(1, 5, 0, 10)).unwrap();
         mb.deliver(p2p(1, 5, 1, 11)).unwrap();
         // Another sender has its own allowance.
@@ -921,13 +928,18 @@ mod tests {
         mb.deliver(p2p(1, 5, 2, 12)).unwrap();
         assert_eq!(byte(mb.recv_p2p(key(1, 5)).await.unwrap()).await, 11);
         assert_eq!(byte(mb.recv_p2p(key(1, 5)).await.unwrap()).await, 12);
-        // Empty messages (barrier steps, skips) cost nothing.
+        // Empty messages count too (a flood of them is bounded), and so
+        // are returned when received.
         let mut h = Header::new(FrameKind::P2p, 1, 0, 0);
         h.seq = 6;
-        for n in 0..10 {
+        for n in 0..2 {
             h.sub = n;
             mb.deliver(Incoming::from_chunks(h, Vec::new())).unwrap();
         }
+        h.sub = 2;
+        assert!(mb.deliver(Incoming::from_chunks(h, Vec::new())).is_err());
+        let _ = mb.recv_p2p(key(1, 6)).await.unwrap();
+        mb.deliver(Incoming::from_chunks(h, Vec::new())).unwrap();
     }
 
     #[tokio::test]
