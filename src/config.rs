@@ -236,9 +236,9 @@ impl Config {
 
     /// Most bytes of one peer's messages (those up to the eager limit, which
     /// are read as they arrive; each counts its payload plus 256 bytes) held
-    /// in memory before this rank receives them. A peer that pushes more is cut off with an error naming it,
-    /// instead of this rank running out of memory. Default 1 GiB; at least
-    /// the eager limit.
+    /// in memory before this rank receives them. A peer that pushes more is
+    /// cut off with an error naming it, instead of this rank running out of
+    /// memory. Default 1 GiB; at least the eager limit.
     pub fn set_max_unexpected_bytes(&mut self, bytes: u64) -> &mut Self {
         self.max_unexpected_bytes = bytes;
         self

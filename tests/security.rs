@@ -106,6 +106,14 @@ async fn recv(at: &Rank, src: u32, tag: u64, limit: Duration) -> Option<Vec<u8>>
     Some(out)
 }
 
+/// Send `data` from `ranks[from]` to `ranks[to]` (message number `n` of
+/// `tag`) and check that it arrives intact within 10 s.
+async fn delivered(ranks: &[Rank], from: usize, to: usize, tag: u64, n: u64, data: &[u8]) {
+    send(&ranks[from], to, tag, n, data).await;
+    let got = recv(&ranks[to], from as u32, tag, Duration::from_secs(10)).await;
+    assert_eq!(got.as_deref(), Some(data), "rank {from} -> {to}, tag {tag}");
+}
+
 /// A client that accepts any server certificate and presents `cert`/`key`.
 fn rogue_client(
     cert: rustls::pki_types::CertificateDer<'static>,
@@ -246,9 +254,7 @@ async fn nothing_then_real_passes(ranks: &[Rank], from: u32, to: usize, tag: u64
         recv(&ranks[to], from, tag, Duration::from_millis(300)).await,
         None
     );
-    send(&ranks[from as usize], to, tag, 0, b"real").await;
-    let got = recv(&ranks[to], from, tag, Duration::from_secs(10)).await;
-    assert_eq!(got.as_deref(), Some(&b"real"[..]));
+    delivered(ranks, from as usize, to, tag, 0, b"real").await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -326,20 +332,8 @@ async fn garbage_datagrams_do_not_disturb_the_job() {
         }
     }
     // The job still works in both directions.
-    send(&ranks[0], 1, 1, 0, b"ping").await;
-    assert_eq!(
-        recv(&ranks[1], 0, 1, Duration::from_secs(10))
-            .await
-            .as_deref(),
-        Some(&b"ping"[..])
-    );
-    send(&ranks[1], 0, 1, 0, b"pong").await;
-    assert_eq!(
-        recv(&ranks[0], 1, 1, Duration::from_secs(10))
-            .await
-            .as_deref(),
-        Some(&b"pong"[..])
-    );
+    delivered(&ranks, 0, 1, 1, 0, b"ping").await;
+    delivered(&ranks, 1, 0, 1, 0, b"pong").await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -485,9 +479,7 @@ async fn same_host_connections_without_the_pair_secret_are_refused() {
     let (_seed, ranks) = form_with(2, c).await;
     let job = ranks[0].creds.job_id.clone();
     // The ranks' own traffic takes the same-host channel.
-    send(&ranks[0], 1, 5, 0, b"first").await;
-    let got = recv(&ranks[1], 0, 5, Duration::from_secs(10)).await;
-    assert_eq!(got.as_deref(), Some(&b"first"[..]));
+    delivered(&ranks, 0, 1, 5, 0, b"first").await;
     assert_eq!(ranks[0].transport.path(1), PeerPath::SameHost);
     let j = job.clone();
     tokio::task::spawn_blocking(move || {
@@ -520,9 +512,7 @@ async fn same_host_connections_without_the_pair_secret_are_refused() {
     .unwrap();
     // The impostor's message did not take message number 1 of tag 5: the
     // real one arrives.
-    send(&ranks[0], 1, 5, 1, b"second").await;
-    let got = recv(&ranks[1], 0, 5, Duration::from_secs(10)).await;
-    assert_eq!(got.as_deref(), Some(&b"second"[..]));
+    delivered(&ranks, 0, 1, 5, 1, b"second").await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -615,19 +605,8 @@ async fn a_process_squatting_a_ranks_same_host_name_gets_no_secret() {
     }
     // Rank 0's messages to rank 1 flow (over QUIC: the name is not rank
     // 1's), small and large.
-    send(&ranks[0], 1, 5, 0, b"small").await;
-    assert_eq!(
-        recv(&ranks[1], 0, 5, Duration::from_secs(10))
-            .await
-            .as_deref(),
-        Some(&b"small"[..])
-    );
-    let big = vec![7u8; 200_000];
-    send(&ranks[0], 1, 5, 1, &big).await;
-    assert_eq!(
-        recv(&ranks[1], 0, 5, Duration::from_secs(10)).await,
-        Some(big)
-    );
+    delivered(&ranks, 0, 1, 5, 0, b"small").await;
+    delivered(&ranks, 0, 1, 5, 1, &vec![7u8; 200_000]).await;
     assert_eq!(ranks[0].transport.path(1), PeerPath::Quic);
     let _ = squatter.kill();
     let _ = squatter.wait();

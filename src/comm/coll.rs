@@ -640,10 +640,8 @@ impl Communicator {
         }
     }
 
-    /// Drive `run`, logging a warning every [`Config::hang_warning`] while it
-    /// waits, naming the rank it waits on.
-    /// Run `run` for at most `limit`, logging a warning naming what this
-    /// rank waits on every `Config::hang_warning` meanwhile; `None` when the
+    /// Run `run` for at most `limit`, logging a warning naming the rank it
+    /// waits on every [`Config::hang_warning`] meanwhile; `None` when the
     /// limit passed. One timer serves both.
     async fn warn_while<T>(
         &self,
@@ -655,8 +653,7 @@ impl Communicator {
         let every = self.config().hang_warning().max(Duration::from_millis(10));
         let started = tokio::time::Instant::now();
         let deadline = started + limit;
-        let mut next_warning = started + every;
-        let timer = tokio::time::sleep_until(next_warning.min(deadline));
+        let timer = tokio::time::sleep_until((started + every).min(deadline));
         tokio::pin!(run, timer);
         loop {
             tokio::select! {
@@ -685,8 +682,7 @@ impl Communicator {
                         self.config().op_timeout(),
                         self.waiting_report()
                     );
-                    next_warning = now + every;
-                    timer.as_mut().reset(next_warning.min(deadline));
+                    timer.as_mut().reset((now + every).min(deadline));
                 }
             }
         }

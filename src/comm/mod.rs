@@ -358,13 +358,9 @@ impl Communicator {
         Ok(())
     }
 
-    fn is_finalized(&self) -> bool {
-        self.inner.world.finalized.load(Ordering::Acquire)
-    }
-
     /// `op` names the operation (formatted only for the error).
     fn check_open(&self, op: impl FnOnce() -> String) -> Result<()> {
-        if self.is_finalized() {
+        if self.inner.world.finalized.load(Ordering::Acquire) {
             return Err(Error::InvalidArgument {
                 rank: self.rank(),
                 op: op(),

@@ -358,6 +358,8 @@ struct State {
     job_abort: Option<(u32, String)>,
     /// Bytes of each sender's messages held in memory (see [`Charge`]).
     held: HashMap<u32, Arc<AtomicU64>>,
+    /// Reasons peers gave for going, not yet failed (see [`Mailbox::explain`]).
+    explained: HashMap<u32, String>,
 }
 
 impl State {
@@ -471,20 +473,19 @@ impl Mailbox {
             // Payload plus what keeping any message costs (so that a flood
             // of empty messages is bounded too).
             let bytes = q.iter().map(|c| c.len() as u64).sum::<u64>() + HELD_OVERHEAD;
-            {
-                let held = st.held.entry(h.src).or_default().clone();
-                let now = held.fetch_add(bytes, AtomicOrdering::Relaxed) + bytes;
-                let charge = Charge { held, bytes };
-                if now > self.unexpected_limit {
-                    return Err(format!(
-                        "rank {} sent more than {} bytes of messages that their destination \
-                         has not received yet (Config::set_max_unexpected_bytes); post the \
-                         receives sooner, or raise the limit on every rank",
-                        h.src, self.unexpected_limit
-                    ));
-                }
-                m._charge = Some(charge);
+            let held = st.held.entry(h.src).or_default().clone();
+            let now = held.fetch_add(bytes, AtomicOrdering::Relaxed) + bytes;
+            // Dropped with the refused message, or kept with the message.
+            let charge = Charge { held, bytes };
+            if now > self.unexpected_limit {
+                return Err(format!(
+                    "rank {} sent more than {} bytes of messages that their destination has \
+                     not received yet (Config::set_max_unexpected_bytes); post the receives \
+                     sooner, or raise the limit on every rank",
+                    h.src, self.unexpected_limit
+                ));
             }
+            m._charge = Some(charge);
         }
         match h.kind {
             FrameKind::Abort => {
@@ -797,7 +798,10 @@ impl Mailbox {
     pub fn fail_peer(&self, rank: usize, reason: &str) {
         let mut st = self.lock();
         let src = rank as u32;
-        st.gone.entry(src).or_insert_with(|| reason.to_string());
+        let explained = st.explained.remove(&src);
+        st.gone
+            .entry(src)
+            .or_insert_with(|| explained.unwrap_or_else(|| reason.to_string()));
         let reason = st.gone.get(&src).cloned().unwrap_or_default();
         let fail = |w: Reply| {
             let _ = w.send(Err(PeerFailure::lost(rank, reason.clone())));
@@ -856,6 +860,15 @@ impl Mailbox {
             .job_abort
             .as_ref()
             .map(|(by, why)| (*by as usize, why.clone()))
+    }
+
+    /// `rank` said why it is going (e.g. in its connection's close) before
+    /// it is failed: whatever fails it first reports this reason.
+    pub fn explain(&self, rank: usize, reason: &str) {
+        let mut st = self.lock();
+        if !st.gone.contains_key(&(rank as u32)) {
+            st.explained.insert(rank as u32, reason.to_string());
+        }
     }
 
     /// Whether `rank` was declared gone, and why.

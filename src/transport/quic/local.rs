@@ -22,12 +22,11 @@
 //! two ranks can compute. The QUIC connection stays up: it carries liveness
 //! (keep-alives, the idle timeout) and the reasons a peer closes with.
 
-use super::{Shared, CODE_PROTOCOL};
+use super::Shared;
 use crate::transport::{Incoming, Payload, PeerFailure};
 use crate::wire::hello::{Hello, HelloKind, HELLO_LEN};
 use crate::wire::{FrameKind, Header, HEADER_LEN};
 use bytes::Bytes;
-use quinn::VarInt;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -38,8 +37,9 @@ use tokio::sync::{Mutex, OwnedMutexGuard};
 
 /// TLS exporter label of the secret.
 const LABEL: &[u8] = b"EXPORTER-rankmesh-same-host-channel";
-/// After a main connection ended without a goodbye, how long to wait for
-/// the QUIC connection to say why before declaring the peer gone.
+/// After a main connection ended without a goodbye, or a write on the
+/// channel failed, how long to wait for the QUIC connection to say why
+/// before reporting the bare socket error.
 const EOF_GRACE: Duration = Duration::from_millis(500);
 /// How long a send that was cancelled half-way through a small message may
 /// take to finish writing it (the main connection must stay in frame).
@@ -202,6 +202,26 @@ impl LocalLink {
     /// That connection ended.
     pub(super) fn remove_secret(&self, s: &Secret) {
         self.secrets.send_modify(|v| v.retain(|k| !same(k, s)));
+    }
+}
+
+/// Why writing a message on the channel failed.
+enum SendError {
+    /// The socket failed (the peer's reason, if any, arrives over QUIC).
+    Io(std::io::Error),
+    /// Anything else, already explained.
+    Failed(PeerFailure),
+}
+
+impl From<std::io::Error> for SendError {
+    fn from(e: std::io::Error) -> SendError {
+        SendError::Io(e)
+    }
+}
+
+impl From<PeerFailure> for SendError {
+    fn from(f: PeerFailure) -> SendError {
+        SendError::Failed(f)
     }
 }
 
@@ -378,9 +398,41 @@ impl Shared {
         header: Header,
         payload: Payload<'_>,
     ) -> std::result::Result<(), PeerFailure> {
-        let lost = |e: &dyn std::fmt::Display| {
-            self.send_failure(dst, format!("send over the same-host channel failed: {e}"))
-        };
+        match self.write_local(dst, tx, header, payload).await {
+            Ok(()) => Ok(()),
+            Err(SendError::Failed(f)) => Err(f),
+            Err(SendError::Io(e)) => {
+                // A peer that cuts this channel (it stopped, or refused what
+                // this rank sent) says why on its QUIC connection at the
+                // same time: report that reason rather than "broken pipe".
+                self.wait_gone_reason(dst, EOF_GRACE).await;
+                Err(self.send_failure(dst, format!("send over the same-host channel failed: {e}")))
+            }
+        }
+    }
+
+    /// Wait (at most `limit`) until `rank` is known to be gone, or this
+    /// rank is closing; true if it is gone.
+    async fn wait_gone_reason(&self, rank: usize, limit: Duration) -> bool {
+        let deadline = tokio::time::Instant::now() + limit;
+        loop {
+            if self.mailbox.gone_reason(rank).is_some() {
+                return true;
+            }
+            if self.closing.load(Ordering::Acquire) || tokio::time::Instant::now() >= deadline {
+                return false;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
+    async fn write_local(
+        &self,
+        dst: usize,
+        tx: &LocalTx,
+        header: Header,
+        payload: Payload<'_>,
+    ) -> std::result::Result<(), SendError> {
         let len = payload.len();
         if len <= self.cfg.eager_limit() {
             let mut frame = Vec::with_capacity(HEADER_LEN + len);
@@ -389,10 +441,12 @@ impl Shared {
                 Payload::Borrowed(d) => frame.extend_from_slice(d),
                 other => {
                     let Some(v) = other.collect().await else {
-                        return Err(self.failure(
-                            self.rank,
-                            "this rank's payload producer stopped early".into(),
-                        ));
+                        return Err(self
+                            .failure(
+                                self.rank,
+                                "this rank's payload producer stopped early".into(),
+                            )
+                            .into());
                     };
                     for b in v {
                         frame.extend_from_slice(&b);
@@ -405,7 +459,7 @@ impl Shared {
                 frame: Bytes::from(frame),
                 off: 0,
             };
-            return fw.run().await.map_err(|e| lost(&e));
+            return Ok(fw.run().await?);
         }
         // A large message: a connection of its own. Dropping it half-way
         // (a cancelled send) ends it early, which the receive reports.
@@ -428,14 +482,14 @@ impl Shared {
         let mut head = [0u8; HELLO_LEN + HEADER_LEN];
         head[..HELLO_LEN].copy_from_slice(&tx.message_hello);
         head[HELLO_LEN..].copy_from_slice(&header.encode());
-        s.write_all(&head).await.map_err(|e| lost(&e))?;
+        s.write_all(&head).await?;
         match payload {
             Payload::Owned(v) => {
                 for b in v {
-                    s.write_all(&b).await.map_err(|e| lost(&e))?;
+                    s.write_all(&b).await?;
                 }
             }
-            Payload::Borrowed(d) => s.write_all(d).await.map_err(|e| lost(&e))?,
+            Payload::Borrowed(d) => s.write_all(d).await?,
             Payload::Stream { len, mut chunks } => {
                 let mut sent = 0;
                 while let Some(b) = chunks.recv().await {
@@ -443,17 +497,19 @@ impl Shared {
                     if sent > len {
                         break;
                     }
-                    s.write_all(&b).await.map_err(|e| lost(&e))?;
+                    s.write_all(&b).await?;
                 }
                 if sent != len {
-                    return Err(self.failure(
-                        self.rank,
-                        format!("this rank's payload producer delivered {sent} of {len} bytes"),
-                    ));
+                    return Err(self
+                        .failure(
+                            self.rank,
+                            format!("this rank's payload producer delivered {sent} of {len} bytes"),
+                        )
+                        .into());
                 }
             }
         }
-        s.shutdown().await.map_err(|e| lost(&e))?;
+        s.shutdown().await?;
         // The permit returns when the peer has received the message (its
         // receive drops the connection: end of stream here) or is gone.
         self.spawn(async move {
@@ -578,16 +634,12 @@ impl Shared {
     }
 
     fn local_violation(&self, rank: usize, reason: &str) {
-        tracing::warn!(
-            rank = self.rank,
-            peer = rank,
-            "closing the connection: {reason}"
+        self.cut_off(
+            rank,
+            &format!("it sent an invalid frame: {reason}"),
+            reason,
+            None,
         );
-        self.mailbox
-            .fail_peer(rank, &format!("it sent an invalid frame: {reason}"));
-        if let Some(c) = self.registered(rank) {
-            c.close(VarInt::from_u32(CODE_PROTOCOL), reason.as_bytes());
-        }
     }
 
     /// One large message: deliver it with its connection, to be read by
@@ -603,7 +655,7 @@ impl Shared {
             Ok(h) if h.kind != FrameKind::Bye => {
                 // A large message is never held in memory: never refused.
                 if let Err(reason) = self.mailbox.deliver(Incoming::from_local(h, s)) {
-                    self.overrun(rank, &reason);
+                    self.cut_off(rank, &reason, &reason, None);
                 }
             }
             Ok(_) => self.local_violation(rank, "a goodbye on a message connection"),
@@ -624,12 +676,8 @@ impl Shared {
         // abort closes its QUIC connection with the reason at the same
         // time; give that a moment to arrive (the QUIC side reports it once
         // this channel is drained).
-        let deadline = tokio::time::Instant::now() + EOF_GRACE;
-        while tokio::time::Instant::now() < deadline {
-            if self.closing.load(Ordering::Acquire) || self.mailbox.gone_reason(rank).is_some() {
-                return;
-            }
-            tokio::time::sleep(Duration::from_millis(10)).await;
+        if self.wait_gone_reason(rank, EOF_GRACE).await || self.closing.load(Ordering::Acquire) {
+            return;
         }
         self.mailbox.fail_peer(
             rank,
@@ -703,7 +751,7 @@ impl Shared {
                 vec![Bytes::from(body)]
             };
             if let Err(reason) = self.mailbox.deliver(Incoming::from_chunks(h, chunks)) {
-                self.overrun(rank, &reason);
+                self.cut_off(rank, &reason, &reason, None);
                 return true;
             }
         }

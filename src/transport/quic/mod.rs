@@ -374,12 +374,13 @@ impl Shared {
                         );
                         self.link(rank).done.send_replace(true);
                     }
-                    Ok(Frame::Violation(reason)) => {
-                        tracing::warn!(rank = self.rank, peer = rank, "closing connection: {reason}");
-                        self.mailbox.fail_peer(rank, &format!("it sent an invalid frame: {reason}"));
-                        conn.close(VarInt::from_u32(CODE_PROTOCOL), reason.as_bytes());
-                    }
-                    Ok(Frame::Overrun(reason)) => self.overrun(rank, &reason),
+                    Ok(Frame::Violation(reason)) => self.cut_off(
+                        rank,
+                        &format!("it sent an invalid frame: {reason}"),
+                        &reason,
+                        Some(conn),
+                    ),
+                    Ok(Frame::Overrun(reason)) => self.cut_off(rank, &reason, &reason, Some(conn)),
                     Ok(Frame::Delivered) | Ok(Frame::Dropped) | Err(_) => {}
                 },
             }
@@ -433,10 +434,17 @@ impl Shared {
                     }
                 }
             }
-            ConnectionError::ApplicationClosed(c) => format!(
-                "the rank closed its connection: {}",
-                String::from_utf8_lossy(&c.reason)
-            ),
+            ConnectionError::ApplicationClosed(c) => {
+                let reason = format!(
+                    "the rank closed its connection: {}",
+                    String::from_utf8_lossy(&c.reason)
+                );
+                // The peer's own explanation: it names the cause better
+                // than whichever other path (its leaving, the seed's
+                // notice) reports the peer gone while its data drains.
+                self.mailbox.explain(rank, &reason);
+                reason
+            }
             ConnectionError::TimedOut => format!(
                 "no packets for {:?} (idle timeout): its host is down, its process is \
                  frozen, or the network is cut",
@@ -522,19 +530,28 @@ impl Shared {
         }
     }
 
-    /// `rank` pushed more unreceived messages than this rank holds for it:
-    /// cut it off (every operation waiting on it fails with the reason, and
-    /// it learns the reason from the close) rather than lose a message or
-    /// run out of memory.
-    fn overrun(&self, rank: usize, reason: &str) {
-        tracing::error!(
+    /// Cut `rank` off: every operation waiting on it fails with `why`, and
+    /// its connections (`conn`, the one the offence came on, and the one
+    /// this rank sends on) close as a protocol violation carrying
+    /// `close_reason`, so it learns why too, before anything else this rank
+    /// does. For a peer that broke the protocol, or pushed more unreceived
+    /// messages than this rank holds for it (rather than lose a message or
+    /// run out of memory).
+    fn cut_off(
+        &self,
+        rank: usize,
+        why: &str,
+        close_reason: &str,
+        conn: Option<&quinn::Connection>,
+    ) {
+        tracing::warn!(
             rank = self.rank,
             peer = rank,
-            "closing the connection: {reason}"
+            "closing the connection: {close_reason}"
         );
-        self.mailbox.fail_peer(rank, reason);
-        if let Some(c) = self.registered(rank) {
-            c.close(VarInt::from_u32(CODE_PROTOCOL), reason.as_bytes());
+        self.mailbox.fail_peer(rank, why);
+        for c in conn.cloned().into_iter().chain(self.registered(rank)) {
+            c.close(VarInt::from_u32(CODE_PROTOCOL), close_reason.as_bytes());
         }
     }
 
@@ -849,11 +866,11 @@ impl Transport for QuicTransport {
     }
 
     fn connected(&self, rank: usize) -> bool {
+        // A registered connection counts until its end has been reported
+        // (its serve task clears it): one the peer just closed will say
+        // why, in order with the peer's data.
         rank < self.sh.n_peers()
-            && (self
-                .sh
-                .registered(rank)
-                .is_some_and(|c| c.close_reason().is_none())
+            && (self.sh.registered(rank).is_some()
                 || self.sh.link(rank).ending.load(Ordering::Acquire) > 0)
     }
 
