@@ -73,6 +73,8 @@ fn bench_rankmesh(same_host: bool) -> (f64, f64) {
 
 async fn rank(spec: JoinSpec, same_host: bool) -> Result<(f64, f64)> {
     let mut cfg = Config::default();
+    // RANKMESH_SPIN_US and the other documented overrides apply here too.
+    rankmesh::env::apply_overrides(&mut cfg)?;
     cfg.set_same_host_channel(same_host);
     if std::env::var_os("P2P_NO_RECORDER").is_some() {
         cfg.set_flight_records(0);

@@ -14,8 +14,10 @@
 //!
 //! Optional overrides of [`Config`] fields: `RANKMESH_OP_TIMEOUT`,
 //! `RANKMESH_FORMATION_TIMEOUT`, `RANKMESH_IDLE_TIMEOUT` (seconds, decimals
-//! allowed), `RANKMESH_BIND` (IP address to bind) and `RANKMESH_SAME_HOST`
-//! (`0`: QUIC even between ranks on one host). `RANKMESH_GPU_DEVICE`
+//! allowed), `RANKMESH_SPIN_US` (whole microseconds a receive polls before
+//! sleeping; `0`: never), `RANKMESH_BIND` (IP address to bind) and
+//! `RANKMESH_SAME_HOST` (`0`: QUIC even between ranks on one host).
+//! `RANKMESH_ALGORITHM` forces a collective algorithm. `RANKMESH_GPU_DEVICE`
 //! picks the GPU of a process (default: its local rank). `RANKMESH_TRACE`
 //! (a file: Chrome/Perfetto trace per rank) and `RANKMESH_FLIGHT_DIR` (where
 //! flight-recorder dumps go).
@@ -173,6 +175,14 @@ fn apply_overrides_from(cfg: &mut Config, get: Lookup<'_>) -> Result<()> {
             cfg.set_keep_alive(t / 3);
         }
     }
+    if let Some(v) = get("RANKMESH_SPIN_US") {
+        let us: u64 = v.trim().parse().map_err(|_| {
+            Error::config(format!(
+                "RANKMESH_SPIN_US={v:?}: expected whole microseconds (0: never poll a receive before sleeping)"
+            ))
+        })?;
+        cfg.set_spin_wait(Duration::from_micros(us));
+    }
     if let Some(ip) = get("RANKMESH_BIND") {
         let ip: IpAddr = ip
             .trim()
@@ -327,11 +337,14 @@ mod tests {
             ("RANKMESH_IDLE_TIMEOUT", "0.9"),
             ("RANKMESH_BIND", "127.0.0.1"),
             ("RANKMESH_SAME_HOST", "0"),
+            ("RANKMESH_SPIN_US", " 0 "),
         ]);
         let mut c = Config::default();
         assert!(c.same_host_channel());
+        assert!(!c.spin_wait().is_zero());
         apply_overrides_from(&mut c, &|k| m.get(k).cloned()).unwrap();
         assert!(!c.same_host_channel());
+        assert!(c.spin_wait().is_zero());
         assert_eq!(c.op_timeout(), Duration::from_millis(2500));
         assert_eq!(c.idle_timeout(), Duration::from_millis(900));
         assert!(c.keep_alive() < c.idle_timeout());
@@ -340,5 +353,11 @@ mod tests {
         let m = env(&[("RANKMESH_SAME_HOST", "yes")]);
         let e = apply_overrides_from(&mut c, &|k| m.get(k).cloned()).unwrap_err();
         assert!(e.to_string().contains("RANKMESH_SAME_HOST"), "{e}");
+        let m = env(&[("RANKMESH_SPIN_US", "20us")]);
+        let e = apply_overrides_from(&mut c, &|k| m.get(k).cloned()).unwrap_err();
+        assert!(e.to_string().contains("RANKMESH_SPIN_US"), "{e}");
+        let m = env(&[("RANKMESH_SPIN_US", "120")]);
+        apply_overrides_from(&mut c, &|k| m.get(k).cloned()).unwrap();
+        assert_eq!(c.spin_wait(), Duration::from_micros(120));
     }
 }

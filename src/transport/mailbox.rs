@@ -17,6 +17,7 @@ use std::hash::{BuildHasherDefault, Hasher};
 use std::sync::atomic::{AtomicU64, Ordering as AtomicOrdering};
 use std::sync::Arc;
 use std::sync::Mutex;
+use std::time::{Duration, Instant};
 use tokio::sync::oneshot;
 
 /// A receive that cannot complete because its peer is gone.
@@ -387,6 +388,8 @@ pub struct Mailbox {
     state: Mutex<State>,
     /// Most bytes of one sender's messages held before their receive.
     unexpected_limit: u64,
+    /// Polling of receives before they sleep.
+    spin: Spin,
 }
 
 impl Default for Mailbox {
@@ -451,7 +454,15 @@ impl Mailbox {
         Mailbox {
             state: Mutex::new(State::default()),
             unexpected_limit: limit,
+            spin: Spin::new(Duration::ZERO),
         }
+    }
+
+    /// The same mailbox, with receives that poll for up to `window` before
+    /// sleeping ([`crate::Config::set_spin_wait`]).
+    pub fn with_spin_wait(mut self, window: Duration) -> Mailbox {
+        self.spin = Spin::new(window);
+        self
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, State> {
@@ -788,9 +799,18 @@ impl Mailbox {
         let Some(rx) = pending.rx.as_mut() else {
             return Err(closed());
         };
-        let res = rx.await;
+        let res = match self.spin.poll(rx).await {
+            Some(got) => got,
+            None => rx.await.ok(),
+        };
         pending.rx = None;
-        res.unwrap_or_else(|_| Err(closed()))
+        res.unwrap_or_else(|| Err(closed()))
+    }
+
+    /// How many receives found their message by polling, not sleeping
+    /// ([`crate::Config::set_spin_wait`]).
+    pub fn polled_receives(&self) -> u64 {
+        self.spin.hits.load(AtomicOrdering::Relaxed)
     }
 
     /// Declare `rank` gone: every receive waiting for it fails with `reason`,
@@ -895,6 +915,123 @@ impl Mailbox {
     }
 }
 
+/// A yield that returns after longer than this means the core was taken
+/// by other work for a whole scheduler time slice, not by a peer rank that
+/// soon waits again.
+const SPIN_LONG_YIELD: Duration = Duration::from_micros(500);
+/// Polling stops for this long after a first long yield ...
+const SPIN_BACKOFF_MIN_NS: u64 = 2_000_000;
+/// ... doubling while long yields recur, up to this.
+const SPIN_BACKOFF_MAX_NS: u64 = 1_000_000_000;
+/// The back-off halves after this many polls in a row without a long yield.
+const SPIN_CLEAN_STREAK: u64 = 256;
+
+/// Polls a receive for a short time before its task sleeps
+/// ([`crate::Config::set_spin_wait`]).
+///
+/// Waking a sleeping process costs tens of microseconds on virtual
+/// machines, more than a small message takes to arrive, so a receive first
+/// checks for its message in a loop: give the core to any other runnable
+/// process (`sched_yield`), then let the runtime read its sockets once
+/// (`yield_now`), then check again. A yield that takes longer than
+/// [`SPIN_LONG_YIELD`] shows that something other than a peer rank holds
+/// the core; polling would then cost a whole time slice per message, so
+/// receives stop polling for a while (doubling while it recurs; halving
+/// back after long runs of polls without one).
+struct Spin {
+    window: Duration,
+    base: Instant,
+    /// Nanoseconds after `base` until which receives do not poll.
+    off_until: AtomicU64,
+    /// How long polling stops after the next long yield, in nanoseconds.
+    backoff: AtomicU64,
+    /// Polls since the last long yield.
+    clean: AtomicU64,
+    /// Receives that found their message by polling.
+    hits: AtomicU64,
+}
+
+impl Spin {
+    fn new(window: Duration) -> Spin {
+        Spin {
+            window,
+            base: Instant::now(),
+            off_until: AtomicU64::new(0),
+            backoff: AtomicU64::new(SPIN_BACKOFF_MIN_NS),
+            clean: AtomicU64::new(0),
+            hits: AtomicU64::new(0),
+        }
+    }
+
+    fn now_ns(&self) -> u64 {
+        u64::try_from(self.base.elapsed().as_nanos()).unwrap_or(u64::MAX)
+    }
+
+    /// Whether a receive starting at `now_ns` should poll.
+    fn active(&self, now_ns: u64) -> bool {
+        !self.window.is_zero() && now_ns >= self.off_until.load(AtomicOrdering::Relaxed)
+    }
+
+    /// A poll's yield took `took`, ending at `now_ns`: whether to go on
+    /// polling (a long yield turns polling off for the back-off period).
+    fn yielded(&self, took: Duration, now_ns: u64) -> bool {
+        if took <= SPIN_LONG_YIELD {
+            return true;
+        }
+        self.clean.store(0, AtomicOrdering::Relaxed);
+        let b = self.backoff.load(AtomicOrdering::Relaxed);
+        self.off_until
+            .store(now_ns.saturating_add(b), AtomicOrdering::Relaxed);
+        self.backoff
+            .store((b * 2).min(SPIN_BACKOFF_MAX_NS), AtomicOrdering::Relaxed);
+        false
+    }
+
+    /// A poll ran without a long yield: after a long run of those, halve
+    /// the next back-off.
+    fn settled(&self) {
+        let n = self.clean.fetch_add(1, AtomicOrdering::Relaxed) + 1;
+        if n.is_multiple_of(SPIN_CLEAN_STREAK) {
+            let b = self.backoff.load(AtomicOrdering::Relaxed);
+            self.backoff
+                .store((b / 2).max(SPIN_BACKOFF_MIN_NS), AtomicOrdering::Relaxed);
+        }
+    }
+
+    /// Poll `rx` for up to the window. `None`: not here yet, sleep on `rx`;
+    /// `Some(None)`: its sender is gone; `Some(Some(r))`: the outcome.
+    async fn poll(
+        &self,
+        rx: &mut oneshot::Receiver<Result<Incoming, PeerFailure>>,
+    ) -> Option<Option<Result<Incoming, PeerFailure>>> {
+        if !self.active(self.now_ns()) {
+            return None;
+        }
+        let start = Instant::now();
+        loop {
+            match rx.try_recv() {
+                Ok(r) => {
+                    self.settled();
+                    self.hits.fetch_add(1, AtomicOrdering::Relaxed);
+                    return Some(Some(r));
+                }
+                Err(oneshot::error::TryRecvError::Closed) => return Some(None),
+                Err(oneshot::error::TryRecvError::Empty) => {}
+            }
+            let before = Instant::now();
+            if before.duration_since(start) >= self.window {
+                self.settled();
+                return None;
+            }
+            std::thread::yield_now();
+            if !self.yielded(before.elapsed(), self.now_ns()) {
+                return None;
+            }
+            tokio::task::yield_now().await;
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -922,6 +1059,106 @@ mod tests {
         let mut b = [0u8];
         m.read_into(&mut b).await.unwrap();
         b[0]
+    }
+
+    /// A long yield turns polling off for the back-off period, which
+    /// doubles while long yields recur and halves back after each long run
+    /// of polls without one.
+    #[test]
+    fn polling_backs_off_after_long_yields() {
+        assert!(!Spin::new(Duration::ZERO).active(0));
+        let s = Spin::new(Duration::from_micros(50));
+        assert!(s.active(0));
+        assert!(s.yielded(Duration::from_micros(20), 10));
+        assert!(s.active(10));
+        let t = 1_000_000;
+        assert!(!s.yielded(Duration::from_millis(3), t));
+        assert!(!s.active(t + SPIN_BACKOFF_MIN_NS - 1));
+        assert!(s.active(t + SPIN_BACKOFF_MIN_NS));
+        // Recurring: twice as long, then four times.
+        let t = t + SPIN_BACKOFF_MIN_NS;
+        assert!(!s.yielded(Duration::from_millis(3), t));
+        assert!(!s.active(t + 2 * SPIN_BACKOFF_MIN_NS - 1));
+        assert!(s.active(t + 2 * SPIN_BACKOFF_MIN_NS));
+        assert_eq!(
+            s.backoff.load(AtomicOrdering::Relaxed),
+            4 * SPIN_BACKOFF_MIN_NS
+        );
+        // A short run of good polls does not shorten it; a long one does.
+        for _ in 0..SPIN_CLEAN_STREAK - 1 {
+            s.settled();
+        }
+        assert_eq!(
+            s.backoff.load(AtomicOrdering::Relaxed),
+            4 * SPIN_BACKOFF_MIN_NS
+        );
+        s.settled();
+        assert_eq!(
+            s.backoff.load(AtomicOrdering::Relaxed),
+            2 * SPIN_BACKOFF_MIN_NS
+        );
+        // A long yield restarts the run.
+        for _ in 0..SPIN_CLEAN_STREAK - 1 {
+            s.settled();
+        }
+        assert!(!s.yielded(Duration::from_millis(3), t));
+        assert_eq!(
+            s.backoff.load(AtomicOrdering::Relaxed),
+            4 * SPIN_BACKOFF_MIN_NS
+        );
+        for _ in 0..3 * SPIN_CLEAN_STREAK {
+            s.settled();
+        }
+        assert_eq!(s.backoff.load(AtomicOrdering::Relaxed), SPIN_BACKOFF_MIN_NS);
+        // Never beyond the maximum.
+        for i in 0..64 {
+            s.yielded(Duration::from_millis(3), i);
+        }
+        assert_eq!(s.backoff.load(AtomicOrdering::Relaxed), SPIN_BACKOFF_MAX_NS);
+    }
+
+    /// A polling receive lets the runtime's other tasks run (here, the one
+    /// that delivers its message) and finds the message without sleeping;
+    /// a receive that does not poll still gets its message. (A loaded host
+    /// may turn polling off for a while, so some of the polled receives
+    /// may sleep; not all of them.)
+    #[test]
+    fn a_polling_receive_finds_a_message_delivered_by_another_task() {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        const N: u64 = 20;
+        for window in [Duration::from_secs(30), Duration::ZERO] {
+            let mb = Arc::new(Mailbox::new().with_spin_wait(window));
+            for i in 0..N {
+                let got = rt.block_on(async {
+                    let m2 = mb.clone();
+                    let t = tokio::spawn(async move {
+                        tokio::time::sleep(Duration::from_millis(2)).await;
+                        m2.deliver(p2p(3, 9, i, i as u8)).unwrap();
+                    });
+                    let m = mb.recv_p2p(key(3, 9)).await.unwrap();
+                    t.await.unwrap();
+                    byte(m).await
+                });
+                assert_eq!(got, i as u8);
+            }
+            let polled = mb.polled_receives();
+            if window.is_zero() {
+                assert_eq!(polled, 0);
+            } else {
+                assert!((1..=N).contains(&polled), "{polled} of {N} receives polled");
+            }
+        }
+        // A message that is already here is not counted as polled for.
+        let mb = Mailbox::new().with_spin_wait(Duration::from_secs(30));
+        mb.deliver(p2p(3, 9, 0, 7)).unwrap();
+        assert_eq!(
+            rt.block_on(async { byte(mb.recv_p2p(key(3, 9)).await.unwrap()).await }),
+            7
+        );
+        assert_eq!(mb.polled_receives(), 0);
     }
 
     /// Messages held for a sender count against its allowance until they

@@ -152,7 +152,8 @@ impl QuicTransport {
             client,
             peers: RwLock::new(peers),
             links: RwLock::new(links),
-            mailbox: Mailbox::with_unexpected_limit(cfg.max_unexpected_bytes()),
+            mailbox: Mailbox::with_unexpected_limit(cfg.max_unexpected_bytes())
+                .with_spin_wait(cfg.spin_wait()),
             cfg: cfg.clone(),
             tasks: Mutex::new(JoinSet::new()),
             closing: AtomicBool::new(false),
