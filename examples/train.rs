@@ -1240,7 +1240,12 @@ pub async fn train_rank(
     }
 }
 
-#[tokio::main]
+// One thread per rank, as in MPI: with tokio's multi-threaded runtime every
+// message also wakes idle worker threads, and on a host whose cores are
+// shared by several ranks that costs more than the message
+// (docs/performance.md, "Which tokio runtime"). Each step awaits often
+// (well within the 5 s idle timeout), so the transport keeps running.
+#[tokio::main(flavor = "current_thread")]
 async fn main() -> std::process::ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let (cfg, ranks) = match parse_args(&args) {
