@@ -448,7 +448,10 @@ impl Shared {
             }
             ConnectionError::TimedOut => format!(
                 "no packets for {:?} (idle timeout): its host is down, its process is \
-                 frozen, or the network is cut",
+                 frozen or held its runtime's only thread that long (long compute \
+                 without an await on a current-thread runtime: move it to \
+                 spawn_blocking, or raise Config::set_idle_timeout), or the network \
+                 is cut",
                 self.cfg.idle_timeout()
             ),
             ConnectionError::Reset => {
