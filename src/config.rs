@@ -37,6 +37,9 @@ pub struct Config {
     trace_file: Option<PathBuf>,
 }
 
+/// The longest [`Config::set_spin_wait`] accepted.
+const MAX_SPIN_WAIT: Duration = Duration::from_secs(1);
+
 impl Default for Config {
     fn default() -> Self {
         Config {
@@ -252,15 +255,18 @@ impl Config {
 
     /// How long a receive whose message has not arrived keeps polling for
     /// it (giving the core to other runnable processes between polls)
-    /// before its task sleeps. Default 50 us; zero never polls.
+    /// before its task sleeps. Default 50 us; zero never polls; at most 1 s.
     ///
-    /// Polling spares the wake-up of a sleeping process, which dominates
-    /// small-message latency (tens of microseconds on virtual machines), at
-    /// the price of at most this much CPU per receive. When a poll finds
-    /// the core taken by other work for long (a yield that returns after
-    /// more than 500 us: compute threads, other jobs), the rank stops
-    /// polling for a while, doubling that while it recurs, up to 1 s, so a
-    /// loaded host does not pay whole scheduler time slices per message.
+    /// On a current-thread runtime polling spares the wake-up of a sleeping
+    /// process, which dominates small-message latency (tens of microseconds
+    /// on virtual machines), at the price of about this much CPU per
+    /// receive that waits (plus the last yield). On a multi-threaded
+    /// runtime the message is read on another thread, which still has to
+    /// be woken, and polling gains little. When a poll finds the core taken
+    /// by other work for long (a yield that returns after more than 500 us:
+    /// compute threads, other jobs), the rank stops polling for a while,
+    /// doubling that while it recurs, up to 1 s, so a loaded host does not
+    /// pay whole scheduler time slices per message.
     pub fn set_spin_wait(&mut self, t: Duration) -> &mut Self {
         self.spin_wait = t;
         self
@@ -341,6 +347,13 @@ impl Config {
             return Err(crate::Error::config(format!(
                 "idle timeout ({:?}) must exceed the keep-alive interval ({:?})",
                 self.idle_timeout, self.keep_alive
+            )));
+        }
+        if self.spin_wait > MAX_SPIN_WAIT {
+            return Err(crate::Error::config(format!(
+                "spin wait {:?} is above {MAX_SPIN_WAIT:?}: every waiting receive would \
+                 hold a core that long; use a few tens of microseconds, or zero",
+                self.spin_wait
             )));
         }
         if self.op_timeout.is_zero() || self.formation_timeout.is_zero() {
@@ -473,5 +486,10 @@ mod tests {
         let mut c = Config::default();
         c.set_max_streams(0);
         assert!(c.validate().is_err());
+        let mut c = Config::default();
+        c.set_spin_wait(Duration::from_secs(2));
+        assert!(c.validate().unwrap_err().to_string().contains("spin wait"));
+        c.set_spin_wait(MAX_SPIN_WAIT);
+        c.validate().unwrap();
     }
 }
