@@ -13,6 +13,11 @@
 //! over ranks, the reported time the median over batches; the result is
 //! checked in the same run (`#wrong`). busbw factors as nccl-tests.
 //!
+//! Each rank runs on a current-thread tokio runtime; `--multi-thread` uses
+//! tokio's multi-threaded runtime instead, with the rank's code on the
+//! thread that blocks on it (as in the body of `#[tokio::main]`), and
+//! `--spawn` moves the rank's code into a task on the runtime's workers.
+//!
 //! `--device wgpu` (built with `--features wgpu`) runs allreduce and bcast
 //! on wgpu buffers instead of host memory:
 //!
@@ -32,6 +37,7 @@ struct Args {
     sizes: Vec<usize>,
     batches: usize,
     multi_thread: bool,
+    spawn: bool,
     device: String,
     /// Staging chunk and ring depth for device memory (0: the default).
     chunk: usize,
@@ -47,6 +53,7 @@ fn parse() -> std::result::Result<Args, String> {
         sizes: vec![4, 65536, 1 << 20, 16 << 20, 64 << 20],
         batches: 7,
         multi_thread: false,
+        spawn: false,
         device: "host".into(),
         chunk: 0,
         ring: 0,
@@ -69,6 +76,7 @@ fn parse() -> std::result::Result<Args, String> {
                     .map_err(|e| format!("--batches: {e}"))?
             }
             "--multi-thread" => a.multi_thread = true,
+            "--spawn" => a.spawn = true,
             "--device" => a.device = val("--device")?,
             "--chunk" => {
                 a.chunk = val("--chunk")?
@@ -111,7 +119,17 @@ fn main() {
         }
     };
     let res = if std::env::var_os("RANKMESH_SEED").is_some() {
-        rt.block_on(rank_main(args))
+        if args.spawn {
+            rt.block_on(async {
+                tokio::spawn(rank_main(args)).await.unwrap_or_else(|e| {
+                    Err(rankmesh::Error::Config {
+                        detail: format!("the rank's task failed: {e}"),
+                    })
+                })
+            })
+        } else {
+            rt.block_on(rank_main(args))
+        }
     } else {
         rt.block_on(launch(args))
     };

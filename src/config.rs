@@ -260,9 +260,12 @@ impl Config {
     /// On a current-thread runtime polling spares the wake-up of a sleeping
     /// process, which dominates small-message latency (tens of microseconds
     /// on virtual machines), at the price of about this much CPU per
-    /// receive that waits (plus the last yield). On a multi-threaded
-    /// runtime the message is read on another thread, which still has to
-    /// be woken, and polling gains little. When a poll finds the core taken
+    /// receive that waits (plus the last yield). In a task on a
+    /// multi-threaded runtime's workers polling would only keep the
+    /// workers busy (the message is read on whichever worker holds the
+    /// socket), so receives there never poll; on the thread that blocks on
+    /// the runtime (the body of `#[tokio::main]`, `rankmesh::blocking`)
+    /// they do, with a smaller gain. When a poll finds the core taken
     /// by other work for long (a yield that returns after more than 500 us:
     /// compute threads, other jobs), the rank stops polling for a while,
     /// doubling that while it recurs, up to 1 s, so a loaded host does not
