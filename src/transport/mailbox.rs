@@ -975,7 +975,7 @@ struct Spin {
     off_until: AtomicU64,
     /// How long polling stops after the next long yield, in nanoseconds.
     backoff: AtomicU64,
-    /// Polls since the last long yield.
+    /// Polling receives since the last long yield.
     clean: AtomicU64,
     /// Receives that found their message by polling.
     hits: AtomicU64,
@@ -1096,7 +1096,7 @@ mod tests {
 
     /// A long yield turns polling off for the back-off period, which
     /// doubles while long yields recur and halves back after each long run
-    /// of polls without one.
+    /// of polling receives without one.
     #[test]
     fn polling_backs_off_after_long_yields() {
         assert!(!Spin::new(Duration::ZERO).active(0));

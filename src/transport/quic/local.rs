@@ -60,25 +60,9 @@ fn same(a: &Secret, b: &Secret) -> bool {
     a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
-/// The abstract socket address of `rank` of job `job_id`.
-fn socket_addr(job_id: &str, rank: usize) -> std::io::Result<std::os::unix::net::SocketAddr> {
-    #[cfg(target_os = "linux")]
-    {
-        use std::os::linux::net::SocketAddrExt;
-        std::os::unix::net::SocketAddr::from_abstract_name(format!("rankmesh/{job_id}/{rank}"))
-    }
-    #[cfg(not(target_os = "linux"))]
-    {
-        let _ = (job_id, rank);
-        Err(std::io::Error::new(
-            std::io::ErrorKind::Unsupported,
-            "the same-host channel needs Linux abstract sockets",
-        ))
-    }
-}
-
-/// The name of `rank`'s socket as a path: Linux reads a leading NUL byte as
-/// "abstract namespace".
+/// The name of `rank`'s socket in job `job_id`, for binding and connecting:
+/// a leading NUL byte puts it in Linux's abstract namespace (elsewhere it
+/// is an invalid path, so there is no channel).
 fn socket_path(job_id: &str, rank: usize) -> std::path::PathBuf {
     use std::os::unix::ffi::OsStrExt;
     let name = format!("\0rankmesh/{job_id}/{rank}");
@@ -277,12 +261,7 @@ impl Shared {
         if !self.cfg.same_host_channel() {
             return;
         }
-        let listener = socket_addr(&self.job_id, self.rank)
-            .and_then(|a| std::os::unix::net::UnixListener::bind_addr(&a))
-            .and_then(|l| {
-                l.set_nonblocking(true)?;
-                tokio::net::UnixListener::from_std(l)
-            });
+        let listener = tokio::net::UnixListener::bind(socket_path(&self.job_id, self.rank));
         let listener = match listener {
             Ok(l) => l,
             Err(e) => {
