@@ -28,6 +28,8 @@ use tokio::sync::mpsc;
 
 #[cfg(feature = "cuda")]
 mod cuda_backend;
+#[cfg(feature = "cuda")]
+mod nvrtc;
 #[cfg(feature = "wgpu")]
 mod wgpu_backend;
 
@@ -156,6 +158,75 @@ pub(crate) fn copy_source<'a, B: DeviceBuffer + 'static>(
     Ok(b)
 }
 
+/// One planned copy between device memory and a host staging slot: the
+/// bytes `dev` of the transferred buffer and the bytes `host` of staging
+/// slot `slot` (of a ring of `ring` slots, each `chunk` bytes). Both sides
+/// always have the same length: a copy moves exactly its range's bytes.
+#[derive(Clone, Debug, PartialEq, Eq)]
+#[cfg_attr(not(any(feature = "wgpu", feature = "cuda")), allow(dead_code))]
+pub(crate) struct StagedCopy {
+    pub(crate) dev: Range<usize>,
+    pub(crate) slot: usize,
+    pub(crate) host: Range<usize>,
+}
+
+/// The copies that stage the device bytes `bytes` through a ring of `ring`
+/// slots of `chunk` bytes: chunk `k` covers `bytes.start + k * chunk` up to
+/// `chunk` bytes (the last one shorter) and uses slot `k % ring`.
+#[cfg_attr(not(any(feature = "wgpu", feature = "cuda")), allow(dead_code))]
+pub(crate) fn staging_plan(
+    bytes: Range<usize>,
+    chunk: usize,
+    ring: usize,
+) -> impl Iterator<Item = StagedCopy> {
+    let chunk = chunk.max(1);
+    let ring = ring.max(1);
+    let count = bytes.len().div_ceil(chunk);
+    (0..count).map(move |k| {
+        let start = bytes.start + k * chunk;
+        let end = (start + chunk).min(bytes.end);
+        StagedCopy {
+            dev: start..end,
+            slot: k % ring,
+            host: 0..end - start,
+        }
+    })
+}
+
+/// The two sides of a planned copy, sliced to exactly its bytes: `dev_len`
+/// is the length of the device buffer (bytes), `host` the whole staging
+/// slot. An error (never a panic) when either range does not fit or the
+/// two lengths differ.
+#[cfg_attr(not(any(feature = "wgpu", feature = "cuda")), allow(dead_code))]
+pub(crate) fn exact_sides<'h>(
+    c: &StagedCopy,
+    dev_len: usize,
+    host: &'h mut [u8],
+) -> Result<(Range<usize>, &'h mut [u8])> {
+    if c.dev.start > c.dev.end || c.dev.end > dev_len {
+        return Err(gpu_err(format!(
+            "staging copy: device bytes {}..{} are outside a buffer of {dev_len} bytes",
+            c.dev.start, c.dev.end
+        )));
+    }
+    if c.host.start > c.host.end || c.host.end > host.len() {
+        return Err(gpu_err(format!(
+            "staging copy: host bytes {}..{} are outside a staging slot of {} bytes",
+            c.host.start,
+            c.host.end,
+            host.len()
+        )));
+    }
+    if c.dev.len() != c.host.len() {
+        return Err(gpu_err(format!(
+            "staging copy: {} device bytes planned against {} host bytes",
+            c.dev.len(),
+            c.host.len()
+        )));
+    }
+    Ok((c.dev.clone(), &mut host[c.host.clone()]))
+}
+
 /// Gathers network chunks (of any size) into staging chunks of exactly
 /// `chunk` bytes (the last one shorter) without copying: a staging chunk is
 /// a list of pieces of the received `Bytes`.
@@ -271,5 +342,73 @@ mod tests {
         assert_eq!(p.next(&mut pieces).await.unwrap(), Some(4));
         let e = p.next(&mut pieces).await.unwrap_err().to_string();
         assert!(e.contains("more bytes"), "{e}");
+    }
+
+    /// Every planned copy moves exactly its range's bytes: host side as
+    /// long as the device side, within its slot, chunks contiguous and in
+    /// order, and a slot reused only after `ring` other chunks.
+    #[test]
+    fn staging_plan_slices_both_sides_to_the_same_bytes() {
+        for start in [0usize, 1, 8, 1000] {
+            for len in [0usize, 1, 7, 255, 256, 257, 1023, 1024, 1025, 4096, 10_000] {
+                for chunk in [1usize, 8, 256, 1000, 1024, 4096] {
+                    for ring in [1usize, 2, 3, 5] {
+                        let bytes = start..start + len;
+                        let plan: Vec<_> = staging_plan(bytes.clone(), chunk, ring).collect();
+                        let mut at = bytes.start;
+                        let mut slot_mem = vec![0u8; chunk];
+                        for (k, c) in plan.iter().enumerate() {
+                            let ctx =
+                                format!("{bytes:?} chunk {chunk} ring {ring} copy {k}: {c:?}");
+                            assert_eq!(c.dev.start, at, "{ctx}");
+                            assert!(!c.dev.is_empty() && c.dev.len() <= chunk, "{ctx}");
+                            assert_eq!(
+                                c.host.len(),
+                                c.dev.len(),
+                                "{ctx}: destination not sliced to its source"
+                            );
+                            assert!(c.host.end <= chunk, "{ctx}");
+                            assert_eq!(c.slot, k % ring, "{ctx}");
+                            let (dev, host) = exact_sides(c, bytes.end, &mut slot_mem).unwrap();
+                            assert_eq!(dev.len(), host.len(), "{ctx}");
+                            at = c.dev.end;
+                        }
+                        assert_eq!(at, bytes.end, "{bytes:?} chunk {chunk}: not covered");
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn a_copy_that_does_not_fit_is_an_error() {
+        let mut slot = vec![0u8; 16];
+        let c = StagedCopy {
+            dev: 0..8,
+            slot: 0,
+            host: 0..16,
+        };
+        assert!(exact_sides(&c, 100, &mut slot)
+            .unwrap_err()
+            .to_string()
+            .contains("8 device bytes"));
+        let c = StagedCopy {
+            dev: 90..110,
+            slot: 0,
+            host: 0..20,
+        };
+        assert!(exact_sides(&c, 100, &mut slot)
+            .unwrap_err()
+            .to_string()
+            .contains("outside a buffer"));
+        let c = StagedCopy {
+            dev: 0..20,
+            slot: 0,
+            host: 0..20,
+        };
+        assert!(exact_sides(&c, 100, &mut slot)
+            .unwrap_err()
+            .to_string()
+            .contains("staging slot"));
     }
 }
