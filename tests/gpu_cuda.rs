@@ -59,6 +59,8 @@ async fn every_collective_on(p: usize) {
         grid::<u32, _>(&comm, &gpu, true).await?;
         grid::<i64, _>(&comm, &gpu, true).await?;
         grid::<u64, _>(&comm, &gpu, true).await?;
+        grid::<half::f16, _>(&comm, &gpu, true).await?;
+        grid::<half::bf16, _>(&comm, &gpu, true).await?;
         comm.finalize().await
     })
     .await
