@@ -61,6 +61,8 @@ async fn every_collective_on(p: usize) {
         grid::<f32, _>(&comm, &gpu, true).await?;
         grid::<i32, _>(&comm, &gpu, true).await?;
         grid::<u32, _>(&comm, &gpu, true).await?;
+        // bf16 everywhere (emulated with u32 words).
+        grid::<half::bf16, _>(&comm, &gpu, true).await?;
         if gpu.supports_f16() {
             grid::<half::f16, _>(&comm, &gpu, true).await?;
         } else if comm.rank() == 0 {
@@ -200,4 +202,42 @@ async fn application_buffers_are_wrapped_and_checked() {
         let want = [1.0f32, 1.0, 0.0, 0.0, 0.0].map(half::f16::from_f32);
         assert_eq!(h.to_vec().await.unwrap(), want);
     }
+}
+
+/// Devices are created, used and dropped many times in one process, and
+/// two are held at once (elastic rebuilds and libraries embedding rankmesh
+/// do this). On NVIDIA's Vulkan driver this once killed the process with
+/// SIGSEGV after the first drop.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn devices_are_created_used_and_dropped_repeatedly() {
+    if !have_gpu().await {
+        return;
+    }
+    let data: Vec<f32> = (0..3000).map(|i| i as f32).collect();
+    for round in 0..20 {
+        let dev = gpu().await.unwrap();
+        let b = WgpuBuffer::from_slice(&dev, &data).unwrap();
+        let copy = b.duplicate(10..2010).unwrap();
+        drop(copy);
+        assert_eq!(b.to_vec().await.unwrap(), data, "round {round}");
+        if round % 5 == 0 {
+            // A second device alongside the first, both in use.
+            let other = gpu().await.unwrap();
+            let c = WgpuBuffer::from_slice(&other, &data[..100]).unwrap();
+            assert_eq!(c.to_vec().await.unwrap(), &data[..100], "round {round}");
+            assert_eq!(b.to_vec().await.unwrap(), data, "round {round}");
+            drop(dev);
+            assert_eq!(c.to_vec().await.unwrap(), &data[..100], "round {round}");
+        }
+    }
+    // And a collective after all that, on a fresh device.
+    run_local(2, |comm| async move {
+        let gpu = gpu().await?;
+        let mut b = WgpuBuffer::from_slice(&gpu, &[comm.rank() as f32 + 1.0; 257])?;
+        comm.all_reduce_device(&mut b, ReduceOp::Sum).await?;
+        same("after 20 devices", &b.to_vec().await?, &[3.0f32; 257])?;
+        comm.finalize().await
+    })
+    .await
+    .unwrap();
 }

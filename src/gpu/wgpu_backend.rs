@@ -33,6 +33,7 @@ impl WgpuElement for f32 {}
 impl WgpuElement for i32 {}
 impl WgpuElement for u32 {}
 impl WgpuElement for half::f16 {}
+impl WgpuElement for half::bf16 {}
 
 fn wgsl_type(d: DType) -> Option<&'static str> {
     match d {
@@ -40,6 +41,8 @@ fn wgsl_type(d: DType) -> Option<&'static str> {
         DType::I32 => Some("i32"),
         DType::U32 => Some("u32"),
         DType::F16 => Some("f16"),
+        // WGSL has no bf16: pairs of them are handled as u32 words.
+        DType::BF16 => Some("bf16"),
         _ => None,
     }
 }
@@ -82,6 +85,9 @@ pub struct Wgpu {
 }
 
 struct Shared {
+    /// First, so that it is dropped first: its thread stops polling before
+    /// the pools and the device go.
+    poller: Poller,
     device: wgpu::Device,
     queue: wgpu::Queue,
     name: String,
@@ -95,7 +101,6 @@ struct Shared {
     pipelines: Mutex<HashMap<(DType, Option<ReduceOp>), wgpu::ComputePipeline>>,
     ups: Mutex<Vec<UpSlot>>,
     downs: Mutex<Vec<wgpu::Buffer>>,
-    poller: Poller,
     /// The first error wgpu reported outside an operation's own checks.
     error: Arc<Mutex<Option<String>>>,
 }
@@ -114,13 +119,28 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
+/// The process's one wgpu instance, created on first use and never
+/// destroyed.
+///
+/// Destroying the last Vulkan instance makes the loader unload the driver
+/// (`dlclose`). NVIDIA's driver keeps threads of its own running after
+/// that, which then execute unmapped code: every test process that created,
+/// dropped and re-created a device died with SIGSEGV on an H200. With one
+/// instance for the process the driver stays loaded; devices are still
+/// created and dropped freely, and elastic rebuilds or libraries that open
+/// several devices share it.
+fn instance() -> &'static wgpu::Instance {
+    static INSTANCE: std::sync::OnceLock<wgpu::Instance> = std::sync::OnceLock::new();
+    INSTANCE
+        .get_or_init(|| wgpu::Instance::new(wgpu::InstanceDescriptor::new_without_display_handle()))
+}
+
 impl Wgpu {
     /// Open the device this process should use (see
     /// [`WgpuOptions::adapter`]). Hardware adapters are preferred; a
     /// software one (lavapipe) is used only when there is no other.
     pub async fn new(opts: WgpuOptions) -> Result<Wgpu> {
-        let instance = wgpu::Instance::new(wgpu::InstanceDescriptor::new_without_display_handle());
-        let mut adapters = instance.enumerate_adapters(wgpu::Backends::all()).await;
+        let mut adapters = instance().enumerate_adapters(wgpu::Backends::all()).await;
         if adapters.is_empty() {
             return Err(gpu_err(
                 "wgpu found no GPU adapter (no Vulkan or Metal device; on Linux without a GPU, \
@@ -533,6 +553,9 @@ const PARAMS: u64 = 16;
 /// `dst[off + i] = dst[off + i] op src[soff + i]` (or `= src[soff + i]`)
 /// for `i < count`.
 fn reduce_shader(ty: &str, op: Option<ReduceOp>) -> String {
+    if ty == "bf16" {
+        return bf16_shader(op);
+    }
     let expr = match op {
         None => "b",
         Some(ReduceOp::Sum) => "a + b",
@@ -554,6 +577,55 @@ fn main(@builtin(global_invocation_id) id: vec3<u32>) {{
     let b = src[p.soff + i];
     _ = a;
     dst[p.off + i] = {expr};
+}}
+"
+    )
+}
+
+/// The bf16 kernel (WGSL has no bf16 type, and no 16-bit stores): the
+/// buffers are arrays of u32 words holding two elements each, and one
+/// invocation owns one destination word, so no two invocations write the
+/// same word. Elements are widened to f32 (a shift), combined, and rounded
+/// back to nearest even, keeping a NaN a quiet NaN: the host path's `half`
+/// arithmetic, bit for bit.
+fn bf16_shader(op: Option<ReduceOp>) -> String {
+    let expr = match op {
+        None => "b",
+        Some(ReduceOp::Sum) => "narrow(widen(a) + widen(b))",
+        Some(ReduceOp::Prod) => "narrow(widen(a) * widen(b))",
+        Some(ReduceOp::Min) => "narrow(min(widen(a), widen(b)))",
+        Some(ReduceOp::Max) => "narrow(max(widen(a), widen(b)))",
+    };
+    format!(
+        "struct Params {{ off: u32, count: u32, soff: u32, pad: u32 }}
+@group(0) @binding(0) var<storage, read_write> dst: array<u32>;
+@group(0) @binding(1) var<storage, read> src: array<u32>;
+@group(0) @binding(2) var<uniform> p: Params;
+fn widen(h: u32) -> f32 {{ return bitcast<f32>(h << 16u); }}
+fn narrow(f: f32) -> u32 {{
+    let u = bitcast<u32>(f);
+    if ((u & 0x7fffffffu) > 0x7f800000u) {{ return ((u >> 16u) | 0x40u) & 0xffffu; }}
+    return ((u + 0x7fffu + ((u >> 16u) & 1u)) >> 16u) & 0xffffu;
+}}
+fn src_elem(e: u32) -> u32 {{ return (src[e >> 1u] >> ((e & 1u) * 16u)) & 0xffffu; }}
+@compute @workgroup_size({WORKGROUP})
+fn main(@builtin(global_invocation_id) id: vec3<u32>) {{
+    let end = p.off + p.count;
+    let word = (p.off >> 1u) + id.x;
+    if (word * 2u >= end) {{ return; }}
+    var out = dst[word];
+    for (var h = 0u; h < 2u; h = h + 1u) {{
+        let e = word * 2u + h;
+        if (e >= p.off && e < end) {{
+            let shift = h * 16u;
+            let a = (out >> shift) & 0xffffu;
+            let b = src_elem(p.soff + (e - p.off));
+            _ = a;
+            let r = {expr};
+            out = (out & ~(0xffffu << shift)) | (r << shift);
+        }}
+    }}
+    dst[word] = out;
 }}
 "
     )

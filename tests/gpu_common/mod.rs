@@ -14,26 +14,32 @@ pub const LENS: [usize; 4] = [0, 1, 7, 1001];
 /// An element type under test.
 pub trait Elem: Element + PartialEq + Debug {
     fn from_i(v: i64) -> Self;
+    /// `v` rounded to this type (integers: truncated).
+    fn from_f(v: f64) -> Self;
     fn bits(self) -> u64;
 }
 
 macro_rules! elem {
-    ($($t:ty: |$v:ident| $conv:expr, |$b:ident| $bits:expr;)*) => {$(
+    ($($t:ty: |$v:ident| $conv:expr, |$f:ident| $fconv:expr, |$b:ident| $bits:expr;)*) => {$(
         impl Elem for $t {
             fn from_i($v: i64) -> Self { $conv }
+            fn from_f($f: f64) -> Self { $fconv }
             fn bits(self) -> u64 { let $b = self; $bits }
         }
     )*};
 }
 
 elem! {
-    f32: |v| v as f32 * 0.75, |x| u64::from(x.to_bits());
-    f64: |v| v as f64 * 0.75, |x| x.to_bits();
-    i32: |v| v as i32, |x| x as u32 as u64;
-    u32: |v| v as u32, |x| u64::from(x);
-    i64: |v| v, |x| x as u64;
-    u64: |v| v as u64, |x| x;
-    half::f16: |v| half::f16::from_f32(v as f32 * 0.75), |x| u64::from(x.to_bits());
+    f32: |v| v as f32 * 0.75, |f| f as f32, |x| u64::from(x.to_bits());
+    f64: |v| v as f64 * 0.75, |f| f, |x| x.to_bits();
+    i32: |v| v as i32, |f| f as i32, |x| x as u32 as u64;
+    u32: |v| v as u32, |f| f as u32, |x| u64::from(x);
+    i64: |v| v, |f| f as i64, |x| x as u64;
+    u64: |v| v as u64, |f| f as u64, |x| x;
+    half::f16: |v| half::f16::from_f32(v as f32 * 0.75), |f| half::f16::from_f64(f),
+        |x| u64::from(x.to_bits());
+    half::bf16: |v| half::bf16::from_f32(v as f32 * 0.75), |f| half::bf16::from_f64(f),
+        |x| u64::from(x.to_bits());
 }
 
 /// Makes and reads buffers of one backend.
@@ -48,6 +54,14 @@ pub trait Dev<T: Elem>: Send + Sync {
 pub fn data<T: Elem>(r: usize, n: usize) -> Vec<T> {
     (0..n)
         .map(|i| T::from_i(((r * 7 + i * 3) % 5) as i64 + 1 - (i % 2) as i64 * 2))
+        .collect()
+}
+
+/// Rank r's data with every mantissa bit in use, so that sums and
+/// products must round (in every float type, f16 and bf16 included).
+pub fn fine_data<T: Elem>(r: usize, n: usize) -> Vec<T> {
+    (0..n)
+        .map(|i| T::from_f(1.0 + ((r * 37 + i * 11) % 101) as f64 / 97.0))
         .collect()
 }
 
@@ -75,6 +89,19 @@ pub async fn grid<T: Elem, D: Dev<T>>(comm: &Communicator, gpu: &D, full: bool) 
             comm.all_reduce_device(&mut dev, op).await?;
             same(
                 &what(&format!("all_reduce {op:?}")),
+                &gpu.read(&dev).await?,
+                &host,
+            )?;
+        }
+        // Values whose sums and products round: the device must round as
+        // the host does.
+        for op in [ReduceOp::Sum, ReduceOp::Prod] {
+            let mut host = fine_data::<T>(r, n);
+            let mut dev = gpu.upload(&host)?;
+            comm.all_reduce(&mut host, op).await?;
+            comm.all_reduce_device(&mut dev, op).await?;
+            same(
+                &what(&format!("all_reduce {op:?} (rounding)")),
                 &gpu.read(&dev).await?,
                 &host,
             )?;
