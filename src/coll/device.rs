@@ -19,6 +19,9 @@ use bytes::Bytes;
 use std::ops::Range;
 use tokio::sync::mpsc;
 
+/// Network pieces queued between a receive and the device's staging.
+const RECV_PIECES: usize = 16;
+
 fn overlaps(a: &Range<usize>, b: &Range<usize>) -> bool {
     a.start < b.end && b.start < a.end
 }
@@ -91,7 +94,9 @@ impl Ctx<'_> {
     ) -> Result<(), ExecError> {
         let want = range.len() * self.desc.dtype.size();
         let mut m = self.message(sub, peer, want).await?;
-        let (tx, rx) = mpsc::channel(DEFAULT_RING);
+        // Room for several network pieces, so that reading the socket does
+        // not wait for the device's staging of each one.
+        let (tx, rx) = mpsc::channel(RECV_PIECES);
         let pump = async move {
             let mut got = 0;
             while let Some(chunk) = m
