@@ -18,8 +18,9 @@
 //! thread that blocks on it (as in the body of `#[tokio::main]`), and
 //! `--spawn` moves the rank's code into a task on the runtime's workers.
 //!
-//! `--device wgpu` (built with `--features wgpu`) runs allreduce and bcast
-//! on wgpu buffers instead of host memory:
+//! `--device wgpu` (built with `--features wgpu`) or `--device cuda`
+//! (`--features cuda`) runs allreduce and bcast on device buffers instead
+//! of host memory:
 //!
 //! ```text
 //! cargo bench --features wgpu --bench collbench -- -n 2 --ops allreduce \
@@ -89,8 +90,11 @@ fn parse() -> std::result::Result<Args, String> {
             other => return Err(format!("unknown argument {other:?}")),
         }
     }
-    if !matches!(a.device.as_str(), "host" | "wgpu") {
-        return Err(format!("--device {}: expected host or wgpu", a.device));
+    if !matches!(a.device.as_str(), "host" | "wgpu" | "cuda") {
+        return Err(format!(
+            "--device {}: expected host, wgpu or cuda",
+            a.device
+        ));
     }
     if a.np == 0 {
         return Err("-n must be at least 1".into());
@@ -340,12 +344,17 @@ enum Device {
     Host,
     #[cfg(feature = "wgpu")]
     Wgpu(rankmesh::gpu::Wgpu),
+    #[cfg(feature = "cuda")]
+    Cuda(rankmesh::gpu::Cuda),
 }
 
-/// The device copy of a benchmark buffer (none for host memory).
-struct Work {
+/// The device copy of a benchmark buffer.
+enum Work {
+    Host,
     #[cfg(feature = "wgpu")]
-    dev: Option<(rankmesh::gpu::Wgpu, rankmesh::gpu::WgpuBuffer<f32>)>,
+    Wgpu(rankmesh::gpu::Wgpu, rankmesh::gpu::WgpuBuffer<f32>),
+    #[cfg(feature = "cuda")]
+    Cuda(rankmesh::gpu::Cuda, rankmesh::gpu::CudaBuffer<f32>),
 }
 
 impl Device {
@@ -362,6 +371,17 @@ impl Device {
                 }
                 Ok(Device::Wgpu(rankmesh::gpu::Wgpu::new(o).await?))
             }
+            #[cfg(feature = "cuda")]
+            "cuda" => {
+                let mut o = rankmesh::gpu::CudaOptions::default();
+                if args.chunk > 0 {
+                    o.chunk_bytes = args.chunk;
+                }
+                if args.ring > 0 {
+                    o.ring = args.ring;
+                }
+                Ok(Device::Cuda(rankmesh::gpu::Cuda::new(o)?))
+            }
             "host" => Ok(Device::Host),
             other => Err(rankmesh::Error::Config {
                 detail: format!(
@@ -376,20 +396,23 @@ impl Device {
             Device::Host => "host".into(),
             #[cfg(feature = "wgpu")]
             Device::Wgpu(g) => format!("{g:?}"),
+            #[cfg(feature = "cuda")]
+            Device::Cuda(g) => format!("{g:?}"),
         }
     }
 
     fn buffer(&self, input: &[f32]) -> Result<Work> {
         let _ = input;
         Ok(match self {
-            Device::Host => Work {
-                #[cfg(feature = "wgpu")]
-                dev: None,
-            },
+            Device::Host => Work::Host,
             #[cfg(feature = "wgpu")]
-            Device::Wgpu(g) => Work {
-                dev: Some((g.clone(), rankmesh::gpu::WgpuBuffer::from_slice(g, input)?)),
-            },
+            Device::Wgpu(g) => {
+                Work::Wgpu(g.clone(), rankmesh::gpu::WgpuBuffer::from_slice(g, input)?)
+            }
+            #[cfg(feature = "cuda")]
+            Device::Cuda(g) => {
+                Work::Cuda(g.clone(), rankmesh::gpu::CudaBuffer::from_slice(g, input)?)
+            }
         })
     }
 }
@@ -398,38 +421,61 @@ impl Work {
     /// Restore the input (outside the timed region: the device copy is
     /// waited for).
     async fn reset(&mut self, host: &mut [f32], input: &[f32]) -> Result<()> {
-        #[cfg(feature = "wgpu")]
-        if let Some((g, d)) = &self.dev {
-            d.write(0, input)?;
-            return g.synchronize().await;
+        match self {
+            Work::Host => {
+                host.copy_from_slice(input);
+                Ok(())
+            }
+            #[cfg(feature = "wgpu")]
+            Work::Wgpu(g, d) => {
+                d.write(0, input)?;
+                g.synchronize().await
+            }
+            #[cfg(feature = "cuda")]
+            Work::Cuda(g, d) => {
+                d.write(0, input)?;
+                g.synchronize().await
+            }
         }
-        host.copy_from_slice(input);
-        Ok(())
     }
 
     async fn all_reduce(&mut self, comm: &Communicator, host: &mut [f32]) -> Result<()> {
-        #[cfg(feature = "wgpu")]
-        if let Some((_, d)) = &mut self.dev {
-            return comm.all_reduce_device(d, ReduceOp::Sum).await;
+        match self {
+            Work::Host => comm.all_reduce(host, ReduceOp::Sum).await,
+            #[cfg(feature = "wgpu")]
+            Work::Wgpu(_, d) => comm.all_reduce_device(d, ReduceOp::Sum).await,
+            #[cfg(feature = "cuda")]
+            Work::Cuda(_, d) => comm.all_reduce_device(d, ReduceOp::Sum).await,
         }
-        comm.all_reduce(host, ReduceOp::Sum).await
     }
 
     async fn broadcast(&mut self, comm: &Communicator, host: &mut [f32]) -> Result<()> {
-        #[cfg(feature = "wgpu")]
-        if let Some((_, d)) = &mut self.dev {
-            return comm.broadcast_device(d, 0).await;
+        match self {
+            Work::Host => comm.broadcast(host, 0).await,
+            #[cfg(feature = "wgpu")]
+            Work::Wgpu(_, d) => comm.broadcast_device(d, 0).await,
+            #[cfg(feature = "cuda")]
+            Work::Cuda(_, d) => comm.broadcast_device(d, 0).await,
         }
-        comm.broadcast(host, 0).await
     }
 
     /// Copy the device result into `host` for checking.
     async fn fetch(&mut self, host: &mut [f32]) -> Result<()> {
-        #[cfg(feature = "wgpu")]
-        if let Some((_, d)) = &self.dev {
-            host.copy_from_slice(&d.to_vec().await?);
+        match self {
+            Work::Host => {
+                let _ = host; // already there
+                Ok(())
+            }
+            #[cfg(feature = "wgpu")]
+            Work::Wgpu(_, d) => {
+                host.copy_from_slice(&d.to_vec().await?);
+                Ok(())
+            }
+            #[cfg(feature = "cuda")]
+            Work::Cuda(_, d) => {
+                host.copy_from_slice(&d.to_vec().await?);
+                Ok(())
+            }
         }
-        let _ = host;
-        Ok(())
     }
 }
