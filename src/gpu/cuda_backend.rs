@@ -714,7 +714,9 @@ impl Shared {
             if cur.is_some() || plan.next().is_some() {
                 return Err(self.err("upload", "input ended before the plan"));
             }
-            if input.recv().await.is_some_and(|b| !b.is_empty()) {
+            // Bytes beyond the range that are already queued are an error
+            // (without waiting: the sender may keep its end open).
+            if input.try_recv().is_ok_and(|b| !b.is_empty()) {
                 return Err(gpu_err("more bytes arrived than the range holds"));
             }
             Ok(())
