@@ -616,3 +616,55 @@ async fn a_process_squatting_a_ranks_same_host_name_gets_no_secret() {
     let _ = std::fs::remove_file(&out);
     assert!(got.is_empty(), "the squatter received {} bytes", got.len());
 }
+
+/// A server at the seed's address that is not the job's seed refuses every
+/// join with words of its own: the rank must not believe it (it reports
+/// that the server could not prove the token, not the server's message).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refusal_without_the_seeds_proof_is_not_believed() {
+    use rankmesh::wire::control::RejectKind;
+    let ca = JobCa::new("fakejob", Duration::from_secs(3600)).unwrap();
+    let (chain, key) = ca.seed_identity().unwrap();
+    let tls = quinn::crypto::rustls::QuicServerConfig::try_from(
+        pki::seed_server_config(chain, key).unwrap(),
+    )
+    .unwrap();
+    let server = quinn::ServerConfig::with_crypto(Arc::new(tls));
+    let ep = quinn::Endpoint::server(server, "127.0.0.1:0".parse().unwrap()).unwrap();
+    let addr = ep.local_addr().unwrap();
+    let fake = tokio::spawn(async move {
+        while let Some(inc) = ep.accept().await {
+            let Ok(conn) = inc.await else { continue };
+            let Ok((mut send, mut recv)) = conn.accept_bi().await else {
+                continue;
+            };
+            let mut pre = [0u8; PREFIX_LEN];
+            if recv.read_exact(&mut pre).await.is_err() {
+                continue;
+            }
+            let p = control::decode_prefix(&pre).unwrap();
+            let mut body = vec![0u8; p.body_len];
+            let _ = recv.read_exact(&mut body).await;
+            let reply = JoinReply::Rejected {
+                kind: RejectKind::Membership,
+                reason: "FAKE: the job is full, go home".into(),
+                proof: [7; 32],
+            };
+            let _ = send.write_all(&control::encode(&reply).unwrap()).await;
+            let _ = send.finish();
+            let _ = tokio::time::timeout(Duration::from_secs(2), conn.closed()).await;
+        }
+    });
+    let real = Seed::start(SeedConfig::new(1)).unwrap();
+    let mut s = spec(&real, 0, 1);
+    s.seed = addr;
+    let err = join_rank(s).await.err().expect("joined a fake seed");
+    let text = err.to_string();
+    assert!(matches!(err, Error::Auth { .. }), "{text}");
+    assert!(text.contains("could not prove"), "{text}");
+    assert!(
+        !text.contains("FAKE"),
+        "the fake seed's words were believed: {text}"
+    );
+    fake.abort();
+}

@@ -227,12 +227,27 @@ async fn exchange(
             ca_der,
             cert_der,
         ),
-        JoinReply::Rejected { kind, reason } => {
+        JoinReply::Rejected {
+            kind,
+            reason,
+            proof,
+        } => {
+            // A refusal counts only from the job's seed: anything else at
+            // that address could make the rank give up with a message of
+            // its choosing.
+            if !spec.token.verify(conn, Direction::SeedToRank, &proof)? {
+                return Err(Error::auth(format!(
+                    "the server at {seed} refused this rank but could not prove it holds the \
+                     job token: either this rank's token is wrong (check RANKMESH_TOKEN or \
+                     RANKMESH_TOKEN_FILE: it must come from the rankrun that started the job) \
+                     or that server is not this job's seed (check RANKMESH_SEED)"
+                )));
+            }
             return Err(match kind {
                 RejectKind::Auth => Error::auth(reason),
                 RejectKind::Membership => membership(reason),
                 RejectKind::Protocol => Error::protocol(reason),
-            })
+            });
         }
     };
     if !spec.token.verify(conn, Direction::SeedToRank, &proof)? {

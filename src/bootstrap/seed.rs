@@ -387,12 +387,24 @@ async fn wait_failed(inner: &Inner) {
 }
 
 async fn reject(
+    token: &JobToken,
     conn: &quinn::Connection,
     send: &mut quinn::SendStream,
     kind: RejectKind,
     reason: String,
 ) -> Result<()> {
-    let _ = write_msg(send, &JoinReply::Rejected { kind, reason }).await;
+    // The refusal carries the seed's proof, so the joiner can tell it from
+    // one made up by a server that is not the job's seed.
+    let proof = token.proof(conn, Direction::SeedToRank)?;
+    let _ = write_msg(
+        send,
+        &JoinReply::Rejected {
+            kind,
+            reason,
+            proof,
+        },
+    )
+    .await;
     let _ = send.finish();
     // Let the rank read the verdict before the connection goes away.
     let _ = tokio::time::timeout(Duration::from_secs(2), conn.closed()).await;
@@ -413,7 +425,16 @@ async fn handle(inner: Arc<Inner>, incoming: quinn::Incoming) -> Result<()> {
         .map_err(|e| Error::transport(None, format!("join stream: {e}")))?;
     let req: JoinRequest = match tokio::time::timeout(limit, read_msg(&mut recv, "rank")).await {
         Ok(Ok(r)) => r,
-        Ok(Err(e)) => return reject(&conn, &mut send, RejectKind::Protocol, e.to_string()).await,
+        Ok(Err(e)) => {
+            return reject(
+                &inner.token,
+                &conn,
+                &mut send,
+                RejectKind::Protocol,
+                e.to_string(),
+            )
+            .await
+        }
         Err(_) => return Err(Error::transport(None, "join request timed out")),
     };
     if !inner
@@ -427,7 +448,14 @@ async fn handle(inner: Arc<Inner>, incoming: quinn::Incoming) -> Result<()> {
         );
         let reason = "the seed refused this rank: its job token does not match the job's \
                       (check RANKMESH_TOKEN; it must come from the rankrun that started the job)";
-        return reject(&conn, &mut send, RejectKind::Auth, reason.into()).await;
+        return reject(
+            &inner.token,
+            &conn,
+            &mut send,
+            RejectKind::Auth,
+            reason.into(),
+        )
+        .await;
     }
     // A late joiner of an elastic job (it asks for no rank and no world
     // size), or anyone once the job formed, waits for a checkpoint.
@@ -455,7 +483,14 @@ async fn handle(inner: Arc<Inner>, incoming: quinn::Incoming) -> Result<()> {
         Decision::Admit(r) => r,
         Decision::Refuse(reason) => {
             tracing::warn!("seed: refused {from}: {reason}");
-            return reject(&conn, &mut send, RejectKind::Membership, reason).await;
+            return reject(
+                &inner.token,
+                &conn,
+                &mut send,
+                RejectKind::Membership,
+                reason,
+            )
+            .await;
         }
     };
     let leave = |why: &str| {
@@ -473,7 +508,14 @@ async fn handle(inner: Arc<Inner>, incoming: quinn::Incoming) -> Result<()> {
         Ok(c) => c,
         Err(e) => {
             leave("its certificate request was invalid");
-            return reject(&conn, &mut send, RejectKind::Protocol, e.to_string()).await;
+            return reject(
+                &inner.token,
+                &conn,
+                &mut send,
+                RejectKind::Protocol,
+                e.to_string(),
+            )
+            .await;
         }
     };
     let reply = JoinReply::Accepted {
@@ -497,7 +539,7 @@ async fn handle(inner: Arc<Inner>, incoming: quinn::Incoming) -> Result<()> {
         Ok(r) => {
             leave("it announced the wrong rank");
             let why = format!("rank {rank} announced itself ready as rank {}", r.rank);
-            return reject(&conn, &mut send, RejectKind::Protocol, why).await;
+            return reject(&inner.token, &conn, &mut send, RejectKind::Protocol, why).await;
         }
         Err(e) => {
             leave(&e.to_string());
@@ -728,7 +770,14 @@ async fn late_join(
     };
     if !matches!(outcome, Some(Phase::Formed(_))) {
         let reason = "the job this process tried to join failed to form".to_string();
-        return reject(&conn, &mut send, RejectKind::Membership, reason).await;
+        return reject(
+            &inner.token,
+            &conn,
+            &mut send,
+            RejectKind::Membership,
+            reason,
+        )
+        .await;
     }
     let peer = PeerInfo {
         addr: req.listen,
@@ -740,7 +789,14 @@ async fn late_join(
             "this process was started for job {:?}, but the seed runs job {}",
             req.job_id, inner.job_id
         );
-        return reject(&conn, &mut send, RejectKind::Membership, reason).await;
+        return reject(
+            &inner.token,
+            &conn,
+            &mut send,
+            RejectKind::Membership,
+            reason,
+        )
+        .await;
     }
     let full = {
         let mut el = lock(el);
@@ -766,7 +822,14 @@ async fn late_join(
             req.pid,
             req.host
         );
-        return reject(&conn, &mut send, RejectKind::Membership, reason).await;
+        return reject(
+            &inner.token,
+            &conn,
+            &mut send,
+            RejectKind::Membership,
+            reason,
+        )
+        .await;
     }
     let id = {
         let mut el = lock(el);
@@ -782,14 +845,28 @@ async fn late_join(
         let reason = format!(
             "the job has issued {MAX_MEMBERS} member ids, the most it can; start a new job"
         );
-        return reject(&conn, &mut send, RejectKind::Membership, reason).await;
+        return reject(
+            &inner.token,
+            &conn,
+            &mut send,
+            RejectKind::Membership,
+            reason,
+        )
+        .await;
     };
     let release = || lock(el).reserved -= 1;
     let cert_der = match inner.ca.sign_rank(&req.csr_der, id) {
         Ok(c) => c,
         Err(e) => {
             release();
-            return reject(&conn, &mut send, RejectKind::Protocol, e.to_string()).await;
+            return reject(
+                &inner.token,
+                &conn,
+                &mut send,
+                RejectKind::Protocol,
+                e.to_string(),
+            )
+            .await;
         }
     };
     let proof = match inner.token.proof(&conn, Direction::SeedToRank) {

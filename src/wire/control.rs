@@ -19,7 +19,7 @@ use std::net::SocketAddr;
 /// Size of the fixed prefix.
 pub const PREFIX_LEN: usize = 32;
 /// Version of the join protocol this build speaks.
-pub const PROTOCOL_VERSION: u32 = 2;
+pub const PROTOCOL_VERSION: u32 = 3;
 /// Largest control body accepted (certificates and peer tables fit easily).
 pub const MAX_BODY: usize = 4 << 20;
 const MAGIC: [u8; 8] = *b"RANKMESH";
@@ -199,6 +199,10 @@ pub enum JoinReply {
         kind: RejectKind,
         /// Why, in words a person can act on.
         reason: String,
+        /// The seed's proof of the job token over this connection (as in
+        /// `Accepted`): a joiner acts on a refusal only from the job's
+        /// seed, never from a server that merely answered at its address.
+        proof: [u8; 32],
     },
 }
 
