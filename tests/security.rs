@@ -668,3 +668,166 @@ async fn a_refusal_without_the_seeds_proof_is_not_believed() {
     );
     fake.abort();
 }
+
+/// Not a test on its own: run by
+/// `unauthenticated_clients_pushing_data_cannot_exhaust_the_seed` as a
+/// separate process (so that its memory can be measured alone) that runs a
+/// seed for 2 ranks and writes "addr token job" to a file.
+#[test]
+fn seed_helper() {
+    let Some(out) = std::env::var_os("RANKMESH_TEST_SEED_OUT") else {
+        return;
+    };
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        let seed = Seed::start(SeedConfig::new(2)).unwrap();
+        let line = format!(
+            "{} {} {}",
+            seed.addr().unwrap(),
+            seed.token().to_hex(),
+            seed.job_id()
+        );
+        std::fs::write(&out, line).unwrap();
+        // Until the parent kills it.
+        tokio::time::sleep(Duration::from_secs(120)).await;
+    });
+}
+
+/// Resident memory of a process, in bytes.
+fn rss(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let kb: u64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap();
+    kb * 1024
+}
+
+/// Clients without the token open many connections to the seed and push
+/// stream data on every stream they can open, while two real ranks join:
+/// the seed's memory stays bounded, the attackers' connections are closed
+/// or refused, and formation completes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unauthenticated_clients_pushing_data_cannot_exhaust_the_seed() {
+    let out = std::env::temp_dir().join(format!("rankmesh-seed-{}", std::process::id()));
+    let _ = std::fs::remove_file(&out);
+    let mut child = std::process::Command::new(std::env::current_exe().unwrap())
+        .args(["--exact", "seed_helper", "--nocapture", "--test-threads=1"])
+        .env("RANKMESH_TEST_SEED_OUT", &out)
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let line = loop {
+        match std::fs::read_to_string(&out) {
+            Ok(l) if l.split(' ').count() == 3 => break l,
+            _ => tokio::time::sleep(Duration::from_millis(20)).await,
+        }
+    };
+    let mut parts = line.split(' ');
+    let addr: SocketAddr = parts.next().unwrap().parse().unwrap();
+    let token = JobToken::from_hex(parts.next().unwrap()).unwrap();
+    let job = parts.next().unwrap().to_string();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let before = rss(child.id());
+
+    // 300 connections, each pushing data on up to 16 unidirectional streams
+    // and one bidirectional stream for 6 s, without ever sending a valid
+    // join request.
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let ep = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
+    let mut attackers = tokio::task::JoinSet::new();
+    for _ in 0..300 {
+        let (ep, stop) = (ep.clone(), stop.clone());
+        attackers.spawn(async move {
+            let client = quic_client(pki::seed_client_config().unwrap());
+            let Ok(connecting) = ep.connect_with(client, addr, "seed") else {
+                return;
+            };
+            let Ok(Ok(conn)) = tokio::time::timeout(Duration::from_secs(10), connecting).await
+            else {
+                return;
+            };
+            let mut streams = Vec::new();
+            if let Ok(Ok((s, _))) =
+                tokio::time::timeout(Duration::from_millis(200), conn.open_bi()).await
+            {
+                streams.push(s);
+            }
+            for _ in 0..16 {
+                match tokio::time::timeout(Duration::from_millis(50), conn.open_uni()).await {
+                    Ok(Ok(s)) => streams.push(s),
+                    _ => break,
+                }
+            }
+            let junk = vec![0x5au8; 64 << 10];
+            let mut writers = tokio::task::JoinSet::new();
+            for mut s in streams {
+                let (junk, stop) = (junk.clone(), stop.clone());
+                writers.spawn(async move {
+                    while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                        let w =
+                            tokio::time::timeout(Duration::from_millis(200), s.write_all(&junk));
+                        if let Ok(Err(_)) = w.await {
+                            return;
+                        }
+                    }
+                });
+            }
+            while writers.join_next().await.is_some() {}
+            drop(conn);
+        });
+    }
+    // Sample the seed's memory while the attack runs; the real ranks join
+    // in the middle of it.
+    let sampler = {
+        let (stop, pid) = (stop.clone(), child.id());
+        tokio::spawn(async move {
+            let mut peak = 0;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                peak = peak.max(rss(pid));
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            peak
+        })
+    };
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let real = |rank| JoinSpec {
+        seed: addr,
+        token: token.clone(),
+        job_id: Some(job.clone()),
+        rank: Some(rank),
+        world_size: Some(2),
+        host: "localhost".into(),
+        late: false,
+    };
+    let (a, b) = tokio::time::timeout(Duration::from_secs(60), async {
+        tokio::join!(join_rank(real(0)), join_rank(real(1)))
+    })
+    .await
+    .expect("formation under attack did not finish within 60 s");
+    assert_eq!(a.unwrap().creds.rank, 0);
+    assert_eq!(b.unwrap().creds.rank, 1);
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let peak = sampler.await.unwrap();
+    while attackers.join_next().await.is_some() {}
+    let _ = child.kill();
+    let _ = child.wait();
+    let _ = std::fs::remove_file(&out);
+    let grown = peak.saturating_sub(before);
+    println!(
+        "seed RSS {} MB before the attack, peak {} MB during it",
+        before >> 20,
+        peak >> 20
+    );
+    assert!(
+        grown < 50 << 20,
+        "the seed's memory grew by {} MB under unauthenticated traffic",
+        grown >> 20
+    );
+}

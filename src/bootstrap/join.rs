@@ -162,6 +162,19 @@ pub async fn join(
                     })?;
                 }
             }
+            // The seed refuses connections while too many others have not
+            // proved the token (it may be under attack): try again shortly.
+            Ok(Err(quinn::ConnectionError::ConnectionClosed(c)))
+                if c.error_code == quinn::TransportErrorCode::CONNECTION_REFUSED
+                    && tokio::time::Instant::now() + Duration::from_secs(1) < until =>
+            {
+                tracing::warn!("the seed at {seed} is busy (connection refused); trying again");
+                let jitter = std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map(|d| d.subsec_nanos() % 200)
+                    .unwrap_or(0);
+                tokio::time::sleep(Duration::from_millis(100 + u64::from(jitter))).await;
+            }
             Ok(Err(e)) => return Err(unreachable(e.to_string())),
         }
     };

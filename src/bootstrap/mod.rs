@@ -33,11 +33,27 @@ fn control_error(peer: &str, e: ControlError) -> Error {
 
 /// Read one control message from a stream.
 async fn read_msg<T: DeserializeOwned>(s: &mut quinn::RecvStream, peer: &str) -> Result<T> {
+    read_msg_max(s, peer, control::MAX_BODY).await
+}
+
+/// Read one control message whose body is at most `max` bytes (checked
+/// before the body is allocated).
+async fn read_msg_max<T: DeserializeOwned>(
+    s: &mut quinn::RecvStream,
+    peer: &str,
+    max: usize,
+) -> Result<T> {
     let mut pre = [0u8; PREFIX_LEN];
     s.read_exact(&mut pre)
         .await
         .map_err(|e| Error::protocol(format!("{peer} ended the join exchange: {e}")))?;
     let p = control::decode_prefix(&pre).map_err(|e| control_error(peer, e))?;
+    if p.body_len > max {
+        return Err(Error::protocol(format!(
+            "{peer} sent a join message of {} bytes; at most {max} are accepted here",
+            p.body_len
+        )));
+    }
     let mut body = vec![0u8; p.body_len];
     s.read_exact(&mut body)
         .await

@@ -4,7 +4,7 @@
 
 use super::state::{Decision, JoinInfo, Phase, SeedState};
 use super::token::{random_job_id, Direction, JobToken};
-use super::{read_msg, write_msg};
+use super::{read_msg, read_msg_max, write_msg};
 use crate::config::Config;
 use crate::pki::{self, JobCa};
 use crate::transport::quic::endpoint;
@@ -238,7 +238,7 @@ impl Seed {
         let tls = QuicServerConfig::try_from(pki::seed_server_config(chain, key)?)
             .map_err(|e| Error::transport(None, format!("seed TLS: {e}")))?;
         let mut server = quinn::ServerConfig::with_crypto(Arc::new(tls));
-        server.transport_config(endpoint::transport_config(&Config::default())?);
+        server.transport_config(endpoint::seed_transport_config(&Config::default())?);
         let endpoint = endpoint::bind(cfg.bind, &Config::default())?;
         endpoint.set_server_config(Some(server));
         let now = Instant::now();
@@ -368,12 +368,36 @@ impl Drop for Seed {
     }
 }
 
+/// Connections that have not yet proved the job token, at most: beyond
+/// this the seed refuses new ones (a joiner tries again until its
+/// formation deadline), so that unauthenticated clients cannot exhaust the
+/// seed's memory.
+const MAX_UNPROVEN: usize = 128;
+
+/// Time a connection has to complete its handshake and send a join request
+/// with a valid proof.
+const PROOF_DEADLINE: Duration = Duration::from_secs(5);
+
+/// Largest join request the seed reads (it is read before the proof is
+/// checked; a real one is well under a kilobyte).
+const MAX_JOIN_REQUEST: usize = 16 << 10;
+
 async fn accept_loop(inner: Arc<Inner>, endpoint: quinn::Endpoint, tasks: Arc<Mutex<JoinSet<()>>>) {
+    let unproven = Arc::new(tokio::sync::Semaphore::new(MAX_UNPROVEN));
     while let Some(incoming) = endpoint.accept().await {
+        let Ok(permit) = unproven.clone().try_acquire_owned() else {
+            tracing::warn!(
+                "seed: refused a connection from {}: {MAX_UNPROVEN} connections have not yet \
+                 proved the token",
+                incoming.remote_address()
+            );
+            incoming.refuse();
+            continue;
+        };
         let i = inner.clone();
         spawn(&tasks, async move {
             let from = incoming.remote_address();
-            if let Err(e) = handle(i, incoming).await {
+            if let Err(e) = handle(i, incoming, permit).await {
                 tracing::warn!("seed: join from {from} failed: {e}");
             }
         });
@@ -412,18 +436,25 @@ async fn reject(
     Ok(())
 }
 
-async fn handle(inner: Arc<Inner>, incoming: quinn::Incoming) -> Result<()> {
+async fn handle(
+    inner: Arc<Inner>,
+    incoming: quinn::Incoming,
+    unproven: tokio::sync::OwnedSemaphorePermit,
+) -> Result<()> {
     let from = incoming.remote_address();
-    let limit = Duration::from_secs(30);
-    let conn = tokio::time::timeout(limit, incoming)
+    // Everything before the proof is checked shares one short deadline; a
+    // connection that misses it is dropped (which closes it).
+    let until = tokio::time::Instant::now() + PROOF_DEADLINE;
+    let conn = tokio::time::timeout_at(until, incoming)
         .await
         .map_err(|_| Error::transport(None, "handshake timed out"))?
         .map_err(|e| Error::transport(None, format!("handshake: {e}")))?;
-    let (mut send, mut recv) = tokio::time::timeout(limit, conn.accept_bi())
+    let (mut send, mut recv) = tokio::time::timeout_at(until, conn.accept_bi())
         .await
-        .map_err(|_| Error::transport(None, "no join request"))?
+        .map_err(|_| Error::transport(None, "no join request in time"))?
         .map_err(|e| Error::transport(None, format!("join stream: {e}")))?;
-    let req: JoinRequest = match tokio::time::timeout(limit, read_msg(&mut recv, "rank")).await {
+    let read = read_msg_max(&mut recv, "rank", MAX_JOIN_REQUEST);
+    let req: JoinRequest = match tokio::time::timeout_at(until, read).await {
         Ok(Ok(r)) => r,
         Ok(Err(e)) => {
             return reject(
@@ -457,6 +488,8 @@ async fn handle(inner: Arc<Inner>, incoming: quinn::Incoming) -> Result<()> {
         )
         .await;
     }
+    // Proven: no longer counted against the unauthenticated.
+    drop(unproven);
     // A late joiner of an elastic job (it asks for no rank and no world
     // size), or anyone once the job formed, waits for a checkpoint.
     let formed = matches!(*inner.phase.borrow(), Phase::Formed(_));

@@ -60,3 +60,27 @@ pub fn transport_config(cfg: &Config) -> Result<Arc<TransportConfig>> {
     t.enable_segmentation_offload(true);
     Ok(Arc::new(t))
 }
+
+/// Receive window (per stream and per connection) of the seed's side of a
+/// joiner's connection.
+const SEED_WINDOW: u32 = 64 << 10;
+
+/// quinn transport settings for the seed's side of joiners' connections.
+/// Anyone who reaches the seed can open one, before proving anything, so it
+/// must cost the seed little: no unidirectional streams (the join exchange
+/// and everything after it use one bidirectional stream), one
+/// bidirectional stream, and small receive windows (quinn buffers what
+/// arrives up to the window even when nobody reads it).
+pub fn seed_transport_config(cfg: &Config) -> Result<Arc<TransportConfig>> {
+    let mut t = TransportConfig::default();
+    let idle = quinn::IdleTimeout::try_from(cfg.idle_timeout())
+        .map_err(|_| Error::config("idle timeout is too large for QUIC"))?;
+    t.max_idle_timeout(Some(idle));
+    t.keep_alive_interval(Some(cfg.keep_alive()));
+    t.max_concurrent_uni_streams(VarInt::from_u32(0));
+    t.max_concurrent_bidi_streams(VarInt::from_u32(1));
+    t.stream_receive_window(VarInt::from_u32(SEED_WINDOW));
+    t.receive_window(VarInt::from_u32(SEED_WINDOW));
+    t.send_window(cfg.send_window());
+    Ok(Arc::new(t))
+}
