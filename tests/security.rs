@@ -831,3 +831,138 @@ async fn unauthenticated_clients_pushing_data_cannot_exhaust_the_seed() {
         grown >> 20
     );
 }
+
+/// Not a test on its own: run by
+/// `half_hellos_from_another_user_are_closed_at_once` as a separate process
+/// (as another user) that opens many connections to a rank's same-host
+/// socket, sends part of a hello on each, and reports how many the rank
+/// still holds open after 2 s.
+#[test]
+fn half_hello_helper() {
+    use std::io::{Read, Write};
+    use std::os::linux::net::SocketAddrExt;
+    let (Some(name), Some(count), Some(out)) = (
+        std::env::var_os("RANKMESH_TEST_HALF_HELLO"),
+        std::env::var_os("RANKMESH_TEST_HALF_HELLO_COUNT"),
+        std::env::var_os("RANKMESH_TEST_HALF_HELLO_OUT"),
+    ) else {
+        return;
+    };
+    let addr =
+        std::os::unix::net::SocketAddr::from_abstract_name(name.to_string_lossy().as_bytes())
+            .unwrap();
+    let count: usize = count.to_string_lossy().parse().unwrap();
+    let mut held = Vec::new();
+    for _ in 0..count {
+        let Ok(mut s) = std::os::unix::net::UnixStream::connect_addr(&addr) else {
+            break;
+        };
+        let _ = s.write_all(b"RMLC\x01");
+        held.push(s);
+    }
+    std::thread::sleep(Duration::from_secs(2));
+    let mut open = 0;
+    for s in &mut held {
+        s.set_nonblocking(true).unwrap();
+        let mut b = [0u8; 1];
+        if let Err(e) = s.read(&mut b) {
+            if e.kind() == std::io::ErrorKind::WouldBlock {
+                open += 1;
+            }
+        }
+    }
+    std::fs::write(&out, format!("{} {open}", held.len())).unwrap();
+}
+
+/// How many of `count` half-hello connections to `job`'s rank 1 are still
+/// held open after 2 s, opened by a separate process (as `uid`, if given).
+async fn half_hellos(job: &str, count: usize, uid: Option<u32>) -> (usize, usize) {
+    use std::os::unix::fs::PermissionsExt;
+    use std::os::unix::process::CommandExt;
+    let dir = std::env::temp_dir().join(format!("rankmesh-hh-{}-{count}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o777)).unwrap();
+    // Another user may not reach this test's own binary: run a copy.
+    let exe = dir.join("helper");
+    std::fs::copy(std::env::current_exe().unwrap(), &exe).unwrap();
+    std::fs::set_permissions(&exe, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let out = dir.join("out");
+    let mut cmd = std::process::Command::new(&exe);
+    cmd.args([
+        "--exact",
+        "half_hello_helper",
+        "--nocapture",
+        "--test-threads=1",
+    ])
+    .env("RANKMESH_TEST_HALF_HELLO", format!("rankmesh/{job}/1"))
+    .env("RANKMESH_TEST_HALF_HELLO_COUNT", count.to_string())
+    .env("RANKMESH_TEST_HALF_HELLO_OUT", &out)
+    .stdout(std::process::Stdio::null());
+    if let Some(u) = uid {
+        cmd.uid(u).gid(u);
+    }
+    let status = tokio::task::spawn_blocking(move || cmd.status())
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(status.success(), "the helper failed: {status}");
+    let got = std::fs::read_to_string(&out).unwrap();
+    let _ = std::fs::remove_dir_all(&dir);
+    let mut it = got.split(' ').map(|v| v.parse::<usize>().unwrap());
+    (it.next().unwrap(), it.next().unwrap())
+}
+
+/// Connections that send part of a hello and then nothing are closed
+/// within the hello deadline (about a second), not held for the formation
+/// timeout, and the ranks' own traffic keeps flowing meanwhile.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn half_hellos_are_closed_within_the_hello_deadline() {
+    let (_seed, ranks) = form(2).await;
+    let job = ranks[0].creds.job_id.clone();
+    delivered(&ranks, 0, 1, 9, 0, b"before").await;
+    let (opened, open) = half_hellos(&job, 200, None).await;
+    assert_eq!(opened, 200);
+    assert_eq!(
+        open, 0,
+        "{open} of 200 half-hello connections still held after 2 s"
+    );
+    let big = vec![0x42u8; 4 << 20];
+    delivered(&ranks, 0, 1, 9, 1, &big).await;
+    assert_eq!(ranks[0].transport.path(1), PeerPath::SameHost);
+}
+
+/// About 1,000 half-hellos from another user (`nobody`): the rank closes
+/// them at once (the same-host channel is for the job's own user), and
+/// large messages keep flowing. Needs root to switch users; CI runs as
+/// root (and CI=true fails instead of skipping).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn half_hellos_from_another_user_are_closed_at_once() {
+    use std::os::unix::fs::MetadataExt;
+    let root = std::fs::metadata("/proc/self")
+        .map(|m| m.uid() == 0)
+        .unwrap_or(false);
+    if !root {
+        assert!(
+            std::env::var("CI").map(|v| v != "true").unwrap_or(true),
+            "CI=true but not root: cannot run the other-user test"
+        );
+        eprintln!("SKIPPED half_hellos_from_another_user_are_closed_at_once: needs root");
+        return;
+    }
+    let (_seed, ranks) = form(2).await;
+    let job = ranks[0].creds.job_id.clone();
+    let big = vec![0x17u8; 4 << 20];
+    let traffic = async {
+        for n in 0..4 {
+            delivered(&ranks, 0, 1, 11, n, &big).await;
+        }
+    };
+    let ((opened, open), ()) = tokio::join!(half_hellos(&job, 1000, Some(65534)), traffic);
+    assert!(opened >= 900, "the helper opened only {opened} connections");
+    assert_eq!(
+        open, 0,
+        "{open} of {opened} connections from another user still held"
+    );
+    assert_eq!(ranks[0].transport.path(1), PeerPath::SameHost);
+}

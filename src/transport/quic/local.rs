@@ -102,6 +102,20 @@ async fn connect(path: &std::path::Path, pid: u32, buffer: usize) -> std::io::Re
     Ok(s)
 }
 
+/// Time a same-host connection has to send its whole hello.
+const HELLO_DEADLINE: Duration = Duration::from_secs(1);
+
+/// Same-host connections that have not yet sent their hello, at most (more
+/// are closed at once).
+const MAX_UNPROVEN_LOCAL: usize = 64;
+
+/// This process's user (the owner of `/proc/self`), to refuse same-host
+/// connections from other users; `None` without `/proc`.
+fn own_uid() -> Option<u32> {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::metadata("/proc/self").ok().map(|m| m.uid())
+}
+
 fn hello(kind: HelloKind, rank: usize, secret: &Secret) -> [u8; HELLO_LEN] {
     Hello {
         kind,
@@ -273,14 +287,41 @@ impl Shared {
             }
         };
         let sh = self.clone();
+        let uid = own_uid();
+        let unproven = Arc::new(tokio::sync::Semaphore::new(MAX_UNPROVEN_LOCAL));
         self.spawn(async move {
             loop {
                 match listener.accept().await {
                     Ok((s, _)) => {
+                        // Only the job's own user may use the channel: any
+                        // other is closed at once, before anything is read,
+                        // so it cannot hold this rank's descriptors.
+                        let cred = s.peer_cred();
+                        let foreign = match (&cred, uid) {
+                            (Ok(c), Some(u)) => c.uid() != u,
+                            (Ok(_), None) => false,
+                            (Err(_), _) => true,
+                        };
+                        if foreign {
+                            tracing::warn!(
+                                rank = sh.rank,
+                                "refused a same-host connection from another user ({:?})",
+                                cred.map(|c| (c.uid(), c.pid()))
+                            );
+                            continue;
+                        }
+                        let Ok(permit) = unproven.clone().try_acquire_owned() else {
+                            tracing::warn!(
+                                rank = sh.rank,
+                                "refused a same-host connection: {MAX_UNPROVEN_LOCAL} others \
+                                 have not yet sent their hello"
+                            );
+                            continue;
+                        };
                         // Also while finalizing: a peer's goodbye counts the
                         // message connections it opened.
                         let h = sh.clone();
-                        sh.spawn(async move { h.local_incoming(s).await });
+                        sh.spawn(async move { h.local_incoming(s, permit).await });
                     }
                     Err(e) => {
                         tracing::warn!(rank = sh.rank, "same-host accept failed: {e}");
@@ -535,15 +576,22 @@ impl Shared {
     }
 
     /// A connection arrived on this rank's same-host socket.
-    async fn local_incoming(self: Arc<Self>, mut s: UnixStream) {
+    async fn local_incoming(
+        self: Arc<Self>,
+        mut s: UnixStream,
+        unproven: tokio::sync::OwnedSemaphorePermit,
+    ) {
         let mut hello = [0u8; HELLO_LEN];
         let limit = self.cfg.formation_timeout();
+        // A peer rank sends its whole hello at once: a connection that has
+        // not within a second is closed, whoever opened it.
         if !matches!(
-            tokio::time::timeout(limit, s.read_exact(&mut hello)).await,
+            tokio::time::timeout(HELLO_DEADLINE, s.read_exact(&mut hello)).await,
             Ok(Ok(_))
         ) {
             return;
         }
+        drop(unproven);
         let (kind, rank, secret) = match Hello::decode(&hello) {
             Ok(h) => (h.kind, h.rank as usize, h.secret),
             Err(e) => {
