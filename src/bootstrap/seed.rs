@@ -410,30 +410,33 @@ async fn wait_failed(inner: &Inner) {
     let _ = rx.wait_for(|p| matches!(p, Phase::Failed(_))).await;
 }
 
-async fn reject(
-    token: &JobToken,
-    conn: &quinn::Connection,
-    send: &mut quinn::SendStream,
-    kind: RejectKind,
-    reason: String,
-) -> Result<()> {
-    // The refusal carries the seed's proof, so the joiner can tell it from
-    // one made up by a server that is not the job's seed.
-    let proof = token.proof(conn, Direction::SeedToRank)?;
-    let _ = write_msg(
-        send,
-        &JoinReply::Rejected {
-            kind,
-            reason,
-            proof,
-        },
-    )
-    .await;
-    let _ = send.finish();
-    // Let the rank read the verdict before the connection goes away.
-    let _ = tokio::time::timeout(Duration::from_secs(2), conn.closed()).await;
-    conn.close(VarInt::from_u32(1), b"join rejected");
-    Ok(())
+impl Inner {
+    /// Refuse a join with `reason`, carrying the seed's proof (so the joiner
+    /// can tell the refusal from one made up by a server that is not the
+    /// job's seed), and close the connection once the joiner has read it.
+    async fn reject(
+        &self,
+        conn: &quinn::Connection,
+        send: &mut quinn::SendStream,
+        kind: RejectKind,
+        reason: String,
+    ) -> Result<()> {
+        let proof = self.token.proof(conn, Direction::SeedToRank)?;
+        let _ = write_msg(
+            send,
+            &JoinReply::Rejected {
+                kind,
+                reason,
+                proof,
+            },
+        )
+        .await;
+        let _ = send.finish();
+        // Let the rank read the verdict before the connection goes away.
+        let _ = tokio::time::timeout(Duration::from_secs(2), conn.closed()).await;
+        conn.close(VarInt::from_u32(1), b"join rejected");
+        Ok(())
+    }
 }
 
 async fn handle(
@@ -457,14 +460,9 @@ async fn handle(
     let req: JoinRequest = match tokio::time::timeout_at(until, read).await {
         Ok(Ok(r)) => r,
         Ok(Err(e)) => {
-            return reject(
-                &inner.token,
-                &conn,
-                &mut send,
-                RejectKind::Protocol,
-                e.to_string(),
-            )
-            .await
+            return inner
+                .reject(&conn, &mut send, RejectKind::Protocol, e.to_string())
+                .await
         }
         Err(_) => return Err(Error::transport(None, "join request timed out")),
     };
@@ -479,14 +477,9 @@ async fn handle(
         );
         let reason = "the seed refused this rank: its job token does not match the job's \
                       (check RANKMESH_TOKEN; it must come from the rankrun that started the job)";
-        return reject(
-            &inner.token,
-            &conn,
-            &mut send,
-            RejectKind::Auth,
-            reason.into(),
-        )
-        .await;
+        return inner
+            .reject(&conn, &mut send, RejectKind::Auth, reason.into())
+            .await;
     }
     // Proven: no longer counted against the unauthenticated.
     drop(unproven);
@@ -516,14 +509,9 @@ async fn handle(
         Decision::Admit(r) => r,
         Decision::Refuse(reason) => {
             tracing::warn!("seed: refused {from}: {reason}");
-            return reject(
-                &inner.token,
-                &conn,
-                &mut send,
-                RejectKind::Membership,
-                reason,
-            )
-            .await;
+            return inner
+                .reject(&conn, &mut send, RejectKind::Membership, reason)
+                .await;
         }
     };
     let leave = |why: &str| {
@@ -541,14 +529,9 @@ async fn handle(
         Ok(c) => c,
         Err(e) => {
             leave("its certificate request was invalid");
-            return reject(
-                &inner.token,
-                &conn,
-                &mut send,
-                RejectKind::Protocol,
-                e.to_string(),
-            )
-            .await;
+            return inner
+                .reject(&conn, &mut send, RejectKind::Protocol, e.to_string())
+                .await;
         }
     };
     let reply = JoinReply::Accepted {
@@ -572,7 +555,9 @@ async fn handle(
         Ok(r) => {
             leave("it announced the wrong rank");
             let why = format!("rank {rank} announced itself ready as rank {}", r.rank);
-            return reject(&inner.token, &conn, &mut send, RejectKind::Protocol, why).await;
+            return inner
+                .reject(&conn, &mut send, RejectKind::Protocol, why)
+                .await;
         }
         Err(e) => {
             leave(&e.to_string());
@@ -803,14 +788,9 @@ async fn late_join(
     };
     if !matches!(outcome, Some(Phase::Formed(_))) {
         let reason = "the job this process tried to join failed to form".to_string();
-        return reject(
-            &inner.token,
-            &conn,
-            &mut send,
-            RejectKind::Membership,
-            reason,
-        )
-        .await;
+        return inner
+            .reject(&conn, &mut send, RejectKind::Membership, reason)
+            .await;
     }
     let peer = PeerInfo {
         addr: req.listen,
@@ -822,14 +802,9 @@ async fn late_join(
             "this process was started for job {:?}, but the seed runs job {}",
             req.job_id, inner.job_id
         );
-        return reject(
-            &inner.token,
-            &conn,
-            &mut send,
-            RejectKind::Membership,
-            reason,
-        )
-        .await;
+        return inner
+            .reject(&conn, &mut send, RejectKind::Membership, reason)
+            .await;
     }
     let full = {
         let mut el = lock(el);
@@ -855,14 +830,9 @@ async fn late_join(
             req.pid,
             req.host
         );
-        return reject(
-            &inner.token,
-            &conn,
-            &mut send,
-            RejectKind::Membership,
-            reason,
-        )
-        .await;
+        return inner
+            .reject(&conn, &mut send, RejectKind::Membership, reason)
+            .await;
     }
     let id = {
         let mut el = lock(el);
@@ -878,28 +848,18 @@ async fn late_join(
         let reason = format!(
             "the job has issued {MAX_MEMBERS} member ids, the most it can; start a new job"
         );
-        return reject(
-            &inner.token,
-            &conn,
-            &mut send,
-            RejectKind::Membership,
-            reason,
-        )
-        .await;
+        return inner
+            .reject(&conn, &mut send, RejectKind::Membership, reason)
+            .await;
     };
     let release = || lock(el).reserved -= 1;
     let cert_der = match inner.ca.sign_rank(&req.csr_der, id) {
         Ok(c) => c,
         Err(e) => {
             release();
-            return reject(
-                &inner.token,
-                &conn,
-                &mut send,
-                RejectKind::Protocol,
-                e.to_string(),
-            )
-            .await;
+            return inner
+                .reject(&conn, &mut send, RejectKind::Protocol, e.to_string())
+                .await;
         }
     };
     let proof = match inner.token.proof(&conn, Direction::SeedToRank) {

@@ -216,7 +216,7 @@ fn load_kernels(ctx: &Arc<CudaContext>) -> Result<Arc<CudaModule>> {
             nvrtc.version.0,
             nvrtc.version.1
         );
-        let ptx = match nvrtc.compile(&src, &[]) {
+        let ptx = match nvrtc.compile(&src) {
             Ok(p) => p,
             Err(e) => {
                 tried.push(format!("{label}: {e}"));
@@ -1026,7 +1026,7 @@ mod tests {
             nvrtc.version.1
         );
         let ptx = nvrtc
-            .compile(&kernels_source(), &[])
+            .compile(&kernels_source())
             .unwrap_or_else(|e| panic!("{}: {e}", nvrtc.path.display()));
         for d in DTYPES {
             for op in [None, Some(ReduceOp::Sum), Some(ReduceOp::Max)] {
@@ -1038,7 +1038,7 @@ mod tests {
             }
         }
         // A compile error carries NVRTC's log.
-        let e = nvrtc.compile("this is not CUDA", &[]).unwrap_err();
+        let e = nvrtc.compile("this is not CUDA").unwrap_err();
         assert!(e.contains("nvrtcCompileProgram"), "{e}");
     }
 }

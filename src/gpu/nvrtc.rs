@@ -216,9 +216,10 @@ impl Nvrtc {
         }
     }
 
-    /// Compile CUDA C `src` to PTX with `options` (e.g. `--gpu-architecture=compute_90`).
-    /// A compile error carries NVRTC's log.
-    pub(crate) fn compile(&self, src: &str, options: &[&str]) -> Result<String, String> {
+    /// Compile CUDA C `src` to PTX (for NVRTC's default architecture, which
+    /// every newer GPU's driver compiles further). A compile error carries
+    /// NVRTC's log.
+    pub(crate) fn compile(&self, src: &str) -> Result<String, String> {
         type Create = unsafe extern "C" fn(
             *mut Program,
             *const c_char,
@@ -233,11 +234,6 @@ impl Nvrtc {
         type Destroy = unsafe extern "C" fn(*mut Program) -> NvrtcResult;
         let src = CString::new(src).map_err(|e| format!("kernel source: {e}"))?;
         let name = c"rankmesh_kernels.cu";
-        let opts: Vec<CString> = options
-            .iter()
-            .map(|o| CString::new(*o).map_err(|e| format!("option {o}: {e}")))
-            .collect::<Result<_, _>>()?;
-        let opt_ptrs: Vec<*const c_char> = opts.iter().map(|o| o.as_ptr()).collect();
         // SAFETY: each symbol is declared with NVRTC's C signature; every
         // pointer passed lives until the call returns; buffers handed to
         // the getters are sized by the matching size query; the program is
@@ -277,7 +273,7 @@ impl Nvrtc {
                 buf.truncate(end);
                 Ok(String::from_utf8_lossy(&buf).into_owned())
             };
-            let r = compile(prog, opt_ptrs.len() as c_int, opt_ptrs.as_ptr());
+            let r = compile(prog, 0, std::ptr::null());
             let out = if r != 0 {
                 let log = read(log_size, get_log).unwrap_or_default();
                 Err(format!(

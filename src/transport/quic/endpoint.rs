@@ -45,11 +45,7 @@ pub fn socket(addr: SocketAddr, cfg: &Config) -> Result<std::net::UdpSocket> {
 
 /// quinn transport settings for rank-to-rank connections.
 pub fn transport_config(cfg: &Config) -> Result<Arc<TransportConfig>> {
-    let mut t = TransportConfig::default();
-    let idle = quinn::IdleTimeout::try_from(cfg.idle_timeout())
-        .map_err(|_| Error::config("idle timeout is too large for QUIC"))?;
-    t.max_idle_timeout(Some(idle));
-    t.keep_alive_interval(Some(cfg.keep_alive()));
+    let mut t = liveness(cfg)?;
     t.stream_receive_window(VarInt::from_u32(cfg.stream_receive_window()));
     t.send_window(cfg.send_window());
     t.max_concurrent_uni_streams(VarInt::from_u32(cfg.max_streams()));
@@ -72,15 +68,22 @@ const SEED_WINDOW: u32 = 64 << 10;
 /// bidirectional stream, and small receive windows (quinn buffers what
 /// arrives up to the window even when nobody reads it).
 pub fn seed_transport_config(cfg: &Config) -> Result<Arc<TransportConfig>> {
-    let mut t = TransportConfig::default();
-    let idle = quinn::IdleTimeout::try_from(cfg.idle_timeout())
-        .map_err(|_| Error::config("idle timeout is too large for QUIC"))?;
-    t.max_idle_timeout(Some(idle));
-    t.keep_alive_interval(Some(cfg.keep_alive()));
+    let mut t = liveness(cfg)?;
     t.max_concurrent_uni_streams(VarInt::from_u32(0));
     t.max_concurrent_bidi_streams(VarInt::from_u32(1));
     t.stream_receive_window(VarInt::from_u32(SEED_WINDOW));
     t.receive_window(VarInt::from_u32(SEED_WINDOW));
     t.send_window(cfg.send_window());
     Ok(Arc::new(t))
+}
+
+/// Default quinn settings with the configured idle timeout and keep-alive,
+/// shared by ranks' and the seed's connections.
+fn liveness(cfg: &Config) -> Result<TransportConfig> {
+    let mut t = TransportConfig::default();
+    let idle = quinn::IdleTimeout::try_from(cfg.idle_timeout())
+        .map_err(|_| Error::config("idle timeout is too large for QUIC"))?;
+    t.max_idle_timeout(Some(idle));
+    t.keep_alive_interval(Some(cfg.keep_alive()));
+    Ok(t)
 }
