@@ -852,12 +852,18 @@ fn half_hello_helper() {
         std::os::unix::net::SocketAddr::from_abstract_name(name.to_string_lossy().as_bytes())
             .unwrap();
     let count: usize = count.to_string_lossy().parse().unwrap();
+    let full = std::env::var_os("RANKMESH_TEST_HALF_HELLO_FULL").is_some();
     let mut held = Vec::new();
     for _ in 0..count {
         let Ok(mut s) = std::os::unix::net::UnixStream::connect_addr(&addr) else {
             break;
         };
-        let _ = s.write_all(b"RMLC\x01");
+        // A whole hello with a made-up secret, or only its first bytes.
+        if full {
+            let _ = s.write_all(&same_host_hello(1, 0, [5; 32]));
+        } else {
+            let _ = s.write_all(b"RMLC\x01");
+        }
         held.push(s);
     }
     std::thread::sleep(Duration::from_secs(2));
@@ -877,6 +883,11 @@ fn half_hello_helper() {
 /// How many of `count` half-hello connections to `job`'s rank 1 are still
 /// held open after 2 s, opened by a separate process (as `uid`, if given).
 async fn half_hellos(job: &str, count: usize, uid: Option<u32>) -> (usize, usize) {
+    hellos(job, count, uid, false).await
+}
+
+/// The same with whole hellos (`full`) whose secret is made up.
+async fn hellos(job: &str, count: usize, uid: Option<u32>, full: bool) -> (usize, usize) {
     use std::os::unix::fs::PermissionsExt;
     use std::os::unix::process::CommandExt;
     let dir = std::env::temp_dir().join(format!("rankmesh-hh-{}-{count}", std::process::id()));
@@ -899,6 +910,9 @@ async fn half_hellos(job: &str, count: usize, uid: Option<u32>) -> (usize, usize
     .env("RANKMESH_TEST_HALF_HELLO_COUNT", count.to_string())
     .env("RANKMESH_TEST_HALF_HELLO_OUT", &out)
     .stdout(std::process::Stdio::null());
+    if full {
+        cmd.env("RANKMESH_TEST_HALF_HELLO_FULL", "1");
+    }
     if let Some(u) = uid {
         cmd.uid(u).gid(u);
     }
@@ -929,6 +943,23 @@ async fn half_hellos_are_closed_within_the_hello_deadline() {
     );
     let big = vec![0x42u8; 4 << 20];
     delivered(&ranks, 0, 1, 9, 1, &big).await;
+    assert_eq!(ranks[0].transport.path(1), PeerPath::SameHost);
+}
+
+/// Whole hellos whose secret belongs to no QUIC connection (claiming rank
+/// 0) are refused within the same deadline: waiting for a secret to turn
+/// up does not hold a descriptor for the formation timeout.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hellos_with_a_made_up_secret_are_closed_within_the_hello_deadline() {
+    let (_seed, ranks) = form(2).await;
+    let job = ranks[0].creds.job_id.clone();
+    let (opened, open) = hellos(&job, 50, None, true).await;
+    assert_eq!(opened, 50);
+    assert_eq!(
+        open, 0,
+        "{open} of 50 connections with a made-up secret still held after 2 s"
+    );
+    delivered(&ranks, 0, 1, 12, 0, b"after").await;
     assert_eq!(ranks[0].transport.path(1), PeerPath::SameHost);
 }
 
@@ -965,4 +996,207 @@ async fn half_hellos_from_another_user_are_closed_at_once() {
         "{open} of {opened} connections from another user still held"
     );
     assert_eq!(ranks[0].transport.path(1), PeerPath::SameHost);
+}
+
+/// What a token holder keeps from a join it abandons after the seed issued
+/// its certificate (it quits before saying Ready): a client configuration
+/// with that certificate and its key, and the member id the certificate names.
+struct Abandoned {
+    client: quinn::ClientConfig,
+    id: usize,
+}
+
+async fn abandoned_join(spec: JoinSpec) -> Abandoned {
+    let c = cfg();
+    let ep = endpoint::bind("127.0.0.1:0".parse().unwrap(), &c).unwrap();
+    let kept = std::sync::Mutex::new(None);
+    let res = join(&ep, &spec, &c, |cr| {
+        *kept.lock().unwrap() = Some((pki::peer_client_config(cr).unwrap(), cr.rank));
+        Err(Error::Protocol {
+            detail: "the holder quits before Ready".into(),
+        })
+    })
+    .await;
+    assert!(res.is_err(), "the abandoned join went on");
+    ep.close(0u32.into(), b"");
+    let (tls, id) = kept
+        .into_inner()
+        .unwrap()
+        .expect("no certificate was issued");
+    Abandoned {
+        client: quic_client(tls),
+        id,
+    }
+}
+
+/// The holder of `stolen` dials the rank at `target` (named `target_rank`),
+/// sends a p2p frame (`tag`) as the member its certificate names, and
+/// claims that member on the target's same-host socket with the secret of
+/// its QUIC connection. Returns how the target ended the QUIC connection
+/// (`None`: it kept it for 5 s) and whether the same-host hello was accepted.
+async fn impersonate(
+    stolen: &Abandoned,
+    job: &str,
+    target: SocketAddr,
+    target_rank: usize,
+    tag: u64,
+) -> (Option<quinn::ConnectionError>, bool) {
+    use std::io::{Read, Write};
+    let ep = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
+    let name = pki::rank_dns_name(job, target_rank);
+    let conn = match ep
+        .connect_with(stolen.client.clone(), target, &name)
+        .unwrap()
+        .await
+    {
+        Ok(c) => c,
+        Err(e) => return (Some(e), false),
+    };
+    let mut secret = [0u8; 32];
+    conn.export_keying_material(&mut secret, b"EXPORTER-rankmesh-same-host-channel", b"")
+        .unwrap();
+    if let Ok(mut s) = conn.open_uni().await {
+        let frame = [
+            p2p_header(stolen.id as u32, tag, 0, 4).encode().to_vec(),
+            b"fake".to_vec(),
+        ]
+        .concat();
+        let _ = s.write_all(&frame).await;
+        let _ = s.finish();
+    }
+    let (j, id) = (job.to_string(), stolen.id as u32);
+    let accepted = tokio::task::spawn_blocking(move || {
+        let mut s = same_host_connect(&j, target_rank);
+        if s.write_all(&same_host_hello(1, id, secret)).is_err() {
+            return false;
+        }
+        let mut verdict = [0u8; 1];
+        s.read_exact(&mut verdict).is_ok() && verdict == [1]
+    })
+    .await
+    .unwrap();
+    let closed = tokio::time::timeout(Duration::from_secs(5), conn.closed())
+        .await
+        .ok();
+    ep.close(0u32.into(), b"");
+    (closed, accepted)
+}
+
+/// The target refused the holder of an abandoned join: closed for
+/// authentication, and no same-host channel.
+fn refused(outcome: (Option<quinn::ConnectionError>, bool), who: &str) {
+    match &outcome.0 {
+        Some(quinn::ConnectionError::ApplicationClosed(c))
+            if c.error_code == quinn::VarInt::from_u32(rankmesh::transport::quic::CODE_AUTH) =>
+        {
+            let why = String::from_utf8_lossy(&c.reason).to_string();
+            assert!(why.contains("key"), "{who}: {why}");
+        }
+        other => panic!("{who} did not refuse the holder of an abandoned join: {other:?}"),
+    }
+    assert!(!outcome.1, "{who} accepted the holder's same-host channel");
+}
+
+/// A token holder joins as rank 2, keeps the certificate the seed issued
+/// and quits before Ready; the real rank 2 then takes the slot. Every rank
+/// refuses the holder (QUIC and same-host), nothing it sends is delivered,
+/// and messages to rank 2 reach only the real rank 2.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_certificate_from_an_abandoned_join_gives_its_holder_no_identity() {
+    let seed = Seed::start(SeedConfig::new(3)).unwrap();
+    let stolen = abandoned_join(spec(&seed, 2, 3)).await;
+    assert_eq!(stolen.id, 2);
+    let first: Vec<_> = (0..2)
+        .map(|r| tokio::spawn(join_rank(spec(&seed, r, 3))))
+        .collect();
+    // The slot is free again once the seed has seen the holder go.
+    let mut tries = 0;
+    let real2 = loop {
+        match join_rank(spec(&seed, 2, 3)).await {
+            Ok(r) => break r,
+            Err(e) if e.to_string().contains("already taken") && tries < 100 => {
+                tries += 1;
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            Err(e) => panic!("the real rank 2 could not join: {e}"),
+        }
+    };
+    let mut ranks = Vec::new();
+    for h in first {
+        ranks.push(h.await.unwrap().unwrap());
+    }
+    ranks.push(real2);
+    let job = ranks[0].creds.job_id.clone();
+    // Before any real traffic (the first connection registered for a rank
+    // used to win).
+    for target in [0, 1] {
+        let out = impersonate(&stolen, &job, ranks[target].addr, target, 9).await;
+        refused(out, &format!("rank {target}"));
+    }
+    for target in [0, 1] {
+        nothing_then_real_passes(&ranks, 2, target, 9).await;
+        delivered(&ranks, target, 2, 10, 0, b"for the real rank 2").await;
+    }
+}
+
+/// The same for a late joiner of an elastic job: the abandoned member id
+/// is refused by every member, including the process admitted after it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_elastic_join_abandoned_after_its_certificate_gives_its_holder_no_identity() {
+    let mut sc = SeedConfig::new(2);
+    sc.set_elastic(1, 4);
+    let seed = Seed::start(sc).unwrap();
+    let first: Vec<_> = (0..2)
+        .map(|r| tokio::spawn(rankmesh::init_elastic_with(spec(&seed, r, 2), cfg())))
+        .collect();
+    let mut comms = Vec::new();
+    for h in first {
+        comms.push(h.await.unwrap().unwrap().comm);
+    }
+    let mut late = spec(&seed, 0, 2);
+    late.rank = None;
+    late.world_size = None;
+    late.late = true;
+    let stolen = abandoned_join(late.clone()).await;
+    assert_eq!(stolen.id, 2);
+    let joiner = tokio::spawn(rankmesh::init_elastic_with(late, cfg()));
+    for _ in 0..600 {
+        if seed.waiting_joiners() >= 1 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let points: Vec<_> = comms
+        .into_iter()
+        .map(|c| tokio::spawn(async move { c.checkpoint(b"state").await }))
+        .collect();
+    let mut comms = vec![joiner.await.unwrap().unwrap().comm];
+    for p in points {
+        comms.push(p.await.unwrap().unwrap().comm);
+    }
+    assert!(comms.iter().all(|c| c.size() == 3));
+    let table = seed.members();
+    assert_eq!(table.len(), 4, "{table:?}");
+    let job = seed.job_id().to_string();
+    for (id, p) in table.iter().enumerate() {
+        if id == stolen.id {
+            continue;
+        }
+        let out = impersonate(&stolen, &job, p.addr, id, 11).await;
+        refused(out, &format!("member {id}"));
+    }
+    // The job goes on.
+    let jobs: Vec<_> = comms
+        .into_iter()
+        .map(|c| {
+            tokio::spawn(async move {
+                let mut v = vec![1u32; 64];
+                c.all_reduce(&mut v, rankmesh::ReduceOp::Sum).await.unwrap();
+                v
+            })
+        })
+        .collect();
+    for j in jobs {
+        assert!(j.await.unwrap().iter().all(|&x| x == 3));
+    }
 }

@@ -36,6 +36,7 @@ fuzz_target!(|data: &[u8]| {
                         addr: ([127, 0, 0, 1], u16::from(a) * 256 + u16::from(b)).into(),
                         host: "h".into(),
                         pid: u32::from(c),
+                        key: None,
                     },
                 };
                 if let Decision::Admit(r) = s.handle_join(info) {
@@ -44,7 +45,7 @@ fuzz_target!(|data: &[u8]| {
                     admitted[r] = true;
                 }
             }
-            2 => s.handle_ready(usize::from(a)),
+            2 => s.handle_ready(usize::from(a), [b; 32]),
             3 => {
                 let r = usize::from(a);
                 s.handle_leave(r);
@@ -66,6 +67,7 @@ fuzz_target!(|data: &[u8]| {
         }
         if let Phase::Formed(peers) = s.phase() {
             assert_eq!(peers.len(), n);
+            assert!(peers.iter().all(|p| p.key.is_some()), "a member without a key pin");
         }
     }
 });

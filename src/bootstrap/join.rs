@@ -287,6 +287,7 @@ async fn exchange(
         CertificateDer::from(cert_der),
         &key,
     )?;
+    let pin = pki::key_pin(&creds.cert)?;
     admitted(&creds)?;
     write_msg(&mut send, &Ready { rank: rank as u32 }).await?;
     tracing::debug!(
@@ -308,6 +309,17 @@ async fn exchange(
         send: tokio::sync::Mutex::new(send),
         recv: std::sync::Mutex::new(Some(recv)),
     };
+    // The table must pin this rank's own key: peers accept it by that key.
+    let pinned = |table: &[PeerInfo]| {
+        if table.get(rank).and_then(|p| p.key) == Some(pin) {
+            Ok(())
+        } else {
+            Err(Error::protocol(format!(
+                "the seed at {seed} sent a peer table that does not pin the key of the \
+                 certificate it issued to rank {rank}; peers would refuse this rank"
+            )))
+        }
+    };
     match formation {
         Formation::Admitted(info) => {
             let valid = info.members.contains(&(rank as u32))
@@ -322,6 +334,7 @@ async fn exchange(
                     info.members.len()
                 )));
             }
+            pinned(&info.table)?;
             Ok(Joined {
                 creds,
                 world_size: info.members.len(),
@@ -338,6 +351,7 @@ async fn exchange(
                     peers.len()
                 )));
             }
+            pinned(&peers)?;
             Ok(Joined {
                 creds,
                 world_size,

@@ -342,6 +342,23 @@ impl Seed {
         self.inner.joined.subscribe()
     }
 
+    /// The peer table by member id as the seed knows it now: every member
+    /// the job has had once it formed (an elastic job's grows as processes
+    /// join), empty before. Entries carry the key each member was admitted
+    /// with; an id that was never admitted carries none.
+    pub fn members(&self) -> Vec<PeerInfo> {
+        if let Some(el) = &self.inner.elastic {
+            let el = lock(el);
+            if !el.table.is_empty() {
+                return el.table.clone();
+            }
+        }
+        match &*self.inner.phase.borrow() {
+            Phase::Formed(t) => t.clone(),
+            _ => Vec::new(),
+        }
+    }
+
     /// Processes waiting to join an elastic job at its next checkpoint.
     pub fn waiting_joiners(&self) -> usize {
         self.inner
@@ -498,6 +515,8 @@ async fn handle(
             addr: req.listen,
             host: req.host.clone(),
             pid: req.pid,
+            // Pinned once the rank is ready with the certificate issued below.
+            key: None,
         },
     };
     let decision = inner
@@ -525,7 +544,11 @@ async fn handle(
         };
         tracing::warn!("seed: rank {rank} left before formation completed ({why}); {left}");
     };
-    let cert_der = match inner.ca.sign_rank(&req.csr_der, rank) {
+    let issued = inner
+        .ca
+        .sign_rank(&req.csr_der, rank)
+        .and_then(|c| Ok((pki::key_pin(&c)?, c)));
+    let (pin, cert_der) = match issued {
         Ok(c) => c,
         Err(e) => {
             leave("its certificate request was invalid");
@@ -566,7 +589,7 @@ async fn handle(
     }
     let (progress, phase) = {
         let mut st = inner.state.lock().unwrap_or_else(|p| p.into_inner());
-        st.handle_ready(rank);
+        st.handle_ready(rank, pin);
         (st.progress(), st.phase().clone())
     };
     inner.joined.send_modify(|j| {
@@ -796,6 +819,9 @@ async fn late_join(
         addr: req.listen,
         host: req.host.clone(),
         pid: req.pid,
+        // Pinned once the joiner is ready with the certificate issued below:
+        // an id whose join is abandoned never gets a key.
+        key: None,
     };
     if req.job_id.as_deref().is_some_and(|j| j != inner.job_id) {
         let reason = format!(
@@ -853,7 +879,11 @@ async fn late_join(
             .await;
     };
     let release = || lock(el).reserved -= 1;
-    let cert_der = match inner.ca.sign_rank(&req.csr_der, id) {
+    let issued = inner
+        .ca
+        .sign_rank(&req.csr_der, id)
+        .and_then(|c| Ok((pki::key_pin(&c)?, c)));
+    let (pin, cert_der) = match issued {
         Ok(c) => c,
         Err(e) => {
             release();
@@ -889,7 +919,12 @@ async fn late_join(
         let mut el = lock(el);
         el.reserved -= 1;
         match ready {
-            Ok(r) if r.rank as usize == id => el.pending.push(id),
+            Ok(r) if r.rank as usize == id => {
+                if let Some(m) = el.table.get_mut(id) {
+                    m.key = Some(pin);
+                }
+                el.pending.push(id);
+            }
             _ => return Ok(()),
         }
     }
@@ -925,7 +960,13 @@ async fn late_join(
                 if was_admitted {
                     depart(&inner, id, "it left right after it was admitted".into());
                 } else {
-                    lock(el).pending.retain(|&p| p != id);
+                    let mut g = lock(el);
+                    g.pending.retain(|&p| p != id);
+                    // It never became a member: nobody accepts its key.
+                    if let Some(m) = g.table.get_mut(id) {
+                        m.key = None;
+                    }
+                    drop(g);
                     tracing::info!("seed: member {id} left before it was admitted");
                 }
                 return Ok(());

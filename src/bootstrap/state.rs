@@ -152,14 +152,18 @@ impl SeedState {
         Decision::Admit(rank)
     }
 
-    /// An admitted rank is ready for peer connections; the world is formed
-    /// when every rank is.
-    pub fn handle_ready(&mut self, rank: usize) {
-        if !matches!(self.phase, Phase::Forming)
-            || self.members.get(rank).is_none_or(|m| m.is_none())
-        {
+    /// An admitted rank is ready for peer connections, holding the
+    /// certificate whose key pin is `key` (the seed issued it on this
+    /// connection); the peer table pins that key for the rank. The world is
+    /// formed when every rank is ready.
+    pub fn handle_ready(&mut self, rank: usize, key: [u8; 32]) {
+        if !matches!(self.phase, Phase::Forming) {
             return;
         }
+        let Some(Some(member)) = self.members.get_mut(rank) else {
+            return;
+        };
+        member.key = Some(key);
         self.ready[rank] = true;
         if self.joined() == self.members.len() {
             let table = self.members.iter().flatten().cloned().collect();
@@ -212,6 +216,7 @@ mod tests {
                 addr: format!("127.0.0.1:{port}").parse().unwrap(),
                 host: "h".into(),
                 pid: port as u32,
+                key: None,
             },
         }
     }
@@ -222,16 +227,19 @@ mod tests {
         let mut s = SeedState::new("j1", 3, t0, Duration::from_secs(5));
         assert_eq!(s.handle_join(info(Some(2), 2)), Decision::Admit(2));
         assert_eq!(s.handle_join(info(None, 0)), Decision::Admit(0));
-        s.handle_ready(2);
-        s.handle_ready(0);
+        s.handle_ready(2, [2; 32]);
+        s.handle_ready(0, [0; 32]);
         assert_eq!(s.progress(), "2/3 ranks joined; waiting for rank(s) [1]");
         assert_eq!(s.phase(), &Phase::Forming);
         assert_eq!(s.handle_join(info(Some(1), 1)), Decision::Admit(1));
         assert_eq!(s.phase(), &Phase::Forming, "admitted but not ready");
-        s.handle_ready(1);
+        s.handle_ready(1, [1; 32]);
         match s.phase() {
             Phase::Formed(t) => {
-                assert_eq!(t.iter().map(|p| p.pid).collect::<Vec<_>>(), vec![0, 1, 2])
+                assert_eq!(t.iter().map(|p| p.pid).collect::<Vec<_>>(), vec![0, 1, 2]);
+                // Each entry pins the key its rank was ready with.
+                let keys: Vec<_> = t.iter().map(|p| p.key).collect();
+                assert_eq!(keys, vec![Some([0; 32]), Some([1; 32]), Some([2; 32])]);
             }
             p => panic!("{p:?}"),
         }
@@ -269,8 +277,8 @@ mod tests {
         let mut s = SeedState::new("j1", 3, t0, Duration::from_secs(5));
         s.handle_join(info(Some(0), 0));
         s.handle_join(info(Some(2), 2));
-        s.handle_ready(0);
-        s.handle_ready(2);
+        s.handle_ready(0, [0; 32]);
+        s.handle_ready(2, [2; 32]);
         s.handle_leave(2);
         s.handle_timeout(t0 + Duration::from_secs(4));
         assert_eq!(s.phase(), &Phase::Forming);

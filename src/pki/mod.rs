@@ -63,6 +63,20 @@ pub fn validate_job_id(job_id: &str) -> Result<()> {
     }
 }
 
+/// The key pin of a certificate: SHA-256 of its DER SubjectPublicKeyInfo.
+/// The seed puts the pin of the certificate it issued to each admitted
+/// member in the peer table; a rank accepts a connection as that member
+/// only from that key (a certificate of the job CA naming the member is not
+/// enough: the seed may have issued one to a join that was then abandoned).
+pub fn key_pin(cert: &CertificateDer<'_>) -> Result<[u8; 32]> {
+    let ee = webpki::EndEntityCert::try_from(cert)
+        .map_err(|e| Error::auth(format!("unreadable certificate: {e}")))?;
+    let digest = ring::digest::digest(&ring::digest::SHA256, ee.subject_public_key_info().as_ref());
+    let mut pin = [0u8; 32];
+    pin.copy_from_slice(digest.as_ref());
+    Ok(pin)
+}
+
 /// A rank's key pair, generated locally; the private key never leaves the process.
 pub struct RankKey {
     key: rcgen::KeyPair,
@@ -184,6 +198,25 @@ mod tests {
         assert!(Credentials::new("feed01", 3, other.cert_der(), cert.clone(), &key).is_err());
         let key2 = RankKey::generate().unwrap();
         assert!(Credentials::new("feed01", 3, ca.cert_der(), cert, &key2).is_err());
+    }
+
+    #[test]
+    fn the_key_pin_is_the_hash_of_the_subject_public_key_info() {
+        use rcgen::PublicKeyData;
+        let ca = JobCa::new("feed04", std::time::Duration::from_secs(3600)).unwrap();
+        let key = RankKey::generate().unwrap();
+        let a = ca.sign_rank(&key.csr_der().unwrap(), 1).unwrap();
+        let b = ca.sign_rank(&key.csr_der().unwrap(), 1).unwrap();
+        let spki = key.key.subject_public_key_info();
+        let want = ring::digest::digest(&ring::digest::SHA256, &spki);
+        assert_eq!(&key_pin(&a).unwrap()[..], want.as_ref());
+        // Two certificates for one key pin alike; another key does not.
+        assert_ne!(a, b);
+        assert_eq!(key_pin(&a).unwrap(), key_pin(&b).unwrap());
+        let other = RankKey::generate().unwrap();
+        let c = ca.sign_rank(&other.csr_der().unwrap(), 1).unwrap();
+        assert_ne!(key_pin(&a).unwrap(), key_pin(&c).unwrap());
+        assert!(key_pin(&CertificateDer::from(vec![0x30, 0x00])).is_err());
     }
 
     #[test]

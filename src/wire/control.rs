@@ -19,7 +19,7 @@ use std::net::SocketAddr;
 /// Size of the fixed prefix.
 pub const PREFIX_LEN: usize = 32;
 /// Version of the join protocol this build speaks.
-pub const PROTOCOL_VERSION: u32 = 3;
+pub const PROTOCOL_VERSION: u32 = 4;
 /// Largest control body accepted (certificates and peer tables fit easily).
 pub const MAX_BODY: usize = 4 << 20;
 const MAGIC: [u8; 8] = *b"RANKMESH";
@@ -235,6 +235,11 @@ pub struct PeerInfo {
     pub host: String,
     /// Process id.
     pub pid: u32,
+    /// The key pin ([`crate::pki::key_pin`]) of the certificate the seed
+    /// issued to this member: connections claiming the member are accepted
+    /// only with this key. `None` for a member id that was never admitted
+    /// (its join was abandoned): no connection claiming it is accepted.
+    pub key: Option<[u8; 32]>,
 }
 
 /// After formation, on the join stream in both directions: a rank asks the
@@ -336,6 +341,7 @@ mod tests {
                 addr: "10.0.0.1:1".parse().unwrap(),
                 host: "h".into(),
                 pid: 1,
+                key: Some([3; 32]),
             }],
         };
         assert_eq!(decode::<Formation>(&encode(&f).unwrap()).unwrap(), f);

@@ -102,10 +102,11 @@ async fn connect(path: &std::path::Path, pid: u32, buffer: usize) -> std::io::Re
     Ok(s)
 }
 
-/// Time a same-host connection has to send its whole hello.
+/// Time a same-host connection has to prove itself: to send its whole
+/// hello, with the secret of a QUIC connection this rank has checked.
 const HELLO_DEADLINE: Duration = Duration::from_secs(1);
 
-/// Same-host connections that have not yet sent their hello, at most (more
+/// Same-host connections that have not yet proved themselves, at most (more
 /// are closed at once).
 const MAX_UNPROVEN_LOCAL: usize = 64;
 
@@ -582,16 +583,17 @@ impl Shared {
         unproven: tokio::sync::OwnedSemaphorePermit,
     ) {
         let mut hello = [0u8; HELLO_LEN];
-        let limit = self.cfg.formation_timeout();
-        // A peer rank sends its whole hello at once: a connection that has
-        // not within a second is closed, whoever opened it.
+        // A peer rank sends its whole hello at once, once its QUIC
+        // connection with this rank is up: a connection that has not
+        // proved itself within a second is closed, whoever opened it, and
+        // counts against the unproven until then.
+        let until = tokio::time::Instant::now() + HELLO_DEADLINE;
         if !matches!(
-            tokio::time::timeout(HELLO_DEADLINE, s.read_exact(&mut hello)).await,
+            tokio::time::timeout_at(until, s.read_exact(&mut hello)).await,
             Ok(Ok(_))
         ) {
             return;
         }
-        drop(unproven);
         let (kind, rank, secret) = match Hello::decode(&hello) {
             Ok(h) => (h.kind, h.rank as usize, h.secret),
             Err(e) => {
@@ -608,14 +610,15 @@ impl Shared {
         }
         let link = self.link(rank);
         // The sender derived the secret from its QUIC connection with this
-        // rank, which this side may be finishing just now.
+        // rank, which this side may be finishing (or checking) just now.
         let mut known = link.local.secrets.subscribe();
-        let proven = tokio::time::timeout(
-            limit,
+        let proven = tokio::time::timeout_at(
+            until,
             known.wait_for(|v| v.iter().any(|k| same(k, &secret))),
         )
         .await
         .is_ok_and(|r| r.is_ok());
+        drop(unproven);
         if !proven {
             tracing::warn!(
                 rank = self.rank,

@@ -93,8 +93,12 @@ struct Shared {
     job_id: String,
     endpoint: quinn::Endpoint,
     client: quinn::ClientConfig,
-    /// Peer table by world rank (member id); grows in elastic jobs.
+    /// Peer table by world rank (member id); grows in elastic jobs. Each
+    /// entry pins the key a connection claiming that member must have.
     peers: RwLock<Vec<PeerInfo>>,
+    /// The table's length, for connections from members this rank has not
+    /// heard of yet (they wait for it).
+    table_len: tokio::sync::watch::Sender<usize>,
     /// Connection state by world rank; grows with the table, and for an
     /// inbound peer this rank has not heard of yet.
     links: RwLock<Vec<Arc<Link>>>,
@@ -150,6 +154,7 @@ impl QuicTransport {
             job_id: creds.job_id.clone(),
             endpoint,
             client,
+            table_len: tokio::sync::watch::channel(peers.len()).0,
             peers: RwLock::new(peers),
             links: RwLock::new(links),
             mailbox: Mailbox::with_unexpected_limit(cfg.max_unexpected_bytes())
@@ -238,17 +243,24 @@ impl Shared {
         g[rank].clone()
     }
 
-    /// Extend the peer table (an elastic job's new members).
+    /// Adopt the seed's latest peer table (an elastic job's): new members
+    /// are added, and an entry whose member was admitted since this rank
+    /// last heard of it gains its key. The table never shrinks.
     fn add_peers(&self, table: &[PeerInfo]) {
-        {
+        let len = {
             let mut g = self.peers.write().unwrap_or_else(|p| p.into_inner());
-            for p in table.iter().skip(g.len()) {
-                g.push(p.clone());
+            for (i, p) in table.iter().enumerate() {
+                match g.get_mut(i) {
+                    Some(old) => *old = p.clone(),
+                    None => g.push(p.clone()),
+                }
             }
-        }
-        if let Some(last) = table.len().checked_sub(1) {
+            g.len()
+        };
+        if let Some(last) = len.checked_sub(1) {
             self.link(last);
         }
+        self.table_len.send_replace(len);
     }
 
     fn registered(&self, rank: usize) -> Option<quinn::Connection> {
@@ -296,7 +308,7 @@ impl Shared {
             }
             Err(_) => return,
         };
-        let rank = match self.identify(&conn) {
+        let (rank, pin) = match self.identify(&conn) {
             Ok(r) => r,
             Err(e) => {
                 tracing::warn!(rank = self.rank, %from, "refused a peer: {e}");
@@ -307,12 +319,19 @@ impl Shared {
                 return;
             }
         };
+        // Nothing from the connection is read, and its same-host secret is
+        // not accepted, until its key is the one the table pins.
+        if let Err((e, why)) = self.check_key(rank, &pin).await {
+            tracing::warn!(rank = self.rank, %from, "refused a connection claiming rank {rank}: {e}");
+            conn.close(VarInt::from_u32(CODE_AUTH), why);
+            return;
+        }
         self.register(rank, &conn);
         self.serve(rank, conn).await;
     }
 
-    /// The rank named by the peer's certificate (already verified against the job CA).
-    fn identify(&self, conn: &quinn::Connection) -> Result<usize> {
+    /// The peer's leaf certificate (already verified against the job CA).
+    fn peer_cert(conn: &quinn::Connection) -> Result<rustls::pki_types::CertificateDer<'static>> {
         let certs = conn
             .peer_identity()
             .and_then(|id| {
@@ -320,10 +339,65 @@ impl Shared {
                     .ok()
             })
             .ok_or_else(|| Error::auth("peer presented no certificate"))?;
-        let leaf = certs
+        certs
             .first()
-            .ok_or_else(|| Error::auth("peer presented an empty certificate chain"))?;
-        let rank = pki::rank_from_cert(leaf, &self.job_id)?;
+            .cloned()
+            .ok_or_else(|| Error::auth("peer presented an empty certificate chain"))
+    }
+
+    /// Check that the key of a connection claiming member `rank` is the one
+    /// the peer table pins for it. A member this rank has not heard of yet
+    /// (an elastic job's newcomer that dialed before this rank entered the
+    /// new epoch) is waited for, at most the formation timeout. On refusal:
+    /// the error, and the close reason for the peer.
+    async fn check_key(
+        &self,
+        rank: usize,
+        pin: &[u8; 32],
+    ) -> std::result::Result<(), (Error, &'static [u8])> {
+        if rank >= self.n_peers() {
+            let mut len = self.table_len.subscribe();
+            let limit = self.cfg.formation_timeout();
+            let known = tokio::time::timeout(limit, len.wait_for(|n| *n > rank)).await;
+            if !matches!(known, Ok(Ok(_))) {
+                return Err((
+                    Error::auth(format!(
+                        "member {rank} did not appear in this rank's peer table within \
+                         {limit:?}; it was not admitted to the job"
+                    )),
+                    b"no admitted key for that member",
+                ));
+            }
+        }
+        let want = {
+            let g = self.peers.read().unwrap_or_else(|p| p.into_inner());
+            g.get(rank).map(|p| p.key)
+        };
+        match want {
+            Some(Some(k)) if k == *pin => Ok(()),
+            Some(Some(_)) => Err((
+                Error::auth(format!(
+                    "its certificate names rank {rank} but carries another key than the one \
+                     the seed admitted for rank {rank} (a certificate from a join that was \
+                     abandoned after the seed issued it)"
+                )),
+                b"certificate key is not the one the seed admitted for that rank",
+            )),
+            _ => Err((
+                Error::auth(format!(
+                    "member {rank} was never admitted to the job (its join was abandoned), \
+                     so no key is accepted for it"
+                )),
+                b"no admitted key for that member",
+            )),
+        }
+    }
+
+    /// The rank named by the peer's certificate (already verified against
+    /// the job CA), and the certificate's key pin.
+    fn identify(&self, conn: &quinn::Connection) -> Result<(usize, [u8; 32])> {
+        let leaf = Self::peer_cert(conn)?;
+        let rank = pki::rank_from_cert(&leaf, &self.job_id)?;
         // Any other member of this job (its certificate is the job CA's):
         // in an elastic job a new member may dial before this rank has
         // added it to its table, but not far beyond it.
@@ -334,7 +408,7 @@ impl Shared {
                 self.n_peers()
             )));
         }
-        Ok(rank)
+        Ok((rank, pki::key_pin(&leaf)?))
     }
 
     /// Receive loop of one connection.
@@ -594,6 +668,16 @@ impl Shared {
                 )))
             }
         };
+        // The server proved it holds a certificate naming `dst`; it must
+        // also be the key the seed admitted for `dst`.
+        let checked = match Self::peer_cert(&conn).and_then(|c| pki::key_pin(&c)) {
+            Ok(pin) => self.check_key(dst, &pin).await,
+            Err(e) => Err((e, &b"unreadable certificate"[..])),
+        };
+        if let Err((e, why)) = checked {
+            conn.close(VarInt::from_u32(CODE_AUTH), why);
+            return Err(fail(e.to_string()));
+        }
         let used = self.register(dst, &conn);
         let sh = self.clone();
         self.spawn(async move { sh.serve(dst, conn).await });
