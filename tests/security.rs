@@ -1,6 +1,8 @@
 //! Security negatives over real QUIC on loopback: every attack is refused
 //! with a clear error and the job keeps working.
 
+mod flood;
+
 use rankmesh::bootstrap::{join, JobToken, JoinSpec, Seed, SeedConfig};
 use rankmesh::pki::{self, Credentials, JobCa, RankKey};
 use rankmesh::transport::quic::{endpoint, QuicTransport};
@@ -697,17 +699,6 @@ fn seed_helper() {
     });
 }
 
-/// Resident memory of a process, in bytes.
-fn rss(pid: u32) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
-    let kb: u64 = status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        .unwrap();
-    kb * 1024
-}
-
 /// Clients without the token open many connections to the seed and push
 /// stream data on every stream they can open, while two real ranks join:
 /// the seed's memory stays bounded, the attackers' connections are closed
@@ -733,55 +724,13 @@ async fn unauthenticated_clients_pushing_data_cannot_exhaust_the_seed() {
     let token = JobToken::from_hex(parts.next().unwrap()).unwrap();
     let job = parts.next().unwrap().to_string();
     tokio::time::sleep(Duration::from_millis(300)).await;
-    let before = rss(child.id());
+    let before = flood::rss(child.id());
 
-    // 300 connections, each pushing data on up to 16 unidirectional streams
-    // and one bidirectional stream for 6 s, without ever sending a valid
-    // join request.
+    // 300 connections, each pushing data on one bidirectional stream and
+    // as many unidirectional streams as it may open, until the seed drops
+    // it, without ever sending a valid join request.
+    let flood = flood::Flood::start(addr, 300, false);
     let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let ep = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
-    let mut attackers = tokio::task::JoinSet::new();
-    for _ in 0..300 {
-        let (ep, stop) = (ep.clone(), stop.clone());
-        attackers.spawn(async move {
-            let client = quic_client(pki::seed_client_config().unwrap());
-            let Ok(connecting) = ep.connect_with(client, addr, "seed") else {
-                return;
-            };
-            let Ok(Ok(conn)) = tokio::time::timeout(Duration::from_secs(10), connecting).await
-            else {
-                return;
-            };
-            let mut streams = Vec::new();
-            if let Ok(Ok((s, _))) =
-                tokio::time::timeout(Duration::from_millis(200), conn.open_bi()).await
-            {
-                streams.push(s);
-            }
-            for _ in 0..16 {
-                match tokio::time::timeout(Duration::from_millis(50), conn.open_uni()).await {
-                    Ok(Ok(s)) => streams.push(s),
-                    _ => break,
-                }
-            }
-            let junk = vec![0x5au8; 64 << 10];
-            let mut writers = tokio::task::JoinSet::new();
-            for mut s in streams {
-                let (junk, stop) = (junk.clone(), stop.clone());
-                writers.spawn(async move {
-                    while !stop.load(std::sync::atomic::Ordering::Relaxed) {
-                        let w =
-                            tokio::time::timeout(Duration::from_millis(200), s.write_all(&junk));
-                        if let Ok(Err(_)) = w.await {
-                            return;
-                        }
-                    }
-                });
-            }
-            while writers.join_next().await.is_some() {}
-            drop(conn);
-        });
-    }
     // Sample the seed's memory while the attack runs; the real ranks join
     // in the middle of it.
     let sampler = {
@@ -789,7 +738,7 @@ async fn unauthenticated_clients_pushing_data_cannot_exhaust_the_seed() {
         tokio::spawn(async move {
             let mut peak = 0;
             while !stop.load(std::sync::atomic::Ordering::Relaxed) {
-                peak = peak.max(rss(pid));
+                peak = peak.max(flood::rss(pid));
                 tokio::time::sleep(Duration::from_millis(100)).await;
             }
             peak
@@ -815,7 +764,12 @@ async fn unauthenticated_clients_pushing_data_cannot_exhaust_the_seed() {
     tokio::time::sleep(Duration::from_secs(5)).await;
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
     let peak = sampler.await.unwrap();
-    while attackers.join_next().await.is_some() {}
+    let handshakes = flood.connected.load(std::sync::atomic::Ordering::Relaxed);
+    assert!(
+        handshakes > 0,
+        "no attacking connection got through its handshake"
+    );
+    flood.stop().await;
     let _ = child.kill();
     let _ = child.wait();
     let _ = std::fs::remove_file(&out);

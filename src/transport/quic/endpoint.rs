@@ -58,8 +58,9 @@ pub fn transport_config(cfg: &Config) -> Result<Arc<TransportConfig>> {
 }
 
 /// Receive window (per stream and per connection) of the seed's side of a
-/// joiner's connection.
-const SEED_WINDOW: u32 = 64 << 10;
+/// joiner's connection: room for the largest join request the seed reads
+/// (16 KiB) and its prefix; what a rank sends after it is tiny.
+const SEED_WINDOW: u32 = 20 << 10;
 
 /// quinn transport settings for the seed's side of joiners' connections.
 /// Anyone who reaches the seed can open one, before proving anything, so it
