@@ -453,11 +453,15 @@ async fn formation_deadline_names_the_missing_rank() {
     assert!(s.contains("[2]"), "{s}");
 }
 
+/// The abstract-namespace Unix socket address `name`.
+fn abstract_addr(name: impl AsRef<[u8]>) -> std::os::unix::net::SocketAddr {
+    use std::os::linux::net::SocketAddrExt;
+    std::os::unix::net::SocketAddr::from_abstract_name(name).unwrap()
+}
+
 /// A process on this host that connects to a rank's same-host socket.
 fn same_host_connect(job: &str, rank: usize) -> std::os::unix::net::UnixStream {
-    use std::os::linux::net::SocketAddrExt;
-    let addr = std::os::unix::net::SocketAddr::from_abstract_name(format!("rankmesh/{job}/{rank}"))
-        .unwrap();
+    let addr = abstract_addr(format!("rankmesh/{job}/{rank}"));
     let s = std::os::unix::net::UnixStream::connect_addr(&addr).unwrap();
     s.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
     s
@@ -545,16 +549,13 @@ async fn a_same_host_hello_that_is_not_a_rank_of_the_job_changes_nothing() {
 #[test]
 fn squatter_helper() {
     use std::io::Read;
-    use std::os::linux::net::SocketAddrExt;
     let (Some(name), Some(out)) = (
         std::env::var_os("RANKMESH_TEST_SQUAT"),
         std::env::var_os("RANKMESH_TEST_SQUAT_OUT"),
     ) else {
         return;
     };
-    let addr =
-        std::os::unix::net::SocketAddr::from_abstract_name(name.to_string_lossy().as_bytes())
-            .unwrap();
+    let addr = abstract_addr(name.to_string_lossy().as_bytes());
     let l = std::os::unix::net::UnixListener::bind_addr(&addr).unwrap();
     std::fs::write(&out, b"").unwrap();
     // Record everything every connection sends, until killed.
@@ -794,7 +795,6 @@ async fn unauthenticated_clients_pushing_data_cannot_exhaust_the_seed() {
 #[test]
 fn half_hello_helper() {
     use std::io::{Read, Write};
-    use std::os::linux::net::SocketAddrExt;
     let (Some(name), Some(count), Some(out)) = (
         std::env::var_os("RANKMESH_TEST_HALF_HELLO"),
         std::env::var_os("RANKMESH_TEST_HALF_HELLO_COUNT"),
@@ -802,9 +802,7 @@ fn half_hello_helper() {
     ) else {
         return;
     };
-    let addr =
-        std::os::unix::net::SocketAddr::from_abstract_name(name.to_string_lossy().as_bytes())
-            .unwrap();
+    let addr = abstract_addr(name.to_string_lossy().as_bytes());
     let count: usize = count.to_string_lossy().parse().unwrap();
     let full = std::env::var_os("RANKMESH_TEST_HALF_HELLO_FULL").is_some();
     let mut held = Vec::new();

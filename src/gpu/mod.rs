@@ -383,32 +383,15 @@ mod tests {
     #[test]
     fn a_copy_that_does_not_fit_is_an_error() {
         let mut slot = vec![0u8; 16];
-        let c = StagedCopy {
-            dev: 0..8,
-            slot: 0,
-            host: 0..16,
-        };
-        assert!(exact_sides(&c, 100, &mut slot)
-            .unwrap_err()
-            .to_string()
-            .contains("8 device bytes"));
-        let c = StagedCopy {
-            dev: 90..110,
-            slot: 0,
-            host: 0..20,
-        };
-        assert!(exact_sides(&c, 100, &mut slot)
-            .unwrap_err()
-            .to_string()
-            .contains("outside a buffer"));
-        let c = StagedCopy {
-            dev: 0..20,
-            slot: 0,
-            host: 0..20,
-        };
-        assert!(exact_sides(&c, 100, &mut slot)
-            .unwrap_err()
-            .to_string()
-            .contains("staging slot"));
+        let cases = [
+            (0..8, 0..16, "8 device bytes"),
+            (90..110, 0..20, "outside a buffer"),
+            (0..20, 0..20, "staging slot"),
+        ];
+        for (dev, host, said) in cases {
+            let c = StagedCopy { dev, slot: 0, host };
+            let e = exact_sides(&c, 100, &mut slot).unwrap_err().to_string();
+            assert!(e.contains(said), "{c:?}: {e}");
+        }
     }
 }

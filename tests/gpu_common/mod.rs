@@ -82,26 +82,21 @@ pub async fn grid<T: Elem, D: Dev<T>>(comm: &Communicator, gpu: &D, full: bool) 
     let (r, p) = (comm.rank(), comm.size());
     for n in LENS {
         let what = |op: &str| format!("{op} {:?} n={n} p={p} rank {r}", T::DTYPE);
-        for op in OPS {
-            let mut host = data::<T>(r, n);
+        // Every op, then values whose sums and products round (the device
+        // must round as the host does).
+        let rounding = [ReduceOp::Sum, ReduceOp::Prod].map(|op| (op, true));
+        for (op, fine) in OPS.iter().map(|&op| (op, false)).chain(rounding) {
+            let mut host = if fine {
+                fine_data::<T>(r, n)
+            } else {
+                data::<T>(r, n)
+            };
             let mut dev = gpu.upload(&host)?;
             comm.all_reduce(&mut host, op).await?;
             comm.all_reduce_device(&mut dev, op).await?;
+            let label = if fine { " (rounding)" } else { "" };
             same(
-                &what(&format!("all_reduce {op:?}")),
-                &gpu.read(&dev).await?,
-                &host,
-            )?;
-        }
-        // Values whose sums and products round: the device must round as
-        // the host does.
-        for op in [ReduceOp::Sum, ReduceOp::Prod] {
-            let mut host = fine_data::<T>(r, n);
-            let mut dev = gpu.upload(&host)?;
-            comm.all_reduce(&mut host, op).await?;
-            comm.all_reduce_device(&mut dev, op).await?;
-            same(
-                &what(&format!("all_reduce {op:?} (rounding)")),
+                &what(&format!("all_reduce {op:?}{label}")),
                 &gpu.read(&dev).await?,
                 &host,
             )?;
