@@ -7,7 +7,7 @@
 
 use libfuzzer_sys::fuzz_target;
 use rankmesh::bootstrap::state::{Decision, JoinInfo, Phase, SeedState};
-use rankmesh::wire::control::PeerInfo;
+use rankmesh::wire::control::{KeyPin, PeerInfo};
 use std::time::{Duration, Instant};
 
 fuzz_target!(|data: &[u8]| {
@@ -36,7 +36,7 @@ fuzz_target!(|data: &[u8]| {
                         addr: ([127, 0, 0, 1], u16::from(a) * 256 + u16::from(b)).into(),
                         host: "h".into(),
                         pid: u32::from(c),
-                        key: None,
+                        key: KeyPin::Pending,
                     },
                 };
                 if let Decision::Admit(r) = s.handle_join(info) {
@@ -67,7 +67,10 @@ fuzz_target!(|data: &[u8]| {
         }
         if let Phase::Formed(peers) = s.phase() {
             assert_eq!(peers.len(), n);
-            assert!(peers.iter().all(|p| p.key.is_some()), "a member without a key pin");
+            assert!(
+                peers.iter().all(|p| matches!(p.key, KeyPin::Pinned(_))),
+                "a member without a key pin"
+            );
         }
     }
 });

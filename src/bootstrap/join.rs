@@ -6,7 +6,7 @@ use crate::config::Config;
 use crate::pki::{self, Credentials, RankKey};
 use crate::transport::quic::endpoint;
 use crate::wire::control::{
-    EpochInfo, Formation, JoinReply, JoinRequest, Notice, PeerInfo, Ready, RejectKind,
+    EpochInfo, Formation, JoinReply, JoinRequest, KeyPin, Notice, PeerInfo, Ready, RejectKind,
 };
 use crate::{Error, Result};
 use quinn::crypto::rustls::QuicClientConfig;
@@ -311,7 +311,7 @@ async fn exchange(
     };
     // The table must pin this rank's own key: peers accept it by that key.
     let pinned = |table: &[PeerInfo]| {
-        if table.get(rank).and_then(|p| p.key) == Some(pin) {
+        if table.get(rank).map(|p| p.key) == Some(KeyPin::Pinned(pin)) {
             Ok(())
         } else {
             Err(Error::protocol(format!(

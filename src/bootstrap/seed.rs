@@ -9,7 +9,7 @@ use crate::config::Config;
 use crate::pki::{self, JobCa};
 use crate::transport::quic::endpoint;
 use crate::wire::control::{
-    EpochInfo, Formation, JoinReply, JoinRequest, Notice, PeerInfo, Ready, RejectKind,
+    EpochInfo, Formation, JoinReply, JoinRequest, KeyPin, Notice, PeerInfo, Ready, RejectKind,
 };
 use crate::{Error, Result};
 use quinn::crypto::rustls::QuicServerConfig;
@@ -344,8 +344,7 @@ impl Seed {
 
     /// The peer table by member id as the seed knows it now: every member
     /// the job has had once it formed (an elastic job's grows as processes
-    /// join), empty before. Entries carry the key each member was admitted
-    /// with; an id that was never admitted carries none.
+    /// join), empty before, each with its [`KeyPin`].
     pub fn members(&self) -> Vec<PeerInfo> {
         if let Some(el) = &self.inner.elastic {
             let el = lock(el);
@@ -439,6 +438,21 @@ impl Inner {
         reason: String,
     ) -> Result<()> {
         let proof = self.token.proof(conn, Direction::SeedToRank)?;
+        self.reject_with(conn, send, kind, reason, proof).await
+    }
+
+    /// [`Inner::reject`] with an explicit proof: 32 zero bytes for a
+    /// refusal before the joiner proved the token (a client without the
+    /// token must not get the token's MAC over keying material it knows;
+    /// the joiner then reports that the seed could not prove the token).
+    async fn reject_with(
+        &self,
+        conn: &quinn::Connection,
+        send: &mut quinn::SendStream,
+        kind: RejectKind,
+        reason: String,
+        proof: [u8; 32],
+    ) -> Result<()> {
         let _ = write_msg(
             send,
             &JoinReply::Rejected {
@@ -478,7 +492,13 @@ async fn handle(
         Ok(Ok(r)) => r,
         Ok(Err(e)) => {
             return inner
-                .reject(&conn, &mut send, RejectKind::Protocol, e.to_string())
+                .reject_with(
+                    &conn,
+                    &mut send,
+                    RejectKind::Protocol,
+                    e.to_string(),
+                    [0; 32],
+                )
                 .await
         }
         Err(_) => return Err(Error::transport(None, "join request timed out")),
@@ -495,7 +515,7 @@ async fn handle(
         let reason = "the seed refused this rank: its job token does not match the job's \
                       (check RANKMESH_TOKEN; it must come from the rankrun that started the job)";
         return inner
-            .reject(&conn, &mut send, RejectKind::Auth, reason.into())
+            .reject_with(&conn, &mut send, RejectKind::Auth, reason.into(), [0; 32])
             .await;
     }
     // Proven: no longer counted against the unauthenticated.
@@ -516,7 +536,7 @@ async fn handle(
             host: req.host.clone(),
             pid: req.pid,
             // Pinned once the rank is ready with the certificate issued below.
-            key: None,
+            key: KeyPin::Pending,
         },
     };
     let decision = inner
@@ -544,10 +564,7 @@ async fn handle(
         };
         tracing::warn!("seed: rank {rank} left before formation completed ({why}); {left}");
     };
-    let issued = inner
-        .ca
-        .sign_rank(&req.csr_der, rank)
-        .and_then(|c| Ok((pki::key_pin(&c)?, c)));
+    let issued = issue(&inner.ca, &req.csr_der, rank);
     let (pin, cert_der) = match issued {
         Ok(c) => c,
         Err(e) => {
@@ -649,6 +666,16 @@ async fn handle(
     }
     relay(&inner, rank, &conn, &mut send, &mut recv, notices).await;
     Ok(())
+}
+
+/// Sign a joiner's CSR as member `id`: the key pin and the certificate.
+fn issue(
+    ca: &JobCa,
+    csr_der: &[u8],
+    id: usize,
+) -> Result<([u8; 32], rustls::pki_types::CertificateDer<'static>)> {
+    let cert = ca.sign_rank(csr_der, id)?;
+    Ok((pki::key_pin(&cert)?, cert))
 }
 
 /// A member of the formed job is gone: tell every rank, and (elastic jobs)
@@ -821,7 +848,7 @@ async fn late_join(
         pid: req.pid,
         // Pinned once the joiner is ready with the certificate issued below:
         // an id whose join is abandoned never gets a key.
-        key: None,
+        key: KeyPin::Pending,
     };
     if req.job_id.as_deref().is_some_and(|j| j != inner.job_id) {
         let reason = format!(
@@ -879,10 +906,7 @@ async fn late_join(
             .await;
     };
     let release = || lock(el).reserved -= 1;
-    let issued = inner
-        .ca
-        .sign_rank(&req.csr_der, id)
-        .and_then(|c| Ok((pki::key_pin(&c)?, c)));
+    let issued = issue(&inner.ca, &req.csr_der, id);
     let (pin, cert_der) = match issued {
         Ok(c) => c,
         Err(e) => {
@@ -921,11 +945,18 @@ async fn late_join(
         match ready {
             Ok(r) if r.rank as usize == id => {
                 if let Some(m) = el.table.get_mut(id) {
-                    m.key = Some(pin);
+                    m.key = KeyPin::Pinned(pin);
                 }
                 el.pending.push(id);
             }
-            _ => return Ok(()),
+            _ => {
+                // Abandoned after its certificate was issued: the id is
+                // refused by everyone.
+                if let Some(m) = el.table.get_mut(id) {
+                    m.key = KeyPin::Revoked;
+                }
+                return Ok(());
+            }
         }
     }
     tracing::info!(
@@ -953,20 +984,23 @@ async fn late_join(
                 }
             }
             _ = conn.closed() => {
+                // Decided under one lock: an epoch decided in between
+                // would otherwise admit a member whose key was just dropped.
                 let was_admitted = {
-                    let g = lock(el);
-                    admitted(&g).is_some()
+                    let mut g = lock(el);
+                    let was = admitted(&g).is_some();
+                    if !was {
+                        g.pending.retain(|&p| p != id);
+                        // It never became a member: nobody accepts its key.
+                        if let Some(m) = g.table.get_mut(id) {
+                            m.key = KeyPin::Revoked;
+                        }
+                    }
+                    was
                 };
                 if was_admitted {
                     depart(&inner, id, "it left right after it was admitted".into());
                 } else {
-                    let mut g = lock(el);
-                    g.pending.retain(|&p| p != id);
-                    // It never became a member: nobody accepts its key.
-                    if let Some(m) = g.table.get_mut(id) {
-                        m.key = None;
-                    }
-                    drop(g);
                     tracing::info!("seed: member {id} left before it was admitted");
                 }
                 return Ok(());

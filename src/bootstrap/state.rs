@@ -1,7 +1,7 @@
 //! The seed's formation logic as a state machine with no I/O and no clock:
 //! time is an argument. The QUIC driver in `seed.rs` feeds it events.
 
-use crate::wire::control::PeerInfo;
+use crate::wire::control::{KeyPin, PeerInfo};
 use std::time::{Duration, Instant};
 
 /// What a joining rank tells the seed (the parts formation cares about).
@@ -163,7 +163,7 @@ impl SeedState {
         let Some(Some(member)) = self.members.get_mut(rank) else {
             return;
         };
-        member.key = Some(key);
+        member.key = KeyPin::Pinned(key);
         self.ready[rank] = true;
         if self.joined() == self.members.len() {
             let table = self.members.iter().flatten().cloned().collect();
@@ -216,7 +216,7 @@ mod tests {
                 addr: format!("127.0.0.1:{port}").parse().unwrap(),
                 host: "h".into(),
                 pid: port as u32,
-                key: None,
+                key: KeyPin::Pending,
             },
         }
     }
@@ -239,7 +239,14 @@ mod tests {
                 assert_eq!(t.iter().map(|p| p.pid).collect::<Vec<_>>(), vec![0, 1, 2]);
                 // Each entry pins the key its rank was ready with.
                 let keys: Vec<_> = t.iter().map(|p| p.key).collect();
-                assert_eq!(keys, vec![Some([0; 32]), Some([1; 32]), Some([2; 32])]);
+                assert_eq!(
+                    keys,
+                    vec![
+                        KeyPin::Pinned([0; 32]),
+                        KeyPin::Pinned([1; 32]),
+                        KeyPin::Pinned([2; 32])
+                    ]
+                );
             }
             p => panic!("{p:?}"),
         }

@@ -235,11 +235,23 @@ pub struct PeerInfo {
     pub host: String,
     /// Process id.
     pub pid: u32,
+    /// Which key a connection claiming this member must have.
+    pub key: KeyPin,
+}
+
+/// The key a peer table pins for a member.
+#[derive(Clone, Copy, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub enum KeyPin {
+    /// The member was given a certificate but has not said it is ready:
+    /// connections claiming it wait (unread) for a later table.
+    Pending,
     /// The key pin ([`crate::pki::key_pin`]) of the certificate the seed
-    /// issued to this member: connections claiming the member are accepted
-    /// only with this key. `None` for a member id that was never admitted
-    /// (its join was abandoned): no connection claiming it is accepted.
-    pub key: Option<[u8; 32]>,
+    /// issued to the member that said it was ready: connections claiming
+    /// the member are accepted only with this key.
+    Pinned([u8; 32]),
+    /// The member's join was abandoned, or it left before it was admitted:
+    /// no connection claiming it is accepted.
+    Revoked,
 }
 
 /// After formation, on the join stream in both directions: a rank asks the
@@ -341,7 +353,7 @@ mod tests {
                 addr: "10.0.0.1:1".parse().unwrap(),
                 host: "h".into(),
                 pid: 1,
-                key: Some([3; 32]),
+                key: KeyPin::Pinned([3; 32]),
             }],
         };
         assert_eq!(decode::<Formation>(&encode(&f).unwrap()).unwrap(), f);

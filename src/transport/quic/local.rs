@@ -106,8 +106,8 @@ async fn connect(path: &std::path::Path, pid: u32, buffer: usize) -> std::io::Re
 /// hello, with the secret of a QUIC connection this rank has checked.
 const HELLO_DEADLINE: Duration = Duration::from_secs(1);
 
-/// Same-host connections that have not yet proved themselves, at most (more
-/// are closed at once).
+/// Same-host connections that have not yet proved themselves, at most (the
+/// next one is accepted once one of them is done).
 const MAX_UNPROVEN_LOCAL: usize = 64;
 
 /// This process's user (the owner of `/proc/self`), to refuse same-host
@@ -311,13 +311,13 @@ impl Shared {
                             );
                             continue;
                         }
-                        let Ok(permit) = unproven.clone().try_acquire_owned() else {
-                            tracing::warn!(
-                                rank = sh.rank,
-                                "refused a same-host connection: {MAX_UNPROVEN_LOCAL} others \
-                                 have not yet sent their hello"
-                            );
-                            continue;
+                        // At most this many are read at once; the next
+                        // waits for a place (each is done within the hello
+                        // deadline) rather than being closed: a burst of
+                        // this rank's peers' own large messages must never
+                        // lose one.
+                        let Ok(permit) = unproven.clone().acquire_owned().await else {
+                            return;
                         };
                         // Also while finalizing: a peer's goodbye counts the
                         // message connections it opened.

@@ -17,7 +17,7 @@ mod local;
 use super::{BoxFut, Incoming, Mailbox, Payload, PeerFailure, Transport};
 use crate::config::Config;
 use crate::pki::{self, Credentials};
-use crate::wire::control::PeerInfo;
+use crate::wire::control::{KeyPin, PeerInfo};
 use crate::wire::{FrameKind, Header, HEADER_LEN};
 use crate::{Error, Result};
 use bytes::Bytes;
@@ -96,8 +96,8 @@ struct Shared {
     /// Peer table by world rank (member id); grows in elastic jobs. Each
     /// entry pins the key a connection claiming that member must have.
     peers: RwLock<Vec<PeerInfo>>,
-    /// The table's length, for connections from members this rank has not
-    /// heard of yet (they wait for it).
+    /// The table's length, sent with every table adopted: connections from
+    /// members this rank has no key for yet wait for it.
     table_len: tokio::sync::watch::Sender<usize>,
     /// Connection state by world rank; grows with the table, and for an
     /// inbound peer this rank has not heard of yet.
@@ -346,7 +346,7 @@ impl Shared {
     }
 
     /// Check that the key of a connection claiming member `rank` is the one
-    /// the peer table pins for it. A member this rank has not heard of yet
+    /// the peer table pins for it. A member this rank has no key for yet
     /// (an elastic job's newcomer that dialed before this rank entered the
     /// new epoch) is waited for, at most the formation timeout. On refusal:
     /// the error, and the close reason for the peer.
@@ -355,41 +355,48 @@ impl Shared {
         rank: usize,
         pin: &[u8; 32],
     ) -> std::result::Result<(), (Error, &'static [u8])> {
-        if rank >= self.n_peers() {
-            let mut len = self.table_len.subscribe();
-            let limit = self.cfg.formation_timeout();
-            let known = tokio::time::timeout(limit, len.wait_for(|n| *n > rank)).await;
-            if !matches!(known, Ok(Ok(_))) {
+        let limit = self.cfg.formation_timeout();
+        let until = tokio::time::Instant::now() + limit;
+        // Subscribed before the table is read: no later table is missed.
+        let mut tables = self.table_len.subscribe();
+        loop {
+            let want = {
+                let g = self.peers.read().unwrap_or_else(|p| p.into_inner());
+                g.get(rank).map(|p| p.key)
+            };
+            match want {
+                Some(KeyPin::Pinned(k)) if k == *pin => return Ok(()),
+                Some(KeyPin::Pinned(_)) => {
+                    return Err((
+                        Error::auth(format!(
+                            "its certificate names rank {rank} but carries another key than \
+                             the one the seed admitted for rank {rank} (a certificate from a \
+                             join that was abandoned after the seed issued it)"
+                        )),
+                        b"certificate key is not the one the seed admitted for that rank",
+                    ))
+                }
+                Some(KeyPin::Revoked) => {
+                    return Err((
+                        Error::auth(format!(
+                            "member {rank} was never admitted to the job (its join was \
+                             abandoned), so no key is accepted for it"
+                        )),
+                        b"no admitted key for that member",
+                    ))
+                }
+                None | Some(KeyPin::Pending) => {}
+            }
+            let next = tokio::time::timeout_at(until, tables.changed()).await;
+            if !matches!(next, Ok(Ok(()))) {
                 return Err((
                     Error::auth(format!(
-                        "member {rank} did not appear in this rank's peer table within \
-                         {limit:?}; it was not admitted to the job"
+                        "member {rank} had no key in this rank's peer table within {limit:?}; \
+                         it was not admitted to the job"
                     )),
                     b"no admitted key for that member",
                 ));
             }
-        }
-        let want = {
-            let g = self.peers.read().unwrap_or_else(|p| p.into_inner());
-            g.get(rank).map(|p| p.key)
-        };
-        match want {
-            Some(Some(k)) if k == *pin => Ok(()),
-            Some(Some(_)) => Err((
-                Error::auth(format!(
-                    "its certificate names rank {rank} but carries another key than the one \
-                     the seed admitted for rank {rank} (a certificate from a join that was \
-                     abandoned after the seed issued it)"
-                )),
-                b"certificate key is not the one the seed admitted for that rank",
-            )),
-            _ => Err((
-                Error::auth(format!(
-                    "member {rank} was never admitted to the job (its join was abandoned), \
-                     so no key is accepted for it"
-                )),
-                b"no admitted key for that member",
-            )),
         }
     }
 
