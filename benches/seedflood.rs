@@ -6,8 +6,12 @@
 //! alone; the ranks and the attackers run here.
 //!
 //! ```text
-//! cargo bench --bench seedflood -- [--conns 1000] [--secs 10] [--trials 3]
+//! cargo bench --bench seedflood -- [--conns 1000] [--secs 10] [--trials 3] [--from 127.0.0.2]
 //! ```
+//!
+//! The attackers connect from 127.0.0.1, the ranks' own address, unless
+//! `--from` names another loopback address (an attacker on another host,
+//! which the seed limits per source address).
 
 #[path = "../tests/flood/mod.rs"]
 mod flood;
@@ -124,6 +128,12 @@ fn main() {
     let conns = arg(&args, "--conns", 1000) as usize;
     let secs = arg(&args, "--secs", 10);
     let trials = arg(&args, "--trials", 3).max(1) as usize;
+    let from: std::net::IpAddr = args
+        .iter()
+        .position(|a| a == "--from")
+        .and_then(|i| args.get(i + 1))
+        .map(|v| v.parse().expect("--from takes an IP address"))
+        .unwrap_or([127, 0, 0, 1].into());
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -137,6 +147,7 @@ fn main() {
         }
         let base = median(quiet.clone());
         println!("formation without attack: median {base:.1} ms of {quiet:.1?}");
+        println!("attackers connect from {from}");
         println!(
             "| trial | attackers | formation under attack (ms) | vs quiet | seed RSS before (MB) | peak (MB) | growth (MB) | handshakes |"
         );
@@ -147,7 +158,7 @@ fn main() {
             let pid = seed.proc.id();
             let before = flood::rss(pid);
             let started = Instant::now();
-            let f = flood::Flood::start(seed.addr, conns, true);
+            let f = flood::Flood::start_from(seed.addr, from, conns, flood::Mode::PushAgain);
             let sampler = tokio::spawn(async move {
                 let mut peak = 0;
                 while started.elapsed() < Duration::from_secs(secs) {

@@ -731,7 +731,7 @@ async fn unauthenticated_clients_pushing_data_cannot_exhaust_the_seed() {
     // 300 connections, each pushing data on one bidirectional stream and
     // as many unidirectional streams as it may open, until the seed drops
     // it, without ever sending a valid join request.
-    let flood = flood::Flood::start(addr, 300, false);
+    let flood = flood::Flood::start_from(addr, [127, 0, 0, 1].into(), 300, flood::Mode::Push);
     let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
     // Sample the seed's memory while the attack runs; the real ranks join
     // in the middle of it.
@@ -1153,4 +1153,42 @@ async fn an_elastic_join_abandoned_after_its_certificate_gives_its_holder_no_ide
     for j in jobs {
         assert!(j.await.unwrap().iter().all(|&x| x == 3));
     }
+}
+
+/// Connections from one address that have not proved the token hold at
+/// most 64 of the seed's 256 places, so that an attacker on one host
+/// cannot lock the ranks of the other hosts out: 200 connections from
+/// 127.0.0.2 that complete the handshake and then send nothing, and the
+/// job's ranks (from 127.0.0.1) form while they are held.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_address_gets_a_bounded_share_of_the_seeds_unproven_places() {
+    let seed = Seed::start(SeedConfig::new(2)).unwrap();
+    let addr = seed.addr().unwrap();
+    let idle = flood::Flood::start_from(addr, [127, 0, 0, 2].into(), 200, flood::Mode::Idle);
+    // Let the handshakes that the seed accepts complete (well within the
+    // seed's 5 s proof deadline, after which it drops them).
+    let t0 = std::time::Instant::now();
+    let mut last = usize::MAX;
+    loop {
+        tokio::time::sleep(Duration::from_millis(250)).await;
+        let now = idle.connected.load(std::sync::atomic::Ordering::Relaxed);
+        if now == last || t0.elapsed() > Duration::from_secs(3) {
+            break;
+        }
+        last = now;
+    }
+    let (a, b) = tokio::time::timeout(Duration::from_secs(60), async {
+        tokio::join!(join_rank(spec(&seed, 0, 2)), join_rank(spec(&seed, 1, 2)))
+    })
+    .await
+    .expect("formation did not finish within 60 s");
+    let held = idle.connected.load(std::sync::atomic::Ordering::Relaxed);
+    idle.stop().await;
+    assert_eq!(a.unwrap().creds.rank, 0);
+    assert_eq!(b.unwrap().creds.rank, 1);
+    assert!(
+        (1..=64).contains(&held),
+        "{held} idle connections from one address got through the handshake; at most 64 may \
+         hold places at once"
+    );
 }

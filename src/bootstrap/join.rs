@@ -60,7 +60,11 @@ impl SeedLink {
     /// Close the link: `graceful` when the rank finalized, otherwise it
     /// stopped after an error (`why` tells the seed, which tells the others).
     pub fn close(&self, graceful: bool, why: &str) {
-        let code = if graceful { 0u32 } else { 1 };
+        let code = if graceful {
+            super::close::BYE
+        } else {
+            super::close::FAILED
+        };
         self.conn
             .close(quinn::VarInt::from_u32(code), why.as_bytes());
     }
@@ -180,7 +184,10 @@ pub async fn join(
     };
     let result = exchange(&conn, endpoint, spec, deadline, cfg.op_timeout(), admitted).await;
     if result.is_err() {
-        conn.close(quinn::VarInt::from_u32(1), b"join failed");
+        conn.close(
+            quinn::VarInt::from_u32(super::close::FAILED),
+            b"join failed",
+        );
     }
     result
 }

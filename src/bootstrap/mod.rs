@@ -21,6 +21,16 @@ pub use seed::{Seed, SeedConfig};
 pub use token::{random_job_id, JobToken};
 
 use crate::wire::control::{self, ControlError, PREFIX_LEN};
+
+/// Close codes on a connection between a rank and the seed.
+mod close {
+    /// The rank finalized, or the seed shut down.
+    pub const BYE: u32 = 0;
+    /// The rank stopped after an error, or the seed refused its join.
+    pub const FAILED: u32 = 1;
+    /// The rank sent a control message the seed could not read.
+    pub const BAD_MESSAGE: u32 = 2;
+}
 use crate::{Error, Result};
 use serde::{de::DeserializeOwned, Serialize};
 

@@ -4,7 +4,7 @@
 
 use super::state::{Decision, JoinInfo, Phase, SeedState};
 use super::token::{random_job_id, Direction, JobToken};
-use super::{read_msg, read_msg_max, write_msg};
+use super::{close, read_msg, read_msg_max, write_msg};
 use crate::config::Config;
 use crate::pki::{self, JobCa};
 use crate::transport::quic::endpoint;
@@ -368,7 +368,8 @@ impl Seed {
 
     /// Stop the seed and every task it runs.
     pub async fn shutdown(&self) {
-        self.endpoint.close(VarInt::from_u32(0), b"seed shut down");
+        self.endpoint
+            .close(VarInt::from_u32(close::BYE), b"seed shut down");
         let _ = tokio::time::timeout(Duration::from_millis(100), self.endpoint.wait_idle()).await;
         let mut t = self.tasks.lock().unwrap_or_else(|p| p.into_inner());
         t.abort_all();
@@ -378,7 +379,8 @@ impl Seed {
 
 impl Drop for Seed {
     fn drop(&mut self) {
-        self.endpoint.close(VarInt::from_u32(0), b"seed dropped");
+        self.endpoint
+            .close(VarInt::from_u32(close::BYE), b"seed dropped");
         let mut t = self.tasks.lock().unwrap_or_else(|p| p.into_inner());
         t.abort_all();
     }
@@ -388,32 +390,132 @@ impl Drop for Seed {
 /// this the seed refuses new ones (a joiner tries again until its
 /// formation deadline), so that unauthenticated clients cannot exhaust the
 /// seed's memory.
-const MAX_UNPROVEN: usize = 128;
+const MAX_UNPROVEN: usize = 256;
+
+/// Of those, at most this many from one IP address, so that an attacker on
+/// one host cannot take every place from the job's other hosts.
+const MAX_UNPROVEN_PER_SOURCE: usize = 64;
+
+/// The places of connections that have not yet proved the token.
+#[derive(Default)]
+struct Unproven {
+    by_source: Mutex<std::collections::HashMap<std::net::IpAddr, usize>>,
+    /// Connections refused for want of a place, and connections dropped
+    /// without a valid proof, since the last report.
+    refused: std::sync::atomic::AtomicUsize,
+    failed: std::sync::atomic::AtomicUsize,
+}
+
+/// One connection's place among the unproven; given back when dropped.
+struct Place {
+    table: Arc<Unproven>,
+    source: std::net::IpAddr,
+}
+
+impl Unproven {
+    /// A place for a connection from `source`, if there is one.
+    fn take(table: &Arc<Unproven>, source: std::net::IpAddr) -> Option<Place> {
+        let mut m = table.by_source.lock().unwrap_or_else(|p| p.into_inner());
+        let total: usize = m.values().sum();
+        let mine = m.entry(source).or_insert(0);
+        if total >= MAX_UNPROVEN || *mine >= MAX_UNPROVEN_PER_SOURCE {
+            return None;
+        }
+        *mine += 1;
+        Some(Place {
+            table: table.clone(),
+            source,
+        })
+    }
+}
+
+impl Place {
+    /// The connection ended without proving the token: counted for the
+    /// next report rather than logged one by one (whoever reaches the seed
+    /// could otherwise fill its log).
+    fn failed(self, from: SocketAddr, why: &str) {
+        tracing::debug!("seed: dropped {from} before it proved the job token: {why}");
+        self.table
+            .failed
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    }
+}
+
+impl Unproven {
+    /// One warning for the connections refused or dropped since the last.
+    fn report(&self, every: Duration) {
+        use std::sync::atomic::Ordering::Relaxed;
+        let (refused, failed) = (self.refused.swap(0, Relaxed), self.failed.swap(0, Relaxed));
+        if refused + failed > 0 {
+            tracing::warn!(
+                "seed: in the last {every:?}, {failed} connections ended without proving the \
+                 job token (a wrong RANKMESH_TOKEN, a client that is not a rank, or a timeout) \
+                 and {refused} were refused because {MAX_UNPROVEN} (or {MAX_UNPROVEN_PER_SOURCE} \
+                 from one address) had not yet proved it; ranks keep trying until their \
+                 formation timeout"
+            );
+        }
+    }
+}
+
+impl Drop for Place {
+    fn drop(&mut self) {
+        let mut m = self
+            .table
+            .by_source
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        if let Some(n) = m.get_mut(&self.source) {
+            *n -= 1;
+            if *n == 0 {
+                m.remove(&self.source);
+            }
+        }
+    }
+}
+
+/// How often the seed reports connections it refused or dropped before
+/// they proved the token.
+const REPORT_EVERY: Duration = Duration::from_secs(10);
 
 /// Time a connection has to complete its handshake and send a join request
 /// with a valid proof.
 const PROOF_DEADLINE: Duration = Duration::from_secs(5);
+
+/// Longest a refused connection stays open for its verdict to be
+/// acknowledged.
+const REFUSAL_LINGER: Duration = Duration::from_secs(1);
 
 /// Largest join request the seed reads (it is read before the proof is
 /// checked; a real one is well under a kilobyte).
 const MAX_JOIN_REQUEST: usize = 16 << 10;
 
 async fn accept_loop(inner: Arc<Inner>, endpoint: quinn::Endpoint, tasks: Arc<Mutex<JoinSet<()>>>) {
-    let unproven = Arc::new(tokio::sync::Semaphore::new(MAX_UNPROVEN));
-    while let Some(incoming) = endpoint.accept().await {
-        let Ok(permit) = unproven.clone().try_acquire_owned() else {
-            tracing::warn!(
-                "seed: refused a connection from {}: {MAX_UNPROVEN} connections have not yet \
-                 proved the token",
-                incoming.remote_address()
-            );
+    let unproven = Arc::new(Unproven::default());
+    let mut report = tokio::time::interval(REPORT_EVERY);
+    loop {
+        let incoming = tokio::select! {
+            i = endpoint.accept() => match i {
+                Some(i) => i,
+                None => break,
+            },
+            _ = report.tick() => {
+                unproven.report(REPORT_EVERY);
+                continue;
+            }
+        };
+        let from = incoming.remote_address();
+        let Some(place) = Unproven::take(&unproven, from.ip()) else {
+            unproven
+                .refused
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             incoming.refuse();
             continue;
         };
         let i = inner.clone();
         spawn(&tasks, async move {
             let from = incoming.remote_address();
-            if let Err(e) = handle(i, incoming, permit).await {
+            if let Err(e) = handle(i, incoming, place).await {
                 tracing::warn!("seed: join from {from} failed: {e}");
             }
         });
@@ -463,61 +565,83 @@ impl Inner {
         )
         .await;
         let _ = send.finish();
-        // Let the rank read the verdict before the connection goes away.
-        let _ = tokio::time::timeout(Duration::from_secs(2), conn.closed()).await;
-        conn.close(VarInt::from_u32(1), b"join rejected");
+        // Close once the rank's side has acknowledged the verdict (it can
+        // read it after the close); a client that never acknowledges holds
+        // the connection, and for an unproven one its place, one second at
+        // most.
+        let _ = tokio::time::timeout(REFUSAL_LINGER, send.stopped()).await;
+        conn.close(VarInt::from_u32(close::FAILED), b"join rejected");
         Ok(())
     }
 }
 
-async fn handle(
-    inner: Arc<Inner>,
-    incoming: quinn::Incoming,
-    unproven: tokio::sync::OwnedSemaphorePermit,
-) -> Result<()> {
-    let from = incoming.remote_address();
-    // Everything before the proof is checked shares one short deadline; a
-    // connection that misses it is dropped (which closes it).
+/// Everything a joiner does before it has proved the token, under one
+/// short deadline: the handshake, the join stream and a join request with
+/// a valid proof. On failure, says why (after sending any refusal).
+async fn prove(inner: &Inner, incoming: quinn::Incoming) -> std::result::Result<Proven, String> {
     let until = tokio::time::Instant::now() + PROOF_DEADLINE;
     let conn = tokio::time::timeout_at(until, incoming)
         .await
-        .map_err(|_| Error::transport(None, "handshake timed out"))?
-        .map_err(|e| Error::transport(None, format!("handshake: {e}")))?;
+        .map_err(|_| "handshake timed out".to_string())?
+        .map_err(|e| format!("handshake: {e}"))?;
     let (mut send, mut recv) = tokio::time::timeout_at(until, conn.accept_bi())
         .await
-        .map_err(|_| Error::transport(None, "no join request in time"))?
-        .map_err(|e| Error::transport(None, format!("join stream: {e}")))?;
+        .map_err(|_| "no join request in time".to_string())?
+        .map_err(|e| format!("join stream: {e}"))?;
     let read = read_msg_max(&mut recv, "rank", MAX_JOIN_REQUEST);
     let req: JoinRequest = match tokio::time::timeout_at(until, read).await {
         Ok(Ok(r)) => r,
         Ok(Err(e)) => {
-            return inner
-                .reject_with(
-                    &conn,
-                    &mut send,
-                    RejectKind::Protocol,
-                    e.to_string(),
-                    [0; 32],
-                )
-                .await
+            let why = e.to_string();
+            let _ = inner
+                .reject_with(&conn, &mut send, RejectKind::Protocol, why.clone(), [0; 32])
+                .await;
+            return Err(why);
         }
-        Err(_) => return Err(Error::transport(None, "join request timed out")),
+        Err(_) => return Err("join request timed out".into()),
     };
-    if !inner
-        .token
-        .verify(&conn, Direction::RankToSeed, &req.proof)?
-    {
-        tracing::warn!(
-            "seed: refused {from} (pid {} on {}): wrong job token",
-            req.pid,
-            req.host
-        );
-        let reason = "the seed refused this rank: its job token does not match the job's \
-                      (check RANKMESH_TOKEN; it must come from the rankrun that started the job)";
-        return inner
-            .reject_with(&conn, &mut send, RejectKind::Auth, reason.into(), [0; 32])
-            .await;
+    match inner.token.verify(&conn, Direction::RankToSeed, &req.proof) {
+        Ok(true) => Ok(Proven {
+            conn,
+            send,
+            recv,
+            req,
+        }),
+        Ok(false) => {
+            let reason = "the seed refused this rank: its job token does not match the job's \
+                          (check RANKMESH_TOKEN; it must come from the rankrun that started the \
+                          job)";
+            let _ = inner
+                .reject_with(&conn, &mut send, RejectKind::Auth, reason.into(), [0; 32])
+                .await;
+            Err(format!("wrong job token (pid {} on {})", req.pid, req.host))
+        }
+        Err(e) => Err(e.to_string()),
     }
+}
+
+/// A joiner that proved the token, with its join stream and request.
+struct Proven {
+    conn: quinn::Connection,
+    send: quinn::SendStream,
+    recv: quinn::RecvStream,
+    req: JoinRequest,
+}
+
+async fn handle(inner: Arc<Inner>, incoming: quinn::Incoming, unproven: Place) -> Result<()> {
+    let from = incoming.remote_address();
+    let Proven {
+        conn,
+        mut send,
+        mut recv,
+        req,
+    } = match prove(&inner, incoming).await {
+        Ok(p) => p,
+        Err(why) => {
+            unproven.failed(from, &why);
+            return Ok(());
+        }
+    };
     // Proven: no longer counted against the unauthenticated.
     drop(unproven);
     // A late joiner of an elastic job (it asks for no rank and no world
@@ -752,7 +876,7 @@ async fn relay(
                 Err(e) => {
                     // A rank that can no longer talk to the seed cannot
                     // reach a membership point: it is gone.
-                    conn.close(VarInt::from_u32(2), b"bad control message");
+                    conn.close(VarInt::from_u32(close::BAD_MESSAGE), b"bad control message");
                     tracing::warn!("seed: rank {rank}: {e}");
                     return;
                 }
@@ -802,7 +926,9 @@ async fn relay(
         _ = writer => conn.closed().await,
     };
     let reason = match &why {
-        quinn::ConnectionError::ApplicationClosed(c) if c.error_code == VarInt::from_u32(0) => {
+        quinn::ConnectionError::ApplicationClosed(c)
+            if c.error_code == VarInt::from_u32(close::BYE) =>
+        {
             "the rank finalized".to_string()
         }
         quinn::ConnectionError::ApplicationClosed(c) => {

@@ -24,14 +24,34 @@ fn client() -> quinn::ClientConfig {
     ))
 }
 
+/// What each attacking connection does once its handshake completed.
+#[derive(Clone, Copy)]
+#[allow(dead_code)] // the benchmark uses one mode, the security test others
+pub enum Mode {
+    /// Push junk on every stream it may open, until the seed drops it.
+    Push,
+    /// As `Push`, and open a new connection whenever the seed drops or
+    /// refuses one (a sustained attack).
+    PushAgain,
+    /// Send nothing: hold its place at the seed until the seed's proof
+    /// deadline drops it.
+    Idle,
+}
+
 /// One attacking connection; `true` if its handshake completed.
-async fn attack(ep: &quinn::Endpoint, addr: SocketAddr, stop: &AtomicBool) -> bool {
+async fn attack(ep: &quinn::Endpoint, addr: SocketAddr, stop: &AtomicBool, mode: Mode) -> bool {
     let Ok(connecting) = ep.connect_with(client(), addr, "seed") else {
         return false;
     };
     let Ok(Ok(conn)) = tokio::time::timeout(Duration::from_secs(10), connecting).await else {
         return false;
     };
+    if let Mode::Idle = mode {
+        while !stop.load(Ordering::Relaxed) && conn.close_reason().is_none() {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        return true;
+    }
     let mut streams = Vec::new();
     if let Ok(Ok((s, _))) = tokio::time::timeout(Duration::from_millis(200), conn.open_bi()).await {
         streams.push(s);
@@ -65,20 +85,20 @@ async fn attack(ep: &quinn::Endpoint, addr: SocketAddr, stop: &AtomicBool) -> bo
 }
 
 impl Flood {
-    /// Start `conns` attacking connections to the seed at `addr`; with
-    /// `reconnect`, each one that the seed drops or refuses is opened again
-    /// (a sustained attack), otherwise it ends.
-    pub fn start(addr: SocketAddr, conns: usize, reconnect: bool) -> Flood {
+    /// Start `conns` attacking connections to the seed at `addr` from the
+    /// source address `from` (another loopback address than the ranks'
+    /// plays an attacker on another host).
+    pub fn start_from(addr: SocketAddr, from: std::net::IpAddr, conns: usize, mode: Mode) -> Flood {
+        let reconnect = matches!(mode, Mode::PushAgain);
         let stop = Arc::new(AtomicBool::new(false));
         let connected = Arc::new(AtomicUsize::new(0));
-        let ep = quinn::Endpoint::client("127.0.0.1:0".parse().expect("address"))
-            .expect("client endpoint");
+        let ep = quinn::Endpoint::client(SocketAddr::new(from, 0)).expect("client endpoint");
         let mut tasks = tokio::task::JoinSet::new();
         for _ in 0..conns {
             let (ep, stop, connected) = (ep.clone(), stop.clone(), connected.clone());
             tasks.spawn(async move {
                 while !stop.load(Ordering::Relaxed) {
-                    if attack(&ep, addr, &stop).await {
+                    if attack(&ep, addr, &stop, mode).await {
                         connected.fetch_add(1, Ordering::Relaxed);
                     } else {
                         tokio::time::sleep(Duration::from_millis(20)).await;

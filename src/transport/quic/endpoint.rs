@@ -50,6 +50,9 @@ pub fn transport_config(cfg: &Config) -> Result<Arc<TransportConfig>> {
     t.send_window(cfg.send_window());
     t.max_concurrent_uni_streams(VarInt::from_u32(cfg.max_streams()));
     t.max_concurrent_bidi_streams(VarInt::from_u32(8));
+    // Ranks send no datagrams; without this quinn lets a peer fill 1.25 MB
+    // of datagram buffer per connection.
+    t.datagram_receive_buffer_size(None);
     let mut mtu = MtuDiscoveryConfig::default();
     mtu.upper_bound(cfg.mtu_upper_bound());
     t.mtu_discovery_config(Some(mtu));
@@ -74,6 +77,9 @@ pub fn seed_transport_config(cfg: &Config) -> Result<Arc<TransportConfig>> {
     t.max_concurrent_bidi_streams(VarInt::from_u32(1));
     t.stream_receive_window(VarInt::from_u32(SEED_WINDOW));
     t.receive_window(VarInt::from_u32(SEED_WINDOW));
+    // Nothing in the join protocol uses datagrams; quinn would otherwise
+    // buffer up to 1.25 MB of them per connection.
+    t.datagram_receive_buffer_size(None);
     t.send_window(cfg.send_window());
     Ok(Arc::new(t))
 }
