@@ -38,14 +38,22 @@ pub enum Mode {
     Idle,
 }
 
-/// One attacking connection; `true` if its handshake completed.
-async fn attack(ep: &quinn::Endpoint, addr: SocketAddr, stop: &AtomicBool, mode: Mode) -> bool {
+/// One attacking connection, counted in `connected` once its handshake
+/// completed; `true` if it did.
+async fn attack(
+    ep: &quinn::Endpoint,
+    addr: SocketAddr,
+    stop: &AtomicBool,
+    connected: &AtomicUsize,
+    mode: Mode,
+) -> bool {
     let Ok(connecting) = ep.connect_with(client(), addr, "seed") else {
         return false;
     };
     let Ok(Ok(conn)) = tokio::time::timeout(Duration::from_secs(10), connecting).await else {
         return false;
     };
+    connected.fetch_add(1, Ordering::Relaxed);
     if let Mode::Idle = mode {
         while !stop.load(Ordering::Relaxed) && conn.close_reason().is_none() {
             tokio::time::sleep(Duration::from_millis(50)).await;
@@ -98,9 +106,7 @@ impl Flood {
             let (ep, stop, connected) = (ep.clone(), stop.clone(), connected.clone());
             tasks.spawn(async move {
                 while !stop.load(Ordering::Relaxed) {
-                    if attack(&ep, addr, &stop, mode).await {
-                        connected.fetch_add(1, Ordering::Relaxed);
-                    } else {
+                    if !attack(&ep, addr, &stop, &connected, mode).await {
                         tokio::time::sleep(Duration::from_millis(20)).await;
                     }
                     if !reconnect {
