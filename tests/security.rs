@@ -18,6 +18,7 @@ struct Rank {
     transport: QuicTransport,
     creds: Credentials,
     addr: SocketAddr,
+    endpoint: quinn::Endpoint,
 }
 
 fn cfg() -> Config {
@@ -49,11 +50,12 @@ async fn join_rank_with(spec: JoinSpec, c: Config) -> rankmesh::Result<Rank> {
         QuicTransport::accept_peers(&ep, cr, &c)
     })
     .await?;
-    let transport = QuicTransport::start(ep, &joined.creds, joined.peers, &c)?;
+    let transport = QuicTransport::start(ep.clone(), &joined.creds, joined.peers, &c)?;
     Ok(Rank {
         transport,
         creds: joined.creds,
         addr,
+        endpoint: ep,
     })
 }
 
@@ -1190,5 +1192,24 @@ async fn one_address_gets_a_bounded_share_of_the_seeds_unproven_places() {
         (1..=64).contains(&held),
         "{held} idle connections from one address got through the handshake; at most 64 may \
          hold places at once"
+    );
+}
+
+/// Clients that start a handshake with a rank and never answer (as packets
+/// with forged source addresses do) hold no state at the rank beyond a few:
+/// past 16 handshakes in progress, a rank sends a stateless Retry to
+/// clients whose address is not validated. The job's ranks keep talking.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn clients_that_never_answer_hold_no_state_at_a_rank() {
+    let (_seed, ranks) = form(2).await;
+    let deaf = flood::Deaf::connect(ranks[1].addr, pki::ALPN_PEER, 300);
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let held = ranks[1].endpoint.open_connections();
+    delivered(&ranks, 0, 1, 9, 0, b"through the flood").await;
+    delivered(&ranks, 1, 0, 9, 0, b"and back").await;
+    drop(deaf);
+    assert!(
+        held <= 24,
+        "rank 1 holds {held} connections for 300 clients that never answered"
     );
 }

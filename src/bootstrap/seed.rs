@@ -8,6 +8,7 @@ use super::{close, read_msg, read_msg_max, write_msg};
 use crate::config::Config;
 use crate::pki::{self, JobCa};
 use crate::transport::quic::endpoint;
+use crate::transport::quic::places::{Place, Places};
 use crate::wire::control::{
     EpochInfo, Formation, JoinReply, JoinRequest, KeyPin, Notice, PeerInfo, Ready, RejectKind,
 };
@@ -396,84 +397,6 @@ const MAX_UNPROVEN: usize = 256;
 /// one host cannot take every place from the job's other hosts.
 const MAX_UNPROVEN_PER_SOURCE: usize = 64;
 
-/// The places of connections that have not yet proved the token.
-#[derive(Default)]
-struct Unproven {
-    by_source: Mutex<std::collections::HashMap<std::net::IpAddr, usize>>,
-    /// Connections refused for want of a place, and connections dropped
-    /// without a valid proof, since the last report.
-    refused: std::sync::atomic::AtomicUsize,
-    failed: std::sync::atomic::AtomicUsize,
-}
-
-/// One connection's place among the unproven; given back when dropped.
-struct Place {
-    table: Arc<Unproven>,
-    source: std::net::IpAddr,
-}
-
-impl Unproven {
-    /// A place for a connection from `source`, if there is one.
-    fn take(table: &Arc<Unproven>, source: std::net::IpAddr) -> Option<Place> {
-        let mut m = table.by_source.lock().unwrap_or_else(|p| p.into_inner());
-        let total: usize = m.values().sum();
-        let mine = m.entry(source).or_insert(0);
-        if total >= MAX_UNPROVEN || *mine >= MAX_UNPROVEN_PER_SOURCE {
-            return None;
-        }
-        *mine += 1;
-        Some(Place {
-            table: table.clone(),
-            source,
-        })
-    }
-}
-
-impl Place {
-    /// The connection ended without proving the token: counted for the
-    /// next report rather than logged one by one (whoever reaches the seed
-    /// could otherwise fill its log).
-    fn failed(self, from: SocketAddr, why: &str) {
-        tracing::debug!("seed: dropped {from} before it proved the job token: {why}");
-        self.table
-            .failed
-            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-    }
-}
-
-impl Unproven {
-    /// One warning for the connections refused or dropped since the last.
-    fn report(&self, every: Duration) {
-        use std::sync::atomic::Ordering::Relaxed;
-        let (refused, failed) = (self.refused.swap(0, Relaxed), self.failed.swap(0, Relaxed));
-        if refused + failed > 0 {
-            tracing::warn!(
-                "seed: in the last {every:?}, {failed} connections ended without proving the \
-                 job token (a wrong RANKMESH_TOKEN, a client that is not a rank, or a timeout) \
-                 and {refused} were refused because {MAX_UNPROVEN} (or {MAX_UNPROVEN_PER_SOURCE} \
-                 from one address) had not yet proved it; ranks keep trying until their \
-                 formation timeout"
-            );
-        }
-    }
-}
-
-impl Drop for Place {
-    fn drop(&mut self) {
-        let mut m = self
-            .table
-            .by_source
-            .lock()
-            .unwrap_or_else(|p| p.into_inner());
-        if let Some(n) = m.get_mut(&self.source) {
-            *n -= 1;
-            if *n == 0 {
-                m.remove(&self.source);
-            }
-        }
-    }
-}
-
 /// How often the seed reports connections it refused or dropped before
 /// they proved the token.
 const REPORT_EVERY: Duration = Duration::from_secs(10);
@@ -491,7 +414,7 @@ const REFUSAL_LINGER: Duration = Duration::from_secs(1);
 const MAX_JOIN_REQUEST: usize = 16 << 10;
 
 async fn accept_loop(inner: Arc<Inner>, endpoint: quinn::Endpoint, tasks: Arc<Mutex<JoinSet<()>>>) {
-    let unproven = Arc::new(Unproven::default());
+    let unproven = Places::new(MAX_UNPROVEN, MAX_UNPROVEN_PER_SOURCE);
     let mut report = tokio::time::interval(REPORT_EVERY);
     loop {
         let incoming = tokio::select! {
@@ -500,15 +423,11 @@ async fn accept_loop(inner: Arc<Inner>, endpoint: quinn::Endpoint, tasks: Arc<Mu
                 None => break,
             },
             _ = report.tick() => {
-                unproven.report(REPORT_EVERY);
+                report_unproven(&unproven);
                 continue;
             }
         };
-        let from = incoming.remote_address();
-        let Some(place) = Unproven::take(&unproven, from.ip()) else {
-            unproven
-                .refused
-                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let Some(place) = unproven.take(incoming.remote_address().ip()) else {
             incoming.refuse();
             continue;
         };
@@ -519,6 +438,21 @@ async fn accept_loop(inner: Arc<Inner>, endpoint: quinn::Endpoint, tasks: Arc<Mu
                 tracing::warn!("seed: join from {from} failed: {e}");
             }
         });
+    }
+}
+
+/// One warning for the connections refused or dropped before they proved
+/// the token since the last.
+fn report_unproven(places: &Places) {
+    let (refused, failed) = places.take_counts();
+    if refused + failed > 0 {
+        tracing::warn!(
+            "seed: in the last {REPORT_EVERY:?}, {failed} connections ended without proving the \
+             job token (a wrong RANKMESH_TOKEN, a client that is not a rank, or a timeout) and \
+             {refused} were refused because {MAX_UNPROVEN} (or {MAX_UNPROVEN_PER_SOURCE} from \
+             one address) had not yet proved it; ranks keep trying until their formation \
+             timeout"
+        );
     }
 }
 
@@ -638,7 +572,8 @@ async fn handle(inner: Arc<Inner>, incoming: quinn::Incoming, unproven: Place) -
     } = match prove(&inner, incoming).await {
         Ok(p) => p,
         Err(why) => {
-            unproven.failed(from, &why);
+            tracing::debug!("seed: dropped {from} before it proved the job token: {why}");
+            unproven.failed();
             return Ok(());
         }
     };

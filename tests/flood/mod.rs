@@ -131,6 +131,71 @@ impl Flood {
     }
 }
 
+/// A UDP socket that sends but never receives: a client behind it starts
+/// handshakes and never answers, as packets with forged source addresses do.
+#[derive(Debug)]
+struct DeafSocket(Arc<dyn quinn::AsyncUdpSocket>);
+
+impl quinn::AsyncUdpSocket for DeafSocket {
+    fn create_io_poller(self: Arc<Self>) -> std::pin::Pin<Box<dyn quinn::UdpPoller>> {
+        self.0.clone().create_io_poller()
+    }
+
+    fn try_send(&self, t: &quinn::udp::Transmit) -> std::io::Result<()> {
+        self.0.try_send(t)
+    }
+
+    fn poll_recv(
+        &self,
+        _cx: &mut std::task::Context,
+        _bufs: &mut [std::io::IoSliceMut<'_>],
+        _meta: &mut [quinn::udp::RecvMeta],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        std::task::Poll::Pending
+    }
+
+    fn local_addr(&self) -> std::io::Result<SocketAddr> {
+        self.0.local_addr()
+    }
+}
+
+/// Handshakes started from a deaf socket, kept going until dropped.
+#[allow(dead_code)] // used by the security test, not by the benchmark
+pub struct Deaf {
+    _pending: Vec<quinn::Connecting>,
+    _ep: quinn::Endpoint,
+}
+
+#[allow(dead_code)]
+impl Deaf {
+    /// Start `conns` handshakes with the server at `addr`, offering the
+    /// application protocol `alpn` (a server refuses any other at once).
+    pub fn connect(addr: SocketAddr, alpn: &[u8], conns: usize) -> Deaf {
+        let mut tls = rankmesh::pki::seed_client_config().expect("client TLS");
+        tls.alpn_protocols = vec![alpn.to_vec()];
+        let client = quinn::ClientConfig::new(Arc::new(
+            quinn::crypto::rustls::QuicClientConfig::try_from(tls).expect("QUIC client TLS"),
+        ));
+        use quinn::Runtime;
+        let udp = std::net::UdpSocket::bind("127.0.0.1:0").expect("bind");
+        let sock = quinn::TokioRuntime.wrap_udp_socket(udp).expect("wrap");
+        let ep = quinn::Endpoint::new_with_abstract_socket(
+            quinn::EndpointConfig::default(),
+            None,
+            Arc::new(DeafSocket(sock)),
+            Arc::new(quinn::TokioRuntime),
+        )
+        .expect("endpoint");
+        let pending = (0..conns)
+            .filter_map(|_| ep.connect_with(client.clone(), addr, "rank").ok())
+            .collect();
+        Deaf {
+            _pending: pending,
+            _ep: ep,
+        }
+    }
+}
+
 /// Resident memory of a process, in bytes.
 pub fn rss(pid: u32) -> u64 {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();

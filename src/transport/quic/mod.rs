@@ -13,6 +13,7 @@
 
 pub mod endpoint;
 mod local;
+pub(crate) mod places;
 
 use super::{BoxFut, Incoming, Mailbox, Payload, PeerFailure, Transport};
 use crate::config::Config;
@@ -106,7 +107,31 @@ struct Shared {
     cfg: Config,
     tasks: Mutex<JoinSet<()>>,
     closing: AtomicBool,
+    /// Places for incoming connections whose handshake has not completed
+    /// (anyone who reaches the port can start one; only a certificate of
+    /// the job CA completes it).
+    handshakes: places::Places,
 }
+
+/// Incoming connections in their handshake at once, at most (and from one
+/// address): beyond this a rank refuses new ones, so that clients without
+/// a job certificate cannot exhaust its memory. A job's own ranks dial each
+/// other once per pair, and a handshake between them takes milliseconds.
+const MAX_HANDSHAKES: usize = 256;
+const MAX_HANDSHAKES_PER_SOURCE: usize = 64;
+
+/// Beyond this many handshakes at once, a client whose address is not yet
+/// validated is first sent a QUIC Retry (which costs the rank no state), so
+/// that packets with forged source addresses, or clients that never answer,
+/// hold no place. The job's own ranks pay one more round trip then.
+const RETRY_ABOVE: usize = 16;
+
+/// Time an incoming connection has to complete its handshake.
+const HANDSHAKE_DEADLINE: Duration = Duration::from_secs(10);
+
+/// How often a rank reports incoming connections that failed before a
+/// verified certificate.
+const REPORT_EVERY: Duration = Duration::from_secs(10);
 
 /// The QUIC transport of one rank.
 pub struct QuicTransport {
@@ -162,6 +187,7 @@ impl QuicTransport {
             cfg: cfg.clone(),
             tasks: Mutex::new(JoinSet::new()),
             closing: AtomicBool::new(false),
+            handshakes: places::Places::new(MAX_HANDSHAKES, MAX_HANDSHAKES_PER_SOURCE),
         });
         let acc = sh.clone();
         sh.spawn(async move { acc.accept_loop().await });
@@ -288,26 +314,63 @@ impl Shared {
     }
 
     async fn accept_loop(self: Arc<Self>) {
-        while let Some(incoming) = self.endpoint.accept().await {
+        let mut report = tokio::time::interval(REPORT_EVERY);
+        loop {
+            let incoming = tokio::select! {
+                i = self.endpoint.accept() => match i {
+                    Some(i) => i,
+                    None => break,
+                },
+                _ = report.tick() => {
+                    let (refused, failed) = self.handshakes.take_counts();
+                    if refused + failed > 0 {
+                        tracing::warn!(
+                            rank = self.rank,
+                            "in the last {REPORT_EVERY:?}, {failed} incoming connections ended \
+                             without a certificate of this job and {refused} were refused \
+                             because {MAX_HANDSHAKES} handshakes (or {MAX_HANDSHAKES_PER_SOURCE} \
+                             from one address) were in progress: something that is not a rank \
+                             of this job is connecting to this rank's port"
+                        );
+                    }
+                    continue;
+                }
+            };
             if self.closing.load(Ordering::Acquire) {
                 incoming.refuse();
                 continue;
             }
+            if self.handshakes.held() >= RETRY_ABOVE && !incoming.remote_address_validated() {
+                // Stateless: a client at a real address comes back with
+                // the token and is then counted.
+                let _ = incoming.retry();
+                continue;
+            }
+            let Some(place) = self.handshakes.take(incoming.remote_address().ip()) else {
+                incoming.refuse();
+                continue;
+            };
             let sh = self.clone();
-            self.spawn(async move { sh.accept_one(incoming).await });
+            self.spawn(async move { sh.accept_one(incoming, place).await });
         }
     }
 
-    async fn accept_one(self: Arc<Self>, incoming: quinn::Incoming) {
+    async fn accept_one(self: Arc<Self>, incoming: quinn::Incoming, place: places::Place) {
         let from = incoming.remote_address();
-        let conn = match tokio::time::timeout(self.cfg.formation_timeout(), incoming).await {
+        let limit = HANDSHAKE_DEADLINE.min(self.cfg.formation_timeout());
+        let conn = match tokio::time::timeout(limit, incoming).await {
             Ok(Ok(c)) => c,
             Ok(Err(e)) => {
-                tracing::warn!(rank = self.rank, %from, "refused a connection: {e}");
+                tracing::debug!(rank = self.rank, %from, "refused a connection: {e}");
+                place.failed();
                 return;
             }
-            Err(_) => return,
+            Err(_) => {
+                place.failed();
+                return;
+            }
         };
+        drop(place);
         let (rank, pin) = match self.identify(&conn) {
             Ok(r) => r,
             Err(e) => {
