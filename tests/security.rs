@@ -1213,3 +1213,28 @@ async fn clients_that_never_answer_hold_no_state_at_a_rank() {
         "rank 1 holds {held} connections for 300 clients that never answered"
     );
 }
+
+/// Clients that start handshakes with the seed and never answer (forged
+/// source addresses) do not keep the ranks out: past 16 unproven
+/// connections the seed sends them a stateless Retry, which they never
+/// answer, so they hold none of the seed's places.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn clients_that_never_answer_do_not_keep_ranks_from_the_seed() {
+    let seed = Seed::start(SeedConfig::new(2)).unwrap();
+    let addr = seed.addr().unwrap();
+    let deaf = flood::Deaf::connect(addr, pki::ALPN_JOIN, 300);
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let held = seed.unproven_connections();
+    let (a, b) = tokio::time::timeout(Duration::from_secs(60), async {
+        tokio::join!(join_rank(spec(&seed, 0, 2)), join_rank(spec(&seed, 1, 2)))
+    })
+    .await
+    .expect("formation did not finish within 60 s");
+    drop(deaf);
+    assert_eq!(a.expect("rank 0").creds.rank, 0);
+    assert_eq!(b.expect("rank 1").creds.rank, 1);
+    assert!(
+        held <= 16,
+        "the seed held {held} places for 300 clients that never answered"
+    );
+}

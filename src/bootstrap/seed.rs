@@ -105,6 +105,8 @@ struct Inner {
     elastic: Option<Mutex<Elastic>>,
     /// The latest epoch decided (late joiners wait on it).
     epochs: watch::Sender<u32>,
+    /// Places of connections that have not yet proved the token.
+    unproven: Places,
 }
 
 /// Most member ids an elastic job issues (ids are never reused).
@@ -268,6 +270,7 @@ impl Seed {
                 })
             }),
             epochs: watch::channel(1).0,
+            unproven: Places::new(MAX_UNPROVEN, MAX_UNPROVEN_PER_SOURCE),
         });
         let tasks = Arc::new(Mutex::new(JoinSet::new()));
         let (i, ep, t) = (inner.clone(), endpoint.clone(), tasks.clone());
@@ -343,6 +346,13 @@ impl Seed {
         self.inner.joined.subscribe()
     }
 
+    /// Connections that have not yet proved the job token (at most 256; a
+    /// number near that for long means someone without the token keeps
+    /// connecting to the seed).
+    pub fn unproven_connections(&self) -> usize {
+        self.inner.unproven.held()
+    }
+
     /// The peer table by member id as the seed knows it now: every member
     /// the job has had once it formed (an elastic job's grows as processes
     /// join), empty before, each with its [`KeyPin`].
@@ -397,6 +407,11 @@ const MAX_UNPROVEN: usize = 256;
 /// one host cannot take every place from the job's other hosts.
 const MAX_UNPROVEN_PER_SOURCE: usize = 64;
 
+/// Beyond this many unproven connections, a client whose address is not
+/// yet validated is first sent a QUIC Retry (one more round trip for a
+/// joiner, no state at the seed).
+const RETRY_ABOVE: usize = 16;
+
 /// How often the seed reports connections it refused or dropped before
 /// they proved the token.
 const REPORT_EVERY: Duration = Duration::from_secs(10);
@@ -414,7 +429,7 @@ const REFUSAL_LINGER: Duration = Duration::from_secs(1);
 const MAX_JOIN_REQUEST: usize = 16 << 10;
 
 async fn accept_loop(inner: Arc<Inner>, endpoint: quinn::Endpoint, tasks: Arc<Mutex<JoinSet<()>>>) {
-    let unproven = Places::new(MAX_UNPROVEN, MAX_UNPROVEN_PER_SOURCE);
+    let unproven = inner.unproven.clone();
     let mut report = tokio::time::interval(REPORT_EVERY);
     loop {
         let incoming = tokio::select! {
@@ -427,6 +442,12 @@ async fn accept_loop(inner: Arc<Inner>, endpoint: quinn::Endpoint, tasks: Arc<Mu
                 continue;
             }
         };
+        if unproven.held() >= RETRY_ABOVE && !incoming.remote_address_validated() {
+            // Stateless: a client at a real address comes back with the
+            // token and is then counted; forged addresses hold nothing.
+            let _ = incoming.retry();
+            continue;
+        }
         let Some(place) = unproven.take(incoming.remote_address().ip()) else {
             incoming.refuse();
             continue;
