@@ -959,6 +959,7 @@ async fn half_hellos_from_another_user_are_closed_at_once() {
 /// with that certificate and its key, and the member id the certificate names.
 struct Abandoned {
     client: quinn::ClientConfig,
+    server: quinn::ServerConfig,
     id: usize,
 }
 
@@ -967,7 +968,11 @@ async fn abandoned_join(spec: JoinSpec) -> Abandoned {
     let ep = endpoint::bind("127.0.0.1:0".parse().unwrap(), &c).unwrap();
     let kept = std::sync::Mutex::new(None);
     let res = join(&ep, &spec, &c, |cr| {
-        *kept.lock().unwrap() = Some((pki::peer_client_config(cr).unwrap(), cr.rank));
+        *kept.lock().unwrap() = Some((
+            pki::peer_client_config(cr).unwrap(),
+            pki::peer_server_config(cr).unwrap(),
+            cr.rank,
+        ));
         Err(Error::Protocol {
             detail: "the holder quits before Ready".into(),
         })
@@ -975,12 +980,15 @@ async fn abandoned_join(spec: JoinSpec) -> Abandoned {
     .await;
     assert!(res.is_err(), "the abandoned join went on");
     ep.close(0u32.into(), b"");
-    let (tls, id) = kept
+    let (tls, server, id) = kept
         .into_inner()
         .unwrap()
         .expect("no certificate was issued");
     Abandoned {
         client: quic_client(tls),
+        server: quinn::ServerConfig::with_crypto(Arc::new(
+            quinn::crypto::rustls::QuicServerConfig::try_from(server).unwrap(),
+        )),
         id,
     }
 }
@@ -1236,5 +1244,81 @@ async fn clients_that_never_answer_do_not_keep_ranks_from_the_seed() {
     assert!(
         held <= 16,
         "the seed held {held} places for 300 clients that never answered"
+    );
+}
+
+/// A rank that dials a peer checks the key of whoever answers at the
+/// peer's address: the holder of an abandoned join's certificate for rank
+/// 1, listening where rank 0 believes rank 1 is, is refused before rank 0
+/// sends it anything, and the send fails naming rank 1 and the key.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rank_refuses_a_dialled_server_whose_key_is_not_the_pinned_one() {
+    let seed = Seed::start(SeedConfig::new(2)).unwrap();
+    let stolen = abandoned_join(spec(&seed, 1, 2)).await;
+    assert_eq!(stolen.id, 1);
+    let impostor =
+        quinn::Endpoint::server(stolen.server.clone(), "127.0.0.1:0".parse().unwrap()).unwrap();
+    let impostor_addr = impostor.local_addr().unwrap();
+    let received = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let listen = {
+        let (ep, received) = (impostor.clone(), received.clone());
+        tokio::spawn(async move {
+            while let Some(inc) = ep.accept().await {
+                let Ok(conn) = inc.await else { continue };
+                let received = received.clone();
+                tokio::spawn(async move {
+                    while let Ok(mut s) = conn.accept_uni().await {
+                        if let Ok(b) = s.read_to_end(1 << 20).await {
+                            received.fetch_add(b.len(), std::sync::atomic::Ordering::Relaxed);
+                        }
+                    }
+                });
+            }
+        })
+    };
+    // Rank 0 joins, then believes rank 1 is at the impostor's address (a
+    // stale or forged address); the real rank 1 joins once the seed has
+    // seen the holder go.
+    let c = cfg();
+    let ep0 = endpoint::bind("127.0.0.1:0".parse().unwrap(), &c).unwrap();
+    let rank0 = async {
+        let joined = join(&ep0, &spec(&seed, 0, 2), &c, |cr| {
+            QuicTransport::accept_peers(&ep0, cr, &c)
+        })
+        .await
+        .unwrap();
+        let mut peers = joined.peers;
+        peers[1].addr = impostor_addr;
+        QuicTransport::start(ep0.clone(), &joined.creds, peers, &c).unwrap()
+    };
+    let rank1 = async {
+        for _ in 0..100 {
+            match join_rank(spec(&seed, 1, 2)).await {
+                Ok(r) => return r,
+                Err(e) if e.to_string().contains("already taken") => {
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+                Err(e) => panic!("the real rank 1 could not join: {e}"),
+            }
+        }
+        panic!("the real rank 1 never got its slot back");
+    };
+    let (t0, _real1) = tokio::join!(rank0, rank1);
+    let err = t0
+        .send(
+            1,
+            p2p_header(0, 5, 0, 4),
+            rankmesh::transport::Payload::Borrowed(b"real"),
+        )
+        .await
+        .expect_err("rank 0 sent to a server whose key is not rank 1's");
+    let text = format!("{err:?}");
+    assert!(text.contains("rank: 1") && text.contains("key"), "{text}");
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    listen.abort();
+    assert_eq!(
+        received.load(std::sync::atomic::Ordering::Relaxed),
+        0,
+        "the impostor received data"
     );
 }
