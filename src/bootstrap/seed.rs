@@ -533,27 +533,32 @@ impl Inner {
 /// Everything a joiner does before it has proved the token, under one
 /// short deadline: the handshake, the join stream and a join request with
 /// a valid proof. On failure, says why (after sending any refusal).
-async fn prove(inner: &Inner, incoming: quinn::Incoming) -> std::result::Result<Proven, String> {
+async fn prove(inner: &Inner, incoming: quinn::Incoming) -> Result<Proven> {
     let until = tokio::time::Instant::now() + PROOF_DEADLINE;
     let conn = tokio::time::timeout_at(until, incoming)
         .await
-        .map_err(|_| "handshake timed out".to_string())?
-        .map_err(|e| format!("handshake: {e}"))?;
+        .map_err(|_| Error::transport(None, "handshake timed out"))?
+        .map_err(|e| Error::transport(None, format!("handshake: {e}")))?;
     let (mut send, mut recv) = tokio::time::timeout_at(until, conn.accept_bi())
         .await
-        .map_err(|_| "no join request in time".to_string())?
-        .map_err(|e| format!("join stream: {e}"))?;
+        .map_err(|_| Error::transport(None, "no join request in time"))?
+        .map_err(|e| Error::transport(None, format!("join stream: {e}")))?;
     let read = read_msg_max(&mut recv, "rank", MAX_JOIN_REQUEST);
     let req: JoinRequest = match tokio::time::timeout_at(until, read).await {
         Ok(Ok(r)) => r,
         Ok(Err(e)) => {
-            let why = e.to_string();
             let _ = inner
-                .reject_with(&conn, &mut send, RejectKind::Protocol, why.clone(), [0; 32])
+                .reject_with(
+                    &conn,
+                    &mut send,
+                    RejectKind::Protocol,
+                    e.to_string(),
+                    [0; 32],
+                )
                 .await;
-            return Err(why);
+            return Err(e);
         }
-        Err(_) => return Err("join request timed out".into()),
+        Err(_) => return Err(Error::transport(None, "join request timed out")),
     };
     match inner.token.verify(&conn, Direction::RankToSeed, &req.proof) {
         Ok(true) => Ok(Proven {
@@ -569,9 +574,12 @@ async fn prove(inner: &Inner, incoming: quinn::Incoming) -> std::result::Result<
             let _ = inner
                 .reject_with(&conn, &mut send, RejectKind::Auth, reason.into(), [0; 32])
                 .await;
-            Err(format!("wrong job token (pid {} on {})", req.pid, req.host))
+            Err(Error::auth(format!(
+                "wrong job token (pid {} on {})",
+                req.pid, req.host
+            )))
         }
-        Err(e) => Err(e.to_string()),
+        Err(e) => Err(e),
     }
 }
 

@@ -102,7 +102,7 @@ impl Ctx<'_> {
             while let Some(chunk) = m
                 .next_chunk()
                 .await
-                .map_err(|detail| ExecError::Broken { peer, detail })?
+                .map_err(|b| ExecError::Broken { peer, detail: b.0 })?
             {
                 got += chunk.len();
                 if tx.send(chunk).await.is_err() {

@@ -13,7 +13,7 @@
 use super::{CollKind, Phase, Recv, Schedule, Xfer};
 use crate::datatype::{DType, ReduceOp};
 use crate::reduce::reduce_bytes;
-use crate::transport::{CollKey, Incoming, Payload, PeerFailure, Transport};
+use crate::transport::{Broken, CollKey, Failure, Incoming, Payload, Transport};
 use crate::wire::{CollDesc, FrameKind, Header};
 use bytes::Bytes;
 use std::future::Future;
@@ -64,8 +64,8 @@ impl Desc {
 /// Why a schedule did not complete.
 #[derive(Debug)]
 pub(crate) enum ExecError {
-    /// A peer (world rank `failure.rank`) is gone, or aborted this collective.
-    Peer { failure: PeerFailure },
+    /// A peer (world rank `failure.rank()`) is gone, or aborted this collective.
+    Peer { failure: Failure },
     /// A peer made a different call.
     Mismatch { detail: String },
     /// A message from `peer` broke off.
@@ -264,12 +264,8 @@ impl Ctx<'_> {
             .mailbox()
             .coll_abort(self.comm_id, self.epoch, self.seq);
         match abort {
-            Some((by, reason)) if !matches!(e, ExecError::Mismatch { .. }) => ExecError::Peer {
-                failure: PeerFailure {
-                    rank: by,
-                    reason,
-                    aborted: true,
-                },
+            Some(a) if !matches!(e, ExecError::Mismatch { .. }) => ExecError::Peer {
+                failure: Failure::CollAborted(a),
             },
             _ => e,
         }
@@ -309,7 +305,7 @@ impl Ctx<'_> {
         out: &mut [u8],
     ) -> Result<(), ExecError> {
         let mut m = self.message(sub, peer, out.len()).await?;
-        let broken = |detail: String| ExecError::Broken { peer, detail };
+        let broken = |b: Broken| ExecError::Broken { peer, detail: b.0 };
         let (dtype, op) = (self.desc.dtype, self.desc.op);
         let esz = dtype.size();
         let mut at = 0;
@@ -324,7 +320,7 @@ impl Ctx<'_> {
                 continue;
             };
             let reduce = |dst: &mut [u8], s: &[u8]| {
-                reduce_bytes(dtype, op, dst, s).map_err(|e| broken(e.to_string()))
+                reduce_bytes(dtype, op, dst, s).map_err(|e| broken(Broken(e.to_string())))
             };
             if held > 0 {
                 let take = (esz - held).min(c.len());
@@ -345,11 +341,11 @@ impl Ctx<'_> {
             held += rest.len();
         }
         if at != out.len() || held != 0 {
-            return Err(broken(format!(
+            return Err(broken(Broken(format!(
                 "message ended after {} of {} bytes",
                 at + held,
                 out.len()
-            )));
+            ))));
         }
         Ok(())
     }

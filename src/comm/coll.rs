@@ -13,8 +13,8 @@ use crate::coll::exec::{Ctx, Desc, ExecError};
 use crate::coll::select::{Algorithm, CostModel};
 use crate::coll::{barrier, binomial, doubling, halving, linear, ring, CollKind, Schedule};
 use crate::datatype::{DType, Element, ReduceOp};
-use crate::transport::{LateMismatch, Payload};
-use crate::wire::{FrameKind, Header, ABORT_FAILED, ABORT_JOB, ABORT_MISMATCH};
+use crate::transport::{Abort, AbortKind, Failure, LateMismatch, Payload};
+use crate::wire::{FrameKind, Header};
 use crate::{Error, Result};
 use bytes::Bytes;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -315,7 +315,7 @@ impl Communicator {
 
     pub(super) async fn refused<T>(&self, seq: u64, res: Result<T>) -> Result<T> {
         if let Err(e) = &res {
-            self.abort_collective(seq, ABORT_FAILED, &e.to_string())
+            self.abort_collective(seq, AbortKind::Failed, &e.to_string())
                 .await;
         }
         res
@@ -449,7 +449,7 @@ impl Communicator {
         let (comm_id, epoch) = (self.inner.comm_id, self.inner.epoch);
         if let Some(late) = mailbox.begin_coll(comm_id, epoch) {
             let e = self.late_mismatch(&op_name(), late);
-            self.abort_collective(seq, ABORT_MISMATCH, &e.to_string())
+            self.abort_collective(seq, AbortKind::Mismatch, &e.to_string())
                 .await;
             return Err(e);
         }
@@ -479,7 +479,8 @@ impl Communicator {
                     return Ok(());
                 };
                 let e = self.late_mismatch(&op_name(), late);
-                self.send_abort(seq, ABORT_MISMATCH, &e.to_string()).await;
+                self.send_abort(seq, AbortKind::Mismatch, &e.to_string())
+                    .await;
                 return Err(e);
             }
             Some(Err(e)) => Some(e),
@@ -507,19 +508,20 @@ impl Communicator {
                 // on a moment to explain itself: in a chain of waiting
                 // ranks, every one times out at about the same time, and
                 // only the last one knows the culprit.
-                self.send_abort(seq, ABORT_FAILED, &e.to_string()).await;
+                self.send_abort(seq, AbortKind::Failed, &e.to_string())
+                    .await;
                 let e = match self.abort_from(seq, w, TIMEOUT_GRACE).await {
-                    Some(reason) => Error::Aborted {
+                    Some(a) => Error::Aborted {
                         by_rank: w,
-                        reason: format!("{op}: {}", reason.get(1..).unwrap_or_default()),
+                        reason: format!("{op}: {}", a.reason),
                     },
                     None => e,
                 };
-                self.record_abort(seq, ABORT_FAILED, &e.to_string());
+                self.record_abort(seq, AbortKind::Failed, &e.to_string());
                 (e, None)
             }
             Some(ExecError::Mismatch { detail, .. }) => {
-                let n = Some((ABORT_MISMATCH, detail.clone()));
+                let n = Some((AbortKind::Mismatch, detail.clone()));
                 (
                     Error::Mismatch {
                         rank: me,
@@ -533,7 +535,7 @@ impl Communicator {
                 let e = Error::Gpu {
                     detail: format!("rank {me}: {op}: {detail}"),
                 };
-                let n = Some((ABORT_FAILED, e.to_string()));
+                let n = Some((AbortKind::Failed, e.to_string()));
                 (e, n)
             }
             Some(ExecError::Broken { peer, detail }) => {
@@ -541,24 +543,23 @@ impl Communicator {
                     rank: Some(me),
                     detail: format!("{op}: the message from rank {peer} broke off: {detail}"),
                 };
-                let n = Some((ABORT_FAILED, e.to_string()));
+                let n = Some((AbortKind::Failed, e.to_string()));
                 (e, n)
             }
-            Some(ExecError::Peer { failure, .. })
-                if failure.aborted && failure.reason.as_bytes().first() == Some(&ABORT_JOB) =>
-            {
+            Some(ExecError::Peer {
+                failure: failure @ Failure::JobAborted { .. },
+            }) => {
                 // The whole job was aborted: every rank heard it already.
                 (self.lost(&op, failure), None)
             }
-            Some(ExecError::Peer { failure, .. }) if failure.aborted => {
-                let by = self.comm_rank_of(failure.rank).unwrap_or(failure.rank);
-                let (kind, why) = match failure.reason.as_bytes().first() {
-                    Some(&k) => (k, failure.reason.get(1..).unwrap_or_default().to_string()),
-                    None => (ABORT_FAILED, String::new()),
-                };
+            Some(ExecError::Peer {
+                failure: Failure::CollAborted(a),
+            }) => {
+                let by = self.comm_rank_of(a.by).unwrap_or(a.by);
+                let why = a.reason;
                 // Pass the notice on: a peer waiting on this rank must not
                 // mistake its exit for the cause.
-                let (e, text) = if kind == ABORT_MISMATCH {
+                let (e, text) = if a.kind == AbortKind::Mismatch {
                     let detail = format!("reported by rank {by}: {why}");
                     let e = Error::Mismatch {
                         rank: me,
@@ -583,37 +584,29 @@ impl Communicator {
                     let t = e.to_string();
                     (e, t)
                 };
-                (e, Some((kind, text)))
+                (e, Some((a.kind, text)))
             }
             Some(ExecError::Peer { failure, .. }) => {
                 // A rank that refused this call tells the others and then
                 // may leave at once: its notice can arrive after its
                 // departure was seen. The notice names the cause.
-                let explained = match self.comm_rank_of(failure.rank) {
-                    Some(by) => self
-                        .abort_from(seq, by, LOST_GRACE)
-                        .await
-                        .map(|reason| (by, reason)),
+                let explained = match self.comm_rank_of(failure.rank()) {
+                    Some(by) => self.abort_from(seq, by, LOST_GRACE).await.map(|a| (by, a)),
                     None => None,
                 };
                 let e = match explained {
-                    Some((by, reason)) if reason.as_bytes().first() == Some(&ABORT_MISMATCH) => {
-                        Error::Mismatch {
-                            rank: me,
-                            op: op.clone(),
-                            detail: format!(
-                                "reported by rank {by}: {}",
-                                reason.get(1..).unwrap_or_default()
-                            ),
-                        }
-                    }
-                    Some((by, reason)) => Error::Aborted {
+                    Some((by, a)) if a.kind == AbortKind::Mismatch => Error::Mismatch {
+                        rank: me,
+                        op: op.clone(),
+                        detail: format!("reported by rank {by}: {}", a.reason),
+                    },
+                    Some((by, a)) => Error::Aborted {
                         by_rank: by,
-                        reason: format!("{op}: {}", reason.get(1..).unwrap_or_default()),
+                        reason: format!("{op}: {}", a.reason),
                     },
                     None => self.lost(&op, failure),
                 };
-                let n = Some((ABORT_FAILED, e.to_string()));
+                let n = Some((AbortKind::Failed, e.to_string()));
                 (e, n)
             }
         };
@@ -690,24 +683,23 @@ impl Communicator {
 
     /// Record that this rank abandoned collective `seq` and tell every other
     /// member, so that none of them waits for it.
-    async fn abort_collective(&self, seq: u64, kind: u8, text: &str) {
+    async fn abort_collective(&self, seq: u64, kind: AbortKind, text: &str) {
         self.record_abort(seq, kind, text);
         self.send_abort(seq, kind, text).await;
     }
 
-    fn record_abort(&self, seq: u64, kind: u8, text: &str) {
-        let me = self.world_rank(self.rank());
-        let reason = format!("{}{text}", kind as char);
-        self.transport().mailbox().abort_coll(
-            self.inner.comm_id,
-            self.inner.epoch,
-            seq,
-            me,
-            reason,
-        );
+    fn record_abort(&self, seq: u64, kind: AbortKind, text: &str) {
+        let abort = Abort {
+            by: self.world_rank(self.rank()),
+            kind,
+            reason: text.to_string(),
+        };
+        self.transport()
+            .mailbox()
+            .abort_coll(self.inner.comm_id, self.inner.epoch, seq, abort);
     }
 
-    async fn send_abort(&self, seq: u64, kind: u8, text: &str) {
+    async fn send_abort(&self, seq: u64, kind: AbortKind, text: &str) {
         // Far below the eager limit, so that receivers read it in one piece.
         let mut cut = text.len().min(ABORT_TEXT_MAX);
         while !text.is_char_boundary(cut) {
@@ -717,7 +709,7 @@ impl Communicator {
         let t = self.transport();
         let me = self.world_rank(self.rank());
         let mut payload = Vec::with_capacity(text.len() + 1);
-        payload.push(kind);
+        payload.push(kind.to_wire());
         payload.extend_from_slice(text.as_bytes());
         let payload = Bytes::from(payload);
         let mut h = Header::new(
@@ -744,14 +736,14 @@ impl Communicator {
     }
 
     /// Wait up to `grace` for communicator rank `peer` to abort collective
-    /// `seq`; its reason if it did.
-    async fn abort_from(&self, seq: u64, peer: usize, grace: Duration) -> Option<String> {
+    /// `seq`; its abort if it did.
+    async fn abort_from(&self, seq: u64, peer: usize, grace: Duration) -> Option<Abort> {
         let world = *self.inner.members.get(peer)?;
         let mailbox = self.transport().mailbox();
         let until = tokio::time::Instant::now() + grace;
         loop {
             match mailbox.coll_abort(self.inner.comm_id, self.inner.epoch, seq) {
-                Some((by, reason)) if by == world => return Some(reason),
+                Some(a) if a.by == world => return Some(a),
                 Some(_) => return None,
                 None if tokio::time::Instant::now() >= until => return None,
                 None => tokio::time::sleep(Duration::from_millis(10)).await,

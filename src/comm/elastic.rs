@@ -208,10 +208,7 @@ pub(crate) async fn enter_epoch(
             ),
         });
     };
-    world
-        .transport
-        .add_peers(&info.table)
-        .map_err(|detail| Error::Membership { detail })?;
+    world.transport.add_peers(&info.table)?;
     let joined = info
         .joined
         .iter()

@@ -17,9 +17,8 @@ pub use init::{init, init_elastic, init_elastic_with, init_with};
 
 use crate::bootstrap::SeedLink;
 use crate::config::Config;
-use crate::transport::{PeerFailure, Transport};
+use crate::transport::{Abort, Failure, Transport};
 use crate::wire::control::Notice;
-use crate::wire::ABORT_JOB;
 use crate::{Error, Result};
 use std::collections::HashMap;
 use std::future::Future;
@@ -371,21 +370,22 @@ impl Communicator {
         Ok(())
     }
 
-    fn lost(&self, op: &str, f: PeerFailure) -> Error {
-        if f.aborted && f.reason.as_bytes().first() == Some(&ABORT_JOB) {
-            return Error::Aborted {
-                by_rank: self.comm_rank_of(f.rank).unwrap_or(f.rank),
-                reason: format!("{op}: {}", f.reason.get(1..).unwrap_or_default()),
-            };
-        }
-        let location = self.transport().peer_location(f.rank);
-        let rank = self.comm_rank_of(f.rank).unwrap_or(f.rank);
-        Error::PeerLost {
-            observer: self.rank(),
-            rank,
-            host: location,
-            op: op.to_string(),
-            reason: f.reason,
+    fn lost(&self, op: &str, f: Failure) -> Error {
+        match f {
+            Failure::JobAborted { by, reason } => Error::Aborted {
+                by_rank: self.comm_rank_of(by).unwrap_or(by),
+                reason: format!("{op}: {reason}"),
+            },
+            Failure::Lost { rank, reason }
+            | Failure::CollAborted(Abort {
+                by: rank, reason, ..
+            }) => Error::PeerLost {
+                observer: self.rank(),
+                rank: self.comm_rank_of(rank).unwrap_or(rank),
+                host: self.transport().peer_location(rank),
+                op: op.to_string(),
+                reason,
+            },
         }
     }
 

@@ -10,7 +10,8 @@
 //! A peer that is lost (or has finalized) fails every receive that still
 //! needs it; messages it delivered before that are still handed out.
 
-use crate::wire::{CollDesc, FrameKind, Header, ABORT_JOB, ABORT_MISMATCH};
+use super::failure::{Abort, AbortKind, Broken, Failure, Refused};
+use crate::wire::{CollDesc, FrameKind, Header};
 use bytes::Bytes;
 use std::collections::{BTreeMap, VecDeque};
 use std::hash::{BuildHasherDefault, Hasher};
@@ -19,29 +20,6 @@ use std::sync::Arc;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 use tokio::sync::oneshot;
-
-/// A receive that cannot complete because its peer is gone.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct PeerFailure {
-    /// The peer's world rank.
-    pub rank: usize,
-    /// Why it is gone, in words.
-    pub reason: String,
-    /// True when the peer is alive but aborted this collective (it found the
-    /// ranks disagree on the call); `reason` is its explanation.
-    pub aborted: bool,
-}
-
-impl PeerFailure {
-    /// `rank` is gone for `reason`.
-    pub fn lost(rank: usize, reason: impl Into<String>) -> PeerFailure {
-        PeerFailure {
-            rank,
-            reason: reason.into(),
-            aborted: false,
-        }
-    }
-}
 
 /// Key of a collective message.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -74,15 +52,15 @@ pub struct LateMismatch {
 
 impl LateMismatch {
     /// As a failure of the receives of later calls.
-    fn failure(&self) -> PeerFailure {
-        PeerFailure {
-            rank: self.src as usize,
+    fn failure(&self) -> Failure {
+        Failure::CollAborted(Abort {
+            by: self.src as usize,
+            kind: AbortKind::Mismatch,
             reason: format!(
-                "{}collective #{} did not match: world rank {} called {}, this rank called {}",
-                ABORT_MISMATCH as char, self.seq, self.src, self.theirs, self.mine
+                "collective #{} did not match: world rank {} called {}, this rank called {}",
+                self.seq, self.src, self.theirs, self.mine
             ),
-            aborted: true,
-        }
+        })
     }
 }
 
@@ -237,7 +215,7 @@ impl Incoming {
 
     /// Next piece of the payload, `None` once all `header.len` bytes were
     /// returned. Never returns more than `header.len` bytes in total.
-    pub async fn next_chunk(&mut self) -> Result<Option<Bytes>, String> {
+    pub async fn next_chunk(&mut self) -> Result<Option<Bytes>, Broken> {
         if self.remaining == 0 {
             return Ok(None);
         }
@@ -245,7 +223,7 @@ impl Incoming {
             Body::Chunks(q) => q.pop_front(),
             Body::Stream(s) => match s.read_chunk(usize::MAX, true).await {
                 Ok(c) => c.map(|c| c.bytes),
-                Err(e) => return Err(format!("stream failed mid-message: {e}")),
+                Err(e) => return Err(Broken(format!("stream failed mid-message: {e}"))),
             },
             Body::Local(s, buf) => {
                 use bytes::BufMut;
@@ -256,17 +234,21 @@ impl Incoming {
                 match s.read_buf(&mut buf.limit(want)).await {
                     Ok(0) => None,
                     Ok(_) => Some(buf.split().freeze()),
-                    Err(e) => return Err(format!("same-host connection failed mid-message: {e}")),
+                    Err(e) => {
+                        return Err(Broken(format!(
+                            "same-host connection failed mid-message: {e}"
+                        )))
+                    }
                 }
             }
         };
         let mut chunk = match chunk {
             Some(c) => c,
             None => {
-                return Err(format!(
+                return Err(Broken(format!(
                     "message ended {} bytes early (announced {})",
                     self.remaining, self.header.len
-                ))
+                )))
             }
         };
         if chunk.len() as u64 > self.remaining {
@@ -277,13 +259,13 @@ impl Incoming {
     }
 
     /// Copy the whole payload into `out`, whose length must equal `header.len`.
-    pub async fn read_into(&mut self, out: &mut [u8]) -> Result<(), String> {
+    pub async fn read_into(&mut self, out: &mut [u8]) -> Result<(), Broken> {
         if out.len() as u64 != self.header.len {
-            return Err(format!(
+            return Err(Broken(format!(
                 "message has {} bytes, buffer has {}",
                 self.header.len,
                 out.len()
-            ));
+            )));
         }
         let mut at = (self.header.len - self.remaining) as usize;
         if let Body::Local(s, _) = &mut self.body {
@@ -294,10 +276,10 @@ impl Incoming {
                     self.remaining = 0;
                     Ok(())
                 }
-                Err(e) => Err(format!(
+                Err(e) => Err(Broken(format!(
                     "same-host connection ended {} bytes before the message's end: {e}",
                     self.remaining
-                )),
+                ))),
             };
         }
         while let Some(c) = self.next_chunk().await? {
@@ -308,7 +290,7 @@ impl Incoming {
     }
 }
 
-type Reply = oneshot::Sender<Result<Incoming, PeerFailure>>;
+type Reply = oneshot::Sender<Result<Incoming, Failure>>;
 
 enum Slot {
     Ready(Incoming),
@@ -351,8 +333,8 @@ struct State {
     coll: HashMap<CollKey, Slot>,
     p2p: HashMap<P2pKey, P2pQueue>,
     gone: HashMap<u32, String>,
-    /// Collectives (comm_id, epoch, seq) a peer aborted: who and why.
-    aborted: HashMap<(u64, u32, u64), (u32, String)>,
+    /// Collectives (comm_id, epoch, seq) a rank aborted: who and why.
+    aborted: HashMap<(u64, u32, u64), Abort>,
     /// Calls per (comm_id, epoch).
     calls: HashMap<(u64, u32), Calls>,
     /// The job was aborted: by which world rank, and why.
@@ -364,22 +346,19 @@ struct State {
 }
 
 impl State {
-    fn job_failure(&self) -> Option<PeerFailure> {
-        self.job_abort.as_ref().map(|(by, why)| PeerFailure {
-            rank: *by as usize,
-            reason: format!("{}{why}", ABORT_JOB as char),
-            aborted: true,
-        })
+    fn job_failure(&self) -> Option<Failure> {
+        self.job_abort
+            .as_ref()
+            .map(|(by, why)| Failure::JobAborted {
+                by: *by as usize,
+                reason: why.clone(),
+            })
     }
 
-    fn aborted_failure(&self, k: &CollKey) -> Option<PeerFailure> {
+    fn aborted_failure(&self, k: &CollKey) -> Option<Failure> {
         self.aborted
             .get(&(k.comm_id, k.epoch, k.seq))
-            .map(|(by, why)| PeerFailure {
-                rank: *by as usize,
-                reason: why.clone(),
-                aborted: true,
-            })
+            .map(|a| Failure::CollAborted(a.clone()))
     }
 }
 
@@ -408,7 +387,7 @@ enum Key {
 struct Pending<'a> {
     mb: &'a Mailbox,
     key: Key,
-    rx: Option<oneshot::Receiver<Result<Incoming, PeerFailure>>>,
+    rx: Option<oneshot::Receiver<Result<Incoming, Failure>>>,
 }
 
 impl Drop for Pending<'_> {
@@ -477,7 +456,7 @@ impl Mailbox {
     /// it is received or dropped; a message beyond it is refused with the
     /// reason (the transport then cuts the sender off: nothing it sends
     /// after a refused message may be delivered).
-    pub fn deliver(&self, mut m: Incoming) -> Result<(), String> {
+    pub fn deliver(&self, mut m: Incoming) -> Result<(), Refused> {
         let h = *m.header();
         let mut st = self.lock();
         if let (FrameKind::Coll | FrameKind::P2p, Body::Chunks(q)) = (h.kind, &m.body) {
@@ -489,12 +468,12 @@ impl Mailbox {
             // Dropped with the refused message, or kept with the message.
             let charge = Charge { held, bytes };
             if now > self.unexpected_limit {
-                return Err(format!(
+                return Err(Refused(format!(
                     "rank {} sent more than {} bytes of messages that their destination has \
                      not received yet (Config::set_max_unexpected_bytes); post the receives \
                      sooner, or raise the limit on every rank",
                     h.src, self.unexpected_limit
-                ));
+                )));
             }
             m._charge = Some(charge);
         }
@@ -504,8 +483,13 @@ impl Mailbox {
                     Body::Chunks(q) => q.iter().flat_map(|c| c.iter().copied()).collect(),
                     Body::Stream(_) | Body::Local(..) => Vec::new(),
                 };
-                let why = String::from_utf8_lossy(&why).into_owned();
-                self.abort_locked(&mut st, h.comm_id, h.epoch, h.seq, h.src, why);
+                let (kind, reason) = AbortKind::parse(&why);
+                let abort = Abort {
+                    by: h.src as usize,
+                    kind,
+                    reason,
+                };
+                self.abort_locked(&mut st, h.comm_id, h.epoch, h.seq, abort);
             }
             // A frame for a call this rank finished is checked even if that
             // call was aborted since: it may be the evidence of a mismatch.
@@ -685,27 +669,19 @@ impl Mailbox {
         found
     }
 
-    /// Record that world rank `by` aborted collective `seq` (or this rank
-    /// did, with `by` = itself): every receive waiting on it fails with
-    /// `why`, and frames of it still held or still arriving are dropped.
-    pub fn abort_coll(&self, comm_id: u64, epoch: u32, seq: u64, by: usize, why: String) {
+    /// Record that a rank aborted collective `seq` (this rank, for its own
+    /// abort): every receive waiting on it fails with the abort, and frames
+    /// of it still held or still arriving are dropped.
+    pub fn abort_coll(&self, comm_id: u64, epoch: u32, seq: u64, abort: Abort) {
         let mut st = self.lock();
-        self.abort_locked(&mut st, comm_id, epoch, seq, by as u32, why);
+        self.abort_locked(&mut st, comm_id, epoch, seq, abort);
     }
 
-    fn abort_locked(
-        &self,
-        st: &mut State,
-        comm_id: u64,
-        epoch: u32,
-        seq: u64,
-        by: u32,
-        why: String,
-    ) {
+    fn abort_locked(&self, st: &mut State, comm_id: u64, epoch: u32, seq: u64, abort: Abort) {
         if st.aborted.contains_key(&(comm_id, epoch, seq)) {
             return;
         }
-        st.aborted.insert((comm_id, epoch, seq), (by, why));
+        st.aborted.insert((comm_id, epoch, seq), abort);
         let hit: Vec<CollKey> = st
             .coll
             .keys()
@@ -721,16 +697,13 @@ impl Mailbox {
         }
     }
 
-    /// The abort recorded for collective `seq`, if any: (world rank, reason).
-    pub fn coll_abort(&self, comm_id: u64, epoch: u32, seq: u64) -> Option<(usize, String)> {
-        self.lock()
-            .aborted
-            .get(&(comm_id, epoch, seq))
-            .map(|(by, why)| (*by as usize, why.clone()))
+    /// The abort recorded for collective `seq`, if any.
+    pub fn coll_abort(&self, comm_id: u64, epoch: u32, seq: u64) -> Option<Abort> {
+        self.lock().aborted.get(&(comm_id, epoch, seq)).cloned()
     }
 
     /// Wait for the collective message `key`.
-    pub async fn recv_coll(&self, key: CollKey) -> Result<Incoming, PeerFailure> {
+    pub async fn recv_coll(&self, key: CollKey) -> Result<Incoming, Failure> {
         let rx = {
             let mut st = self.lock();
             if let Some(Slot::Ready(_)) = st.coll.get(&key) {
@@ -749,7 +722,7 @@ impl Mailbox {
                 return Err(late.failure());
             }
             if let Some(reason) = st.gone.get(&key.src) {
-                return Err(PeerFailure::lost(key.src as usize, reason.clone()));
+                return Err(Failure::lost(key.src as usize, reason.clone()));
             }
             let (tx, rx) = oneshot::channel();
             st.coll.insert(key, Slot::Waiting(tx));
@@ -759,7 +732,7 @@ impl Mailbox {
     }
 
     /// Wait for the next point-to-point message of `key`.
-    pub async fn recv_p2p(&self, key: P2pKey) -> Result<Incoming, PeerFailure> {
+    pub async fn recv_p2p(&self, key: P2pKey) -> Result<Incoming, Failure> {
         let rx = {
             let mut st = self.lock();
             let gone = st.gone.get(&key.src).cloned();
@@ -774,7 +747,7 @@ impl Mailbox {
             }
             let q = st.p2p.entry(key).or_default();
             if let Some(reason) = gone {
-                return Err(PeerFailure::lost(key.src as usize, reason));
+                return Err(Failure::lost(key.src as usize, reason));
             }
             let (tx, rx) = oneshot::channel();
             q.waiters.push_back(tx);
@@ -788,14 +761,14 @@ impl Mailbox {
         &self,
         key: Key,
         src: u32,
-        rx: oneshot::Receiver<Result<Incoming, PeerFailure>>,
-    ) -> Result<Incoming, PeerFailure> {
+        rx: oneshot::Receiver<Result<Incoming, Failure>>,
+    ) -> Result<Incoming, Failure> {
         let mut pending = Pending {
             mb: self,
             key,
             rx: Some(rx),
         };
-        let closed = || PeerFailure::lost(src as usize, "this rank's transport shut down");
+        let closed = || Failure::lost(src as usize, "this rank's transport shut down");
         let Some(rx) = pending.rx.as_mut() else {
             return Err(closed());
         };
@@ -831,7 +804,7 @@ impl Mailbox {
             .or_insert_with(|| explained.unwrap_or_else(|| reason.to_string()));
         let reason = st.gone.get(&src).cloned().unwrap_or_default();
         let fail = |w: Reply| {
-            let _ = w.send(Err(PeerFailure::lost(rank, reason.clone())));
+            let _ = w.send(Err(Failure::lost(rank, reason.clone())));
         };
         let waiting: Vec<CollKey> = st
             .coll
@@ -1035,8 +1008,8 @@ impl Spin {
     /// `Some(None)`: its sender is gone; `Some(Some(r))`: the outcome.
     async fn poll(
         &self,
-        rx: &mut oneshot::Receiver<Result<Incoming, PeerFailure>>,
-    ) -> Option<Option<Result<Incoming, PeerFailure>>> {
+        rx: &mut oneshot::Receiver<Result<Incoming, Failure>>,
+    ) -> Option<Option<Result<Incoming, Failure>>> {
         if !self.active(self.now_ns()) || !polling_helps_here() {
             return None;
         }
@@ -1283,7 +1256,7 @@ mod tests {
         // Another sender has its own allowance.
         mb.deliver(p2p(2, 5, 0, 20)).unwrap();
         let refused = mb.deliver(p2p(1, 5, 2, 12)).unwrap_err();
-        assert!(refused.contains("set_max_unexpected_bytes"), "{refused}");
+        assert!(refused.0.contains("set_max_unexpected_bytes"), "{refused}");
         // A received (and dropped) message returns its byte.
         assert_eq!(byte(mb.recv_p2p(key(1, 5)).await.unwrap()).await, 10);
         mb.deliver(p2p(1, 5, 2, 12)).unwrap();
@@ -1364,8 +1337,8 @@ mod tests {
         tokio::task::yield_now().await;
         mb.fail_peer(4, "connection reset");
         let e = t.await.unwrap().unwrap_err();
-        assert_eq!(e.rank, 4);
-        assert!(e.reason.contains("reset"));
+        assert_eq!(e.rank(), 4);
+        assert!(e.reason().contains("reset"));
         // The message that arrived before the failure is still delivered.
         assert_eq!(byte(mb.recv_p2p(key(4, 0)).await.unwrap()).await, 1);
         assert!(mb.recv_p2p(key(4, 0)).await.is_err());
@@ -1378,7 +1351,7 @@ mod tests {
         h.len = 10;
         let mut m = Incoming::from_chunks(h, vec![Bytes::from_static(b"abc")]);
         let mut out = [0u8; 10];
-        assert!(m.read_into(&mut out).await.unwrap_err().contains("early"));
+        assert!(m.read_into(&mut out).await.unwrap_err().0.contains("early"));
         let mut m = Incoming::from_chunks(h, vec![]);
         let mut small = [0u8; 3];
         assert!(m.read_into(&mut small).await.is_err());

@@ -4,7 +4,7 @@
 //! moves the same frames as the QUIC transport, so the code under test is the
 //! same; only the wire is missing.
 
-use super::{BoxFut, Incoming, Mailbox, Payload, PeerFailure, Transport};
+use super::{BoxFut, Failure, Incoming, Mailbox, Payload, Transport};
 use crate::wire::Header;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -58,19 +58,19 @@ impl Transport for MemTransport {
         dst: usize,
         header: Header,
         payload: Payload<'a>,
-    ) -> BoxFut<'a, Result<(), PeerFailure>> {
+    ) -> BoxFut<'a, Result<(), Failure>> {
         Box::pin(async move {
             let Some(mb) = self.fabric.mailboxes.get(dst) else {
-                return Err(PeerFailure::lost(
+                return Err(Failure::lost(
                     dst,
                     format!("no rank {dst} in a world of {}", self.size()),
                 ));
             };
             if self.fabric.down[dst].load(Ordering::Acquire) {
-                return Err(PeerFailure::lost(dst, "rank has shut down"));
+                return Err(Failure::lost(dst, "rank has shut down"));
             }
             let Some(chunks) = payload.collect().await else {
-                return Err(PeerFailure::lost(
+                return Err(Failure::lost(
                     self.rank,
                     "this rank's payload producer stopped early",
                 ));
@@ -79,8 +79,8 @@ impl Transport for MemTransport {
             // sender: the sender learns it as a failure of this send.
             mb.deliver(Incoming::from_chunks(header, chunks))
                 .map_err(|why| {
-                    mb.fail_peer(self.rank, &why);
-                    PeerFailure::lost(dst, format!("rank {dst} refused it: {why}"))
+                    mb.fail_peer(self.rank, &why.0);
+                    Failure::lost(dst, format!("rank {dst} refused it: {why}"))
                 })
         })
     }

@@ -9,11 +9,13 @@
 //! semantics; `coll` and `comm` use it only through the trait and the
 //! mailbox.
 
+pub mod failure;
 pub mod mailbox;
 pub mod mem;
 pub mod quic;
 
-pub use mailbox::{CollKey, Incoming, LateMismatch, Mailbox, P2pKey, PeerFailure};
+pub use failure::{Abort, AbortKind, Broken, Failure, Refused};
+pub use mailbox::{CollKey, Incoming, LateMismatch, Mailbox, P2pKey};
 
 use crate::wire::Header;
 use bytes::Bytes;
@@ -109,7 +111,7 @@ pub trait Transport: Send + Sync + 'static {
         dst: usize,
         header: Header,
         payload: Payload<'a>,
-    ) -> BoxFut<'a, Result<(), PeerFailure>>;
+    ) -> BoxFut<'a, Result<(), Failure>>;
 
     /// Where received messages wait to be matched.
     fn mailbox(&self) -> &Mailbox;
@@ -126,9 +128,11 @@ pub trait Transport: Send + Sync + 'static {
 
     /// Extend the peer table with new members of an elastic job (`table`
     /// indexed by world rank; entries this rank already has are kept).
-    fn add_peers(&self, table: &[crate::wire::control::PeerInfo]) -> Result<(), String> {
+    fn add_peers(&self, table: &[crate::wire::control::PeerInfo]) -> crate::Result<()> {
         let _ = table;
-        Err("this transport cannot add ranks to a running job".into())
+        Err(crate::Error::Membership {
+            detail: "this transport cannot add ranks to a running job".into(),
+        })
     }
 
     /// Stop. `graceful`: tell connected peers this rank is done and wait

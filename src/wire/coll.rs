@@ -118,8 +118,6 @@ impl std::fmt::Display for CollDesc {
 pub const ABORT_MISMATCH: u8 = b'M';
 /// First payload byte of an Abort frame: any other failure.
 pub const ABORT_FAILED: u8 = b'F';
-/// Marks a failure that is the whole job's end (`Communicator::abort`).
-pub const ABORT_JOB: u8 = b'J';
 
 #[cfg(test)]
 mod tests {

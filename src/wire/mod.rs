@@ -11,5 +11,5 @@ pub mod control;
 pub mod frame;
 pub mod hello;
 
-pub use coll::{CollDesc, CollKind, ABORT_FAILED, ABORT_JOB, ABORT_MISMATCH};
+pub use coll::{CollDesc, CollKind, ABORT_FAILED, ABORT_MISMATCH};
 pub use frame::{FrameKind, Header, WireError, HEADER_LEN};

@@ -23,7 +23,7 @@
 //! (keep-alives, the idle timeout) and the reasons a peer closes with.
 
 use super::Shared;
-use crate::transport::{Incoming, Payload, PeerFailure};
+use crate::transport::{Failure, Incoming, Payload, Refused};
 use crate::wire::hello::{Hello, HelloKind, HELLO_LEN};
 use crate::wire::{FrameKind, Header, HEADER_LEN};
 use bytes::Bytes;
@@ -209,7 +209,7 @@ enum SendError {
     /// The socket failed (the peer's reason, if any, arrives over QUIC).
     Io(std::io::Error),
     /// Anything else, already explained.
-    Failed(PeerFailure),
+    Failed(Failure),
 }
 
 impl From<std::io::Error> for SendError {
@@ -218,8 +218,8 @@ impl From<std::io::Error> for SendError {
     }
 }
 
-impl From<PeerFailure> for SendError {
-    fn from(f: PeerFailure) -> SendError {
+impl From<Failure> for SendError {
+    fn from(f: Failure) -> SendError {
         SendError::Failed(f)
     }
 }
@@ -418,7 +418,7 @@ impl Shared {
         tx: &LocalTx,
         header: Header,
         payload: Payload<'_>,
-    ) -> std::result::Result<(), PeerFailure> {
+    ) -> std::result::Result<(), Failure> {
         match self.write_local(dst, tx, header, payload).await {
             Ok(()) => Ok(()),
             Err(SendError::Failed(f)) => Err(f),
@@ -684,7 +684,7 @@ impl Shared {
         match self.local_header(rank, &hb) {
             Ok(h) if h.kind != FrameKind::Bye => {
                 // A large message is never held in memory: never refused.
-                if let Err(reason) = self.mailbox.deliver(Incoming::from_local(h, s)) {
+                if let Err(Refused(reason)) = self.mailbox.deliver(Incoming::from_local(h, s)) {
                     self.cut_off(rank, &reason, &reason, None);
                 }
             }
@@ -780,7 +780,7 @@ impl Shared {
             } else {
                 vec![Bytes::from(body)]
             };
-            if let Err(reason) = self.mailbox.deliver(Incoming::from_chunks(h, chunks)) {
+            if let Err(Refused(reason)) = self.mailbox.deliver(Incoming::from_chunks(h, chunks)) {
                 self.cut_off(rank, &reason, &reason, None);
                 return true;
             }

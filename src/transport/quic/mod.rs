@@ -15,7 +15,7 @@ pub mod endpoint;
 mod local;
 pub(crate) mod places;
 
-use super::{BoxFut, Incoming, Mailbox, Payload, PeerFailure, Transport};
+use super::{BoxFut, Failure, Incoming, Mailbox, Payload, Refused, Transport};
 use crate::config::Config;
 use crate::pki::{self, Credentials};
 use crate::wire::control::{KeyPin, PeerInfo};
@@ -302,13 +302,13 @@ impl Shared {
         g.get_or_insert_with(|| conn.clone()).clone()
     }
 
-    fn failure(&self, rank: usize, reason: String) -> PeerFailure {
-        PeerFailure::lost(rank, reason)
+    fn failure(&self, rank: usize, reason: String) -> Failure {
+        Failure::lost(rank, reason)
     }
 
     /// A send to `dst` failed: the reason `dst` is known to be gone, if it
     /// is, else `what`.
-    fn send_failure(&self, dst: usize, what: String) -> PeerFailure {
+    fn send_failure(&self, dst: usize, what: String) -> Failure {
         let reason = self.mailbox.gone_reason(dst).unwrap_or(what);
         self.failure(dst, reason)
     }
@@ -649,7 +649,7 @@ impl Shared {
         if h.len as usize > self.cfg.eager_limit() {
             return match self.mailbox.deliver(Incoming::from_stream(h, s)) {
                 Ok(()) => Frame::Delivered,
-                Err(reason) => Frame::Overrun(reason),
+                Err(Refused(reason)) => Frame::Overrun(reason),
             };
         }
         let mut chunks = Vec::new();
@@ -674,7 +674,7 @@ impl Shared {
         }
         match self.mailbox.deliver(Incoming::from_chunks(h, chunks)) {
             Ok(()) => Frame::Delivered,
-            Err(reason) => Frame::Overrun(reason),
+            Err(Refused(reason)) => Frame::Overrun(reason),
         }
     }
 
@@ -706,7 +706,7 @@ impl Shared {
     async fn connection(
         self: &Arc<Self>,
         dst: usize,
-    ) -> std::result::Result<quinn::Connection, PeerFailure> {
+    ) -> std::result::Result<quinn::Connection, Failure> {
         if let Some(c) = self.registered(dst) {
             return Ok(c);
         }
@@ -759,7 +759,7 @@ impl Shared {
         dst: usize,
         header: Header,
         payload: Payload<'_>,
-    ) -> std::result::Result<(), PeerFailure> {
+    ) -> std::result::Result<(), Failure> {
         if dst >= self.n_peers() {
             return Err(self.failure(
                 dst,
@@ -1015,7 +1015,7 @@ impl Transport for QuicTransport {
         dst: usize,
         header: Header,
         payload: Payload<'a>,
-    ) -> BoxFut<'a, std::result::Result<(), PeerFailure>> {
+    ) -> BoxFut<'a, std::result::Result<(), Failure>> {
         Box::pin(self.sh.send(dst, header, payload))
     }
 
@@ -1046,7 +1046,7 @@ impl Transport for QuicTransport {
         }
     }
 
-    fn add_peers(&self, table: &[PeerInfo]) -> std::result::Result<(), String> {
+    fn add_peers(&self, table: &[PeerInfo]) -> Result<()> {
         self.sh.add_peers(table);
         Ok(())
     }
