@@ -10,15 +10,16 @@
 //! A peer that is lost (or has finalized) fails every receive that still
 //! needs it; messages it delivered before that are still handed out.
 
-use super::failure::{Abort, AbortKind, Broken, Failure, Refused};
+use super::failure::{Abort, AbortKind, Failure, Refused};
+use super::incoming::{Charge, Incoming, HELD_OVERHEAD};
+use super::keyhash::HashMap;
+use super::spin::Spin;
 use crate::wire::{CollDesc, FrameKind, Header};
-use bytes::Bytes;
 use std::collections::{BTreeMap, VecDeque};
-use std::hash::{BuildHasherDefault, Hasher};
-use std::sync::atomic::{AtomicU64, Ordering as AtomicOrdering};
+use std::sync::atomic::AtomicU64;
 use std::sync::Arc;
 use std::sync::Mutex;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 use tokio::sync::oneshot;
 
 /// Key of a collective message.
@@ -63,47 +64,6 @@ impl LateMismatch {
         })
     }
 }
-
-/// Hasher for the mailbox's keys (ranks, communicator ids, sequence
-/// numbers): a multiply-xorshift mix, several times cheaper than the
-/// default SipHash on every frame. Keys come only from authenticated members
-/// of the job, so deliberate collisions are not a concern here.
-#[derive(Default, Clone, Copy)]
-struct KeyHasher(u64);
-
-const MIX: u64 = 0x9e37_79b9_7f4a_7c15;
-
-impl Hasher for KeyHasher {
-    fn finish(&self) -> u64 {
-        let x = self.0 ^ (self.0 >> 31);
-        x.wrapping_mul(MIX) ^ (x >> 29)
-    }
-
-    fn write(&mut self, bytes: &[u8]) {
-        for &b in bytes {
-            self.write_u64(u64::from(b));
-        }
-    }
-
-    fn write_u8(&mut self, n: u8) {
-        self.write_u64(u64::from(n));
-    }
-
-    fn write_u32(&mut self, n: u32) {
-        self.write_u64(u64::from(n));
-    }
-
-    fn write_u64(&mut self, n: u64) {
-        self.0 = (self.0.rotate_left(23) ^ n).wrapping_mul(MIX);
-    }
-
-    fn write_usize(&mut self, n: usize) {
-        self.write_u64(n as u64);
-    }
-}
-
-type HashMap<K, V> = std::collections::HashMap<K, V, BuildHasherDefault<KeyHasher>>;
-
 /// Recent collective calls of one communicator, to catch frames that do not
 /// match a call this rank already finished (e.g. two ranks that both think
 /// they are the root of a broadcast only send, so neither receives the
@@ -131,165 +91,6 @@ pub struct P2pKey {
     /// User tag.
     pub tag: u64,
 }
-
-enum Body {
-    Chunks(VecDeque<Bytes>),
-    Stream(quinn::RecvStream),
-    /// A same-host connection carrying this message alone; `buf` is reused
-    /// for its pieces once the previous one was dropped.
-    Local(tokio::net::UnixStream, bytes::BytesMut),
-}
-
-/// Largest piece read at a time from a same-host connection.
-const LOCAL_PIECE: usize = 1 << 20;
-
-/// A received message: its header and a payload that is either already in
-/// memory or still arriving on its stream.
-pub struct Incoming {
-    header: Header,
-    body: Body,
-    remaining: u64,
-    /// The bytes this message holds against its sender's allowance.
-    _charge: Option<Charge>,
-}
-
-/// What holding one message costs besides its payload (the message, its
-/// slot in the maps), as counted against its sender's allowance.
-const HELD_OVERHEAD: u64 = 256;
-
-/// Bytes of one sender's messages held in memory until they are received:
-/// returned when the message is dropped (received or discarded).
-struct Charge {
-    held: Arc<AtomicU64>,
-    bytes: u64,
-}
-
-impl Drop for Charge {
-    fn drop(&mut self) {
-        self.held.fetch_sub(self.bytes, AtomicOrdering::Relaxed);
-    }
-}
-
-impl std::fmt::Debug for Incoming {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Incoming")
-            .field("header", &self.header)
-            .field("remaining", &self.remaining)
-            .finish()
-    }
-}
-
-impl Incoming {
-    /// A message whose payload is already in memory.
-    pub fn from_chunks(header: Header, chunks: Vec<Bytes>) -> Incoming {
-        Incoming {
-            header,
-            remaining: header.len,
-            body: Body::Chunks(chunks.into()),
-            _charge: None,
-        }
-    }
-
-    pub(crate) fn from_stream(header: Header, stream: quinn::RecvStream) -> Incoming {
-        Incoming {
-            header,
-            remaining: header.len,
-            body: Body::Stream(stream),
-            _charge: None,
-        }
-    }
-
-    pub(crate) fn from_local(header: Header, stream: tokio::net::UnixStream) -> Incoming {
-        Incoming {
-            header,
-            remaining: header.len,
-            body: Body::Local(stream, bytes::BytesMut::new()),
-            _charge: None,
-        }
-    }
-
-    /// The frame header.
-    pub fn header(&self) -> &Header {
-        &self.header
-    }
-
-    /// Next piece of the payload, `None` once all `header.len` bytes were
-    /// returned. Never returns more than `header.len` bytes in total.
-    pub async fn next_chunk(&mut self) -> Result<Option<Bytes>, Broken> {
-        if self.remaining == 0 {
-            return Ok(None);
-        }
-        let chunk = match &mut self.body {
-            Body::Chunks(q) => q.pop_front(),
-            Body::Stream(s) => match s.read_chunk(usize::MAX, true).await {
-                Ok(c) => c.map(|c| c.bytes),
-                Err(e) => return Err(Broken(format!("stream failed mid-message: {e}"))),
-            },
-            Body::Local(s, buf) => {
-                use bytes::BufMut;
-                use tokio::io::AsyncReadExt;
-                let want = (self.remaining as usize).min(LOCAL_PIECE);
-                // Reclaims the previous piece's memory if it was dropped.
-                buf.reserve(want);
-                match s.read_buf(&mut buf.limit(want)).await {
-                    Ok(0) => None,
-                    Ok(_) => Some(buf.split().freeze()),
-                    Err(e) => {
-                        return Err(Broken(format!(
-                            "same-host connection failed mid-message: {e}"
-                        )))
-                    }
-                }
-            }
-        };
-        let mut chunk = match chunk {
-            Some(c) => c,
-            None => {
-                return Err(Broken(format!(
-                    "message ended {} bytes early (announced {})",
-                    self.remaining, self.header.len
-                )))
-            }
-        };
-        if chunk.len() as u64 > self.remaining {
-            chunk.truncate(self.remaining as usize);
-        }
-        self.remaining -= chunk.len() as u64;
-        Ok(Some(chunk))
-    }
-
-    /// Copy the whole payload into `out`, whose length must equal `header.len`.
-    pub async fn read_into(&mut self, out: &mut [u8]) -> Result<(), Broken> {
-        if out.len() as u64 != self.header.len {
-            return Err(Broken(format!(
-                "message has {} bytes, buffer has {}",
-                self.header.len,
-                out.len()
-            )));
-        }
-        let mut at = (self.header.len - self.remaining) as usize;
-        if let Body::Local(s, _) = &mut self.body {
-            // Straight from the socket into the destination.
-            use tokio::io::AsyncReadExt;
-            return match s.read_exact(&mut out[at..]).await {
-                Ok(_) => {
-                    self.remaining = 0;
-                    Ok(())
-                }
-                Err(e) => Err(Broken(format!(
-                    "same-host connection ended {} bytes before the message's end: {e}",
-                    self.remaining
-                ))),
-            };
-        }
-        while let Some(c) = self.next_chunk().await? {
-            out[at..at + c.len()].copy_from_slice(&c);
-            at += c.len();
-        }
-        Ok(())
-    }
-}
-
 type Reply = oneshot::Sender<Result<Incoming, Failure>>;
 
 enum Slot {
@@ -459,14 +260,16 @@ impl Mailbox {
     pub fn deliver(&self, mut m: Incoming) -> Result<(), Refused> {
         let h = *m.header();
         let mut st = self.lock();
-        if let (FrameKind::Coll | FrameKind::P2p, Body::Chunks(q)) = (h.kind, &m.body) {
+        let in_memory = m
+            .in_memory()
+            .map(|q| q.iter().map(|c| c.len() as u64).sum::<u64>());
+        if let (FrameKind::Coll | FrameKind::P2p, Some(payload)) = (h.kind, in_memory) {
             // Payload plus what keeping any message costs (so that a flood
             // of empty messages is bounded too).
-            let bytes = q.iter().map(|c| c.len() as u64).sum::<u64>() + HELD_OVERHEAD;
+            let bytes = payload + HELD_OVERHEAD;
             let held = st.held.entry(h.src).or_default().clone();
-            let now = held.fetch_add(bytes, AtomicOrdering::Relaxed) + bytes;
             // Dropped with the refused message, or kept with the message.
-            let charge = Charge { held, bytes };
+            let (charge, now) = Charge::take(held, bytes);
             if now > self.unexpected_limit {
                 return Err(Refused(format!(
                     "rank {} sent more than {} bytes of messages that their destination has \
@@ -475,13 +278,13 @@ impl Mailbox {
                     h.src, self.unexpected_limit
                 )));
             }
-            m._charge = Some(charge);
+            m.hold(charge);
         }
         match h.kind {
             FrameKind::Abort => {
-                let why = match &m.body {
-                    Body::Chunks(q) => q.iter().flat_map(|c| c.iter().copied()).collect(),
-                    Body::Stream(_) | Body::Local(..) => Vec::new(),
+                let why: Vec<u8> = match m.in_memory() {
+                    Some(q) => q.iter().flat_map(|c| c.iter().copied()).collect(),
+                    None => Vec::new(),
                 };
                 let (kind, reason) = AbortKind::parse(&why);
                 let abort = Abort {
@@ -784,7 +587,7 @@ impl Mailbox {
     /// ([`crate::Config::set_spin_wait`]).
     #[cfg(test)]
     pub(crate) fn polled_receives(&self) -> u64 {
-        self.spin.hits.load(AtomicOrdering::Relaxed)
+        self.spin.hits.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// How long a receive polls before it sleeps.
@@ -895,465 +698,5 @@ impl Mailbox {
     }
 }
 
-/// A yield that returns after longer than this means the core was taken
-/// by other work for a whole scheduler time slice, not by a peer rank that
-/// soon waits again.
-const SPIN_LONG_YIELD: Duration = Duration::from_micros(500);
-/// Polling stops for this long after a first long yield ...
-const SPIN_BACKOFF_MIN_NS: u64 = 2_000_000;
-/// ... doubling while long yields recur, up to this.
-const SPIN_BACKOFF_MAX_NS: u64 = 1_000_000_000;
-/// The back-off halves after this many polling receives in a row without a
-/// long yield.
-const SPIN_CLEAN_STREAK: u64 = 256;
-
-/// Whether polling can spare a wake-up for a receive awaited here. On a
-/// worker thread of a multi-threaded runtime it cannot (the message is
-/// read on whichever worker holds the socket, and polling only keeps this
-/// worker and the others busy: 4 ranks, 4-byte allreduce 127-144 us with
-/// polling against 72-78 us without). A current-thread runtime, or a
-/// thread that blocks on a future outside the runtime's tasks (the body of
-/// `#[tokio::main]`, `rankmesh::blocking`), gains from it.
-fn polling_helps_here() -> bool {
-    match tokio::runtime::Handle::try_current() {
-        Ok(h) => {
-            h.runtime_flavor() == tokio::runtime::RuntimeFlavor::CurrentThread
-                || tokio::task::try_id().is_none()
-        }
-        Err(_) => true,
-    }
-}
-
-/// Polls a receive for a short time before its task sleeps
-/// ([`crate::Config::set_spin_wait`]).
-///
-/// Waking a sleeping process costs tens of microseconds on virtual
-/// machines, more than a small message takes to arrive, so a receive first
-/// checks for its message in a loop: give the core to any other runnable
-/// process (`sched_yield`), then let the runtime run its other tasks and,
-/// on a current-thread runtime, read its sockets (`yield_now`), then check
-/// again. A yield that takes longer than
-/// [`SPIN_LONG_YIELD`] shows that something other than a peer rank holds
-/// the core; polling would then cost a whole time slice per message, so
-/// receives stop polling for a while (doubling while it recurs; halving
-/// back after long runs of polling receives without one). The back-off
-/// state is shared by all receives of the process and updated without a
-/// lock: a concurrent update may be lost, which only shifts the heuristic.
-struct Spin {
-    window: Duration,
-    /// A yield longer than this turns polling off ([`SPIN_LONG_YIELD`]).
-    long_yield: Duration,
-    base: Instant,
-    /// Nanoseconds after `base` until which receives do not poll.
-    off_until: AtomicU64,
-    /// How long polling stops after the next long yield, in nanoseconds.
-    backoff: AtomicU64,
-    /// Polling receives since the last long yield.
-    clean: AtomicU64,
-    /// Receives that found their message by polling.
-    hits: AtomicU64,
-}
-
-impl Spin {
-    fn new(window: Duration) -> Spin {
-        Spin {
-            window,
-            long_yield: SPIN_LONG_YIELD,
-            base: Instant::now(),
-            off_until: AtomicU64::new(0),
-            backoff: AtomicU64::new(SPIN_BACKOFF_MIN_NS),
-            clean: AtomicU64::new(0),
-            hits: AtomicU64::new(0),
-        }
-    }
-
-    fn now_ns(&self) -> u64 {
-        u64::try_from(self.base.elapsed().as_nanos()).unwrap_or(u64::MAX)
-    }
-
-    /// Whether a receive starting at `now_ns` should poll.
-    fn active(&self, now_ns: u64) -> bool {
-        !self.window.is_zero() && now_ns >= self.off_until.load(AtomicOrdering::Relaxed)
-    }
-
-    /// A poll's yield took `took`, ending at `now_ns`: whether to go on
-    /// polling (a long yield turns polling off for the back-off period).
-    fn yielded(&self, took: Duration, now_ns: u64) -> bool {
-        if took <= self.long_yield {
-            return true;
-        }
-        self.clean.store(0, AtomicOrdering::Relaxed);
-        let b = self.backoff.load(AtomicOrdering::Relaxed);
-        self.off_until
-            .store(now_ns.saturating_add(b), AtomicOrdering::Relaxed);
-        self.backoff.store(
-            b.saturating_mul(2).min(SPIN_BACKOFF_MAX_NS),
-            AtomicOrdering::Relaxed,
-        );
-        false
-    }
-
-    /// A receive polled without a long yield: after a long run of those,
-    /// halve the next back-off.
-    fn settled(&self) {
-        let n = self.clean.fetch_add(1, AtomicOrdering::Relaxed) + 1;
-        if n.is_multiple_of(SPIN_CLEAN_STREAK) {
-            let b = self.backoff.load(AtomicOrdering::Relaxed);
-            self.backoff
-                .store((b / 2).max(SPIN_BACKOFF_MIN_NS), AtomicOrdering::Relaxed);
-        }
-    }
-
-    /// Poll `rx` for up to the window. `None`: not here yet, sleep on `rx`;
-    /// `Some(None)`: its sender is gone; `Some(Some(r))`: the outcome.
-    async fn poll(
-        &self,
-        rx: &mut oneshot::Receiver<Result<Incoming, Failure>>,
-    ) -> Option<Option<Result<Incoming, Failure>>> {
-        if !self.active(self.now_ns()) || !polling_helps_here() {
-            return None;
-        }
-        let start = Instant::now();
-        loop {
-            match rx.try_recv() {
-                Ok(r) => {
-                    self.settled();
-                    self.hits.fetch_add(1, AtomicOrdering::Relaxed);
-                    return Some(Some(r));
-                }
-                Err(oneshot::error::TryRecvError::Closed) => return Some(None),
-                Err(oneshot::error::TryRecvError::Empty) => {}
-            }
-            let before = Instant::now();
-            if before.duration_since(start) >= self.window {
-                self.settled();
-                return None;
-            }
-            std::thread::yield_now();
-            if !self.yielded(before.elapsed(), self.now_ns()) {
-                return None;
-            }
-            tokio::task::yield_now().await;
-        }
-    }
-}
-
 #[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::datatype::DType;
-
-    fn p2p(src: u32, tag: u64, n: u64, byte: u8) -> Incoming {
-        let mut h = Header::new(FrameKind::P2p, src, 0, 0);
-        h.seq = tag;
-        h.sub = n;
-        h.len = 1;
-        h.dtype = DType::U8;
-        Incoming::from_chunks(h, vec![Bytes::from(vec![byte])])
-    }
-
-    fn key(src: u32, tag: u64) -> P2pKey {
-        P2pKey {
-            src,
-            comm_id: 0,
-            epoch: 0,
-            tag,
-        }
-    }
-
-    async fn byte(mut m: Incoming) -> u8 {
-        let mut b = [0u8];
-        m.read_into(&mut b).await.unwrap();
-        b[0]
-    }
-
-    /// A long yield turns polling off for the back-off period, which
-    /// doubles while long yields recur and halves back after each long run
-    /// of polling receives without one.
-    #[test]
-    fn polling_backs_off_after_long_yields() {
-        assert!(!Spin::new(Duration::ZERO).active(0));
-        let s = Spin::new(Duration::from_micros(50));
-        assert!(s.active(0));
-        assert!(s.yielded(Duration::from_micros(20), 10));
-        assert!(s.active(10));
-        let t = 1_000_000;
-        assert!(!s.yielded(Duration::from_millis(3), t));
-        assert!(!s.active(t + SPIN_BACKOFF_MIN_NS - 1));
-        assert!(s.active(t + SPIN_BACKOFF_MIN_NS));
-        // Recurring: twice as long, then four times.
-        let t = t + SPIN_BACKOFF_MIN_NS;
-        assert!(!s.yielded(Duration::from_millis(3), t));
-        assert!(!s.active(t + 2 * SPIN_BACKOFF_MIN_NS - 1));
-        assert!(s.active(t + 2 * SPIN_BACKOFF_MIN_NS));
-        assert_eq!(
-            s.backoff.load(AtomicOrdering::Relaxed),
-            4 * SPIN_BACKOFF_MIN_NS
-        );
-        // A short run of good polls does not shorten it; a long one does.
-        for _ in 0..SPIN_CLEAN_STREAK - 1 {
-            s.settled();
-        }
-        assert_eq!(
-            s.backoff.load(AtomicOrdering::Relaxed),
-            4 * SPIN_BACKOFF_MIN_NS
-        );
-        s.settled();
-        assert_eq!(
-            s.backoff.load(AtomicOrdering::Relaxed),
-            2 * SPIN_BACKOFF_MIN_NS
-        );
-        // A long yield restarts the run.
-        for _ in 0..SPIN_CLEAN_STREAK - 1 {
-            s.settled();
-        }
-        assert!(!s.yielded(Duration::from_millis(3), t));
-        assert_eq!(
-            s.backoff.load(AtomicOrdering::Relaxed),
-            4 * SPIN_BACKOFF_MIN_NS
-        );
-        for _ in 0..3 * SPIN_CLEAN_STREAK {
-            s.settled();
-        }
-        assert_eq!(s.backoff.load(AtomicOrdering::Relaxed), SPIN_BACKOFF_MIN_NS);
-        // Never beyond the maximum.
-        for i in 0..64 {
-            s.yielded(Duration::from_millis(3), i);
-        }
-        assert_eq!(s.backoff.load(AtomicOrdering::Relaxed), SPIN_BACKOFF_MAX_NS);
-    }
-
-    /// A mailbox whose receives poll for up to 30 s and never back off, so
-    /// that tests of polling do not depend on the machine's load.
-    fn polling_mailbox() -> Arc<Mailbox> {
-        let mut mb = Mailbox::new().with_spin_wait(Duration::from_secs(30));
-        mb.spin.long_yield = Duration::MAX;
-        Arc::new(mb)
-    }
-
-    fn current_thread() -> tokio::runtime::Runtime {
-        tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .unwrap()
-    }
-
-    /// A polling receive lets the runtime's other tasks run (here, the one
-    /// that delivers its message) and finds the message without sleeping;
-    /// a receive that does not poll, or that polls while polling is backed
-    /// off, still gets its message by sleeping.
-    #[test]
-    fn a_polling_receive_finds_a_message_delivered_by_another_task() {
-        let rt = current_thread();
-        // Polling off for the longest back-off (1 s), as after long yields.
-        let backed_off = Arc::new(Mailbox::new().with_spin_wait(Duration::from_secs(30)));
-        let spin = &backed_off.spin;
-        spin.backoff
-            .store(SPIN_BACKOFF_MAX_NS, AtomicOrdering::Relaxed);
-        assert!(!spin.yielded(Duration::from_secs(1), spin.now_ns()));
-        let cases = [
-            (polling_mailbox(), 20),
-            (Arc::new(Mailbox::new()), 0),
-            (backed_off, 0),
-        ];
-        for (mb, polled) in cases {
-            for i in 0..20 {
-                let got = rt.block_on(async {
-                    let m2 = mb.clone();
-                    let t = tokio::spawn(async move {
-                        tokio::time::sleep(Duration::from_millis(2)).await;
-                        m2.deliver(p2p(3, 9, i, i as u8)).unwrap();
-                    });
-                    let m = mb.recv_p2p(key(3, 9)).await.unwrap();
-                    t.await.unwrap();
-                    byte(m).await
-                });
-                assert_eq!(got, i as u8);
-            }
-            assert_eq!(mb.polled_receives(), polled, "window {:?}", mb.spin_wait());
-        }
-        // A message that is already here is not counted as polled for.
-        let mb = polling_mailbox();
-        mb.deliver(p2p(3, 9, 0, 7)).unwrap();
-        assert_eq!(
-            rt.block_on(async { byte(mb.recv_p2p(key(3, 9)).await.unwrap()).await }),
-            7
-        );
-        assert_eq!(mb.polled_receives(), 0);
-    }
-
-    /// Receives poll on a current-thread runtime and on a thread that
-    /// blocks on a future, not in a task on a multi-threaded runtime's
-    /// workers.
-    #[test]
-    fn polling_is_used_where_it_spares_a_wake_up() {
-        assert!(polling_helps_here(), "outside any runtime");
-        let ct = current_thread();
-        assert!(ct.block_on(async { polling_helps_here() }));
-        assert!(ct.block_on(async { tokio::spawn(async { polling_helps_here() }).await.unwrap() }));
-        let mt = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(1)
-            .enable_all()
-            .build()
-            .unwrap();
-        assert!(mt.block_on(async { polling_helps_here() }));
-        assert!(!mt.block_on(async { tokio::spawn(async { polling_helps_here() }).await.unwrap() }));
-        // And a receive in such a task does not poll.
-        let mb = polling_mailbox();
-        let m2 = mb.clone();
-        let got = mt.block_on(async move {
-            let t = tokio::spawn(async move { m2.recv_p2p(key(3, 9)).await.unwrap() });
-            tokio::time::sleep(Duration::from_millis(2)).await;
-            mb.deliver(p2p(3, 9, 0, 8)).unwrap();
-            let m = t.await.unwrap();
-            (byte(m).await, mb.polled_receives())
-        });
-        assert_eq!(got, (8, 0));
-    }
-
-    /// A receive cancelled while it polls loses no message, and a peer
-    /// that fails while a receive polls fails that receive.
-    #[test]
-    fn polling_receive_cancelled_or_failed_loses_nothing() {
-        let rt = current_thread();
-        let mb = polling_mailbox();
-        rt.block_on(async {
-            let r = tokio::time::timeout(Duration::from_millis(5), mb.recv_p2p(key(3, 9))).await;
-            assert!(r.is_err(), "nothing was sent yet");
-            // Delivered during a poll, then the poll is cancelled.
-            let m2 = mb.clone();
-            let t = tokio::spawn(async move { m2.deliver(p2p(3, 9, 0, 5)).unwrap() });
-            let r = tokio::time::timeout(Duration::from_millis(5), async {
-                let m = mb.recv_p2p(key(3, 9)).await;
-                t.await.unwrap();
-                m
-            });
-            let got = match r.await {
-                Ok(m) => m.unwrap(),
-                // Cancelled: the message waits for the next receive.
-                Err(_) => mb.recv_p2p(key(3, 9)).await.unwrap(),
-            };
-            assert_eq!(byte(got).await, 5);
-            let m2 = mb.clone();
-            let t = tokio::spawn(async move {
-                tokio::time::sleep(Duration::from_millis(2)).await;
-                m2.fail_peer(3, "its process exited");
-            });
-            let e = mb.recv_p2p(key(3, 9)).await.unwrap_err();
-            t.await.unwrap();
-            assert!(format!("{e:?}").contains("its process exited"), "{e:?}");
-        });
-    }
-
-    /// Messages held for a sender count against its allowance until they
-    /// are received; one beyond it is refused; receiving returns the bytes.
-    #[tokio::test]
-    async fn a_sender_beyond_its_allowance_is_refused_until_receives_drain_it() {
-        // Room for two one-byte messages.
-        let mb = Mailbox::with_unexpected_limit(2 * (1 + HELD_OVERHEAD));
-        mb.deliver(p2p(1, 5, 0, 10)).unwrap();
-        mb.deliver(p2p(1, 5, 1, 11)).unwrap();
-        // Another sender has its own allowance.
-        mb.deliver(p2p(2, 5, 0, 20)).unwrap();
-        let refused = mb.deliver(p2p(1, 5, 2, 12)).unwrap_err();
-        assert!(refused.0.contains("set_max_unexpected_bytes"), "{refused}");
-        // A received (and dropped) message returns its byte.
-        assert_eq!(byte(mb.recv_p2p(key(1, 5)).await.unwrap()).await, 10);
-        mb.deliver(p2p(1, 5, 2, 12)).unwrap();
-        assert_eq!(byte(mb.recv_p2p(key(1, 5)).await.unwrap()).await, 11);
-        assert_eq!(byte(mb.recv_p2p(key(1, 5)).await.unwrap()).await, 12);
-        // Empty messages count too (a flood of them is bounded), and so
-        // are returned when received.
-        let mut h = Header::new(FrameKind::P2p, 1, 0, 0);
-        h.seq = 6;
-        for n in 0..2 {
-            h.sub = n;
-            mb.deliver(Incoming::from_chunks(h, Vec::new())).unwrap();
-        }
-        h.sub = 2;
-        assert!(mb.deliver(Incoming::from_chunks(h, Vec::new())).is_err());
-        let _ = mb.recv_p2p(key(1, 6)).await.unwrap();
-        mb.deliver(Incoming::from_chunks(h, Vec::new())).unwrap();
-    }
-
-    #[tokio::test]
-    async fn p2p_messages_are_handed_out_in_sender_order() {
-        let mb = Mailbox::new();
-        // Message 1 overtakes message 0 in transit.
-        mb.deliver(p2p(1, 5, 1, 11)).unwrap();
-        mb.deliver(p2p(1, 5, 2, 12)).unwrap();
-        mb.deliver(p2p(1, 5, 0, 10)).unwrap();
-        for want in [10, 11, 12] {
-            assert_eq!(byte(mb.recv_p2p(key(1, 5)).await.unwrap()).await, want);
-        }
-        assert_eq!(mb.held(), 0);
-    }
-
-    #[tokio::test]
-    async fn receive_posted_first_gets_the_message() {
-        let mb = std::sync::Arc::new(Mailbox::new());
-        let mb2 = mb.clone();
-        let t = tokio::spawn(async move { byte(mb2.recv_p2p(key(2, 0)).await.unwrap()).await });
-        tokio::task::yield_now().await;
-        mb.deliver(p2p(2, 0, 0, 42)).unwrap();
-        assert_eq!(t.await.unwrap(), 42);
-    }
-
-    #[tokio::test]
-    async fn cancelled_receive_loses_no_message() {
-        let mb = Mailbox::new();
-        {
-            let f = mb.recv_p2p(key(1, 0));
-            let r = tokio::time::timeout(std::time::Duration::from_millis(5), f).await;
-            assert!(r.is_err());
-        }
-        mb.deliver(p2p(1, 0, 0, 7)).unwrap();
-        assert_eq!(byte(mb.recv_p2p(key(1, 0)).await.unwrap()).await, 7);
-        let ck = CollKey {
-            src: 3,
-            comm_id: 0,
-            epoch: 0,
-            seq: 1,
-            sub: 0,
-        };
-        let r = tokio::time::timeout(std::time::Duration::from_millis(5), mb.recv_coll(ck)).await;
-        assert!(r.is_err());
-        assert_eq!(mb.held(), 0, "cancelled receive left a slot behind");
-    }
-
-    #[tokio::test]
-    async fn lost_peer_fails_waiters_but_delivered_data_survives() {
-        let mb = std::sync::Arc::new(Mailbox::new());
-        mb.deliver(p2p(4, 0, 0, 1)).unwrap();
-        let mb2 = mb.clone();
-        let ck = CollKey {
-            src: 4,
-            comm_id: 0,
-            epoch: 0,
-            seq: 9,
-            sub: 0,
-        };
-        let t = tokio::spawn(async move { mb2.recv_coll(ck).await });
-        tokio::task::yield_now().await;
-        mb.fail_peer(4, "connection reset");
-        let e = t.await.unwrap().unwrap_err();
-        assert_eq!(e.rank(), 4);
-        assert!(e.reason().contains("reset"));
-        // The message that arrived before the failure is still delivered.
-        assert_eq!(byte(mb.recv_p2p(key(4, 0)).await.unwrap()).await, 1);
-        assert!(mb.recv_p2p(key(4, 0)).await.is_err());
-        assert!(mb.recv_coll(ck).await.is_err());
-    }
-
-    #[tokio::test]
-    async fn short_message_is_an_error_not_a_hang() {
-        let mut h = Header::new(FrameKind::P2p, 0, 0, 0);
-        h.len = 10;
-        let mut m = Incoming::from_chunks(h, vec![Bytes::from_static(b"abc")]);
-        let mut out = [0u8; 10];
-        assert!(m.read_into(&mut out).await.unwrap_err().0.contains("early"));
-        let mut m = Incoming::from_chunks(h, vec![]);
-        let mut small = [0u8; 3];
-        assert!(m.read_into(&mut small).await.is_err());
-    }
-}
+mod tests;

@@ -10,12 +10,16 @@
 //! mailbox.
 
 pub mod failure;
+pub mod incoming;
+mod keyhash;
 pub mod mailbox;
 pub mod mem;
 pub mod quic;
+mod spin;
 
 pub use failure::{Abort, AbortKind, Broken, Failure, Refused};
-pub use mailbox::{CollKey, Incoming, LateMismatch, Mailbox, P2pKey};
+pub use incoming::{Incoming, StreamBody};
+pub use mailbox::{CollKey, LateMismatch, Mailbox, P2pKey};
 
 use crate::wire::Header;
 use bytes::Bytes;

@@ -23,7 +23,7 @@
 //! (keep-alives, the idle timeout) and the reasons a peer closes with.
 
 use super::Shared;
-use crate::transport::{Failure, Incoming, Payload, Refused};
+use crate::transport::{Broken, Failure, Incoming, Payload, Refused, StreamBody};
 use crate::wire::hello::{Hello, HelloKind, HELLO_LEN};
 use crate::wire::{FrameKind, Header, HEADER_LEN};
 use bytes::Bytes;
@@ -684,7 +684,11 @@ impl Shared {
         match self.local_header(rank, &hb) {
             Ok(h) if h.kind != FrameKind::Bye => {
                 // A large message is never held in memory: never refused.
-                if let Err(Refused(reason)) = self.mailbox.deliver(Incoming::from_local(h, s)) {
+                let body = Box::new(LocalBody {
+                    stream: s,
+                    buf: bytes::BytesMut::new(),
+                });
+                if let Err(Refused(reason)) = self.mailbox.deliver(Incoming::streamed(h, body)) {
                     self.cut_off(rank, &reason, &reason, None);
                 }
             }
@@ -786,5 +790,75 @@ impl Shared {
             }
         }
         said_bye
+    }
+}
+
+/// Largest piece read at a time from a same-host connection.
+const LOCAL_PIECE: usize = 1 << 20;
+
+/// A large message's payload on the same-host connection that carries it
+/// alone; `buf` is reused for its pieces once the previous one was dropped.
+struct LocalBody {
+    stream: UnixStream,
+    buf: bytes::BytesMut,
+}
+
+impl StreamBody for LocalBody {
+    fn poll_piece(
+        &mut self,
+        cx: &mut std::task::Context<'_>,
+        max: usize,
+    ) -> std::task::Poll<std::result::Result<Option<Bytes>, Broken>> {
+        use bytes::BufMut;
+        use std::future::Future;
+        use std::task::Poll;
+        let want = max.min(LOCAL_PIECE);
+        // Reclaims the previous piece's memory if it was dropped.
+        self.buf.reserve(want);
+        let got = {
+            let mut room = (&mut self.buf).limit(want);
+            let read = std::pin::pin!(self.stream.read_buf(&mut room));
+            read.poll(cx)
+        };
+        match got {
+            Poll::Pending => Poll::Pending,
+            Poll::Ready(Ok(0)) => Poll::Ready(Ok(None)),
+            Poll::Ready(Ok(_)) => Poll::Ready(Ok(Some(self.buf.split().freeze()))),
+            Poll::Ready(Err(e)) => Poll::Ready(Err(Broken(format!(
+                "same-host connection failed mid-message: {e}"
+            )))),
+        }
+    }
+
+    fn poll_fill(
+        &mut self,
+        cx: &mut std::task::Context<'_>,
+        out: &mut [u8],
+        filled: &mut usize,
+    ) -> Option<std::task::Poll<std::result::Result<(), Broken>>> {
+        use std::task::Poll;
+        use tokio::io::AsyncRead;
+        let ended = |left: usize, why: &str| {
+            Broken(format!(
+                "same-host connection ended {left} bytes before the message's end{why}"
+            ))
+        };
+        while *filled < out.len() {
+            let mut room = tokio::io::ReadBuf::new(&mut out[*filled..]);
+            match std::pin::Pin::new(&mut self.stream).poll_read(cx, &mut room) {
+                Poll::Pending => return Some(Poll::Pending),
+                Poll::Ready(Ok(())) if room.filled().is_empty() => {
+                    return Some(Poll::Ready(Err(ended(out.len() - *filled, ""))))
+                }
+                Poll::Ready(Ok(())) => *filled += room.filled().len(),
+                Poll::Ready(Err(e)) => {
+                    return Some(Poll::Ready(Err(ended(
+                        out.len() - *filled,
+                        &format!(": {e}"),
+                    ))))
+                }
+            }
+        }
+        Some(Poll::Ready(Ok(())))
     }
 }

@@ -15,7 +15,7 @@ pub mod endpoint;
 mod local;
 pub(crate) mod places;
 
-use super::{BoxFut, Failure, Incoming, Mailbox, Payload, Refused, Transport};
+use super::{BoxFut, Broken, Failure, Incoming, Mailbox, Payload, Refused, StreamBody, Transport};
 use crate::config::Config;
 use crate::pki::{self, Credentials};
 use crate::wire::control::{KeyPin, PeerInfo};
@@ -136,6 +136,23 @@ const REPORT_EVERY: Duration = Duration::from_secs(10);
 /// The QUIC transport of one rank.
 pub struct QuicTransport {
     sh: Arc<Shared>,
+}
+
+/// A large message's payload, still arriving on its QUIC stream.
+struct QuicBody(quinn::RecvStream);
+
+impl StreamBody for QuicBody {
+    fn poll_piece(
+        &mut self,
+        cx: &mut std::task::Context<'_>,
+        max: usize,
+    ) -> std::task::Poll<std::result::Result<Option<Bytes>, Broken>> {
+        let read = std::pin::pin!(self.0.read_chunk(max, true));
+        read.poll(cx).map(|r| match r {
+            Ok(c) => Ok(c.map(|c| c.bytes)),
+            Err(e) => Err(Broken(format!("stream failed mid-message: {e}"))),
+        })
+    }
 }
 
 fn quic_err(what: &str, e: impl std::fmt::Display) -> Error {
@@ -647,7 +664,10 @@ impl Shared {
             ));
         }
         if h.len as usize > self.cfg.eager_limit() {
-            return match self.mailbox.deliver(Incoming::from_stream(h, s)) {
+            return match self
+                .mailbox
+                .deliver(Incoming::streamed(h, Box::new(QuicBody(s))))
+            {
                 Ok(()) => Frame::Delivered,
                 Err(Refused(reason)) => Frame::Overrun(reason),
             };
