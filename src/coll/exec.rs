@@ -151,8 +151,7 @@ impl Ctx<'_> {
         Ok(())
     }
 
-    /// Run one phase of a schedule (`fut`) in its tracing span; a failure
-    /// a peer's abort explains is reported as that abort.
+    /// Run one phase of a schedule (`fut`) in its tracing span.
     pub(super) async fn step(
         &self,
         ph: &Phase,
@@ -164,12 +163,11 @@ impl Ctx<'_> {
             sends = ph.sends.len(),
             recvs = ph.recvs.len()
         );
-        let res = if span.is_disabled() {
+        if span.is_disabled() {
             fut.await
         } else {
             tracing::Instrument::instrument(fut, span).await
-        };
-        res.map_err(|e| self.root_cause(e))
+        }
     }
 
     /// One phase. Sends borrow the data they send whenever nothing in the
@@ -253,22 +251,6 @@ impl Ctx<'_> {
                 .await?;
         }
         Ok(())
-    }
-
-    /// A peer that aborted this collective explains every other failure of
-    /// it (a send to a rank that left after aborting fails too, but the
-    /// abort names the cause).
-    pub(super) fn root_cause(&self, e: ExecError) -> ExecError {
-        let abort = self
-            .transport
-            .mailbox()
-            .coll_abort(self.comm_id, self.epoch, self.seq);
-        match abort {
-            Some(a) if !matches!(e, ExecError::Mismatch { .. }) => ExecError::Peer {
-                failure: Failure::CollAborted(a),
-            },
-            _ => e,
-        }
     }
 
     /// The message of phase `sub` from communicator rank `peer`, checked

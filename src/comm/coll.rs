@@ -7,13 +7,14 @@
 //! (an Abort frame for that sequence number), so nobody waits for it until a
 //! timeout: all members return an error naming the cause.
 
+use super::ledger::LateMismatch;
 use super::recorder::What;
 use super::Communicator;
 use crate::coll::exec::{Ctx, Desc, ExecError};
 use crate::coll::select::{Algorithm, CostModel};
 use crate::coll::{barrier, binomial, doubling, halving, linear, ring, CollKind, Schedule};
 use crate::datatype::{DType, Element, ReduceOp};
-use crate::transport::{Abort, AbortKind, Failure, LateMismatch, Payload};
+use crate::transport::{Abort, AbortKind, Failure, Payload};
 use crate::wire::{FrameKind, Header};
 use crate::{Error, Result};
 use bytes::Bytes;
@@ -413,8 +414,9 @@ impl Communicator {
     /// member (a peer far behind is the likely culprit of a hang).
     pub(crate) fn waiting_report(&self) -> String {
         let seen = self
-            .transport()
-            .mailbox()
+            .inner
+            .world
+            .ledger
             .last_seen(self.inner.comm_id, self.inner.epoch);
         let mut s = format!(
             "communicator {:#x}: this rank (rank {}) has started {} collectives; last \
@@ -447,7 +449,8 @@ impl Communicator {
         self.check_open(op_name)?;
         let mailbox = self.transport().mailbox();
         let (comm_id, epoch) = (self.inner.comm_id, self.inner.epoch);
-        if let Some(late) = mailbox.begin_coll(comm_id, epoch) {
+        let ledger = &self.inner.world.ledger;
+        if let Some(late) = ledger.begin_coll(comm_id, epoch) {
             let e = self.late_mismatch(&op_name(), late);
             self.abort_collective(seq, AbortKind::Mismatch, &e.to_string())
                 .await;
@@ -475,7 +478,11 @@ impl Communicator {
         let me = self.rank();
         let failure = match res {
             Some(Ok(())) => {
-                let Some(late) = mailbox.end_coll(comm_id, epoch, seq, desc.wire()) else {
+                // Recorded first: a frame of the call arriving from now on
+                // is checked on arrival, one that came before is in `stray`.
+                ledger.finished(comm_id, epoch, seq, desc.wire());
+                let stray = mailbox.take_coll(comm_id, epoch, seq);
+                let Some(late) = ledger.check_stray(seq, desc.wire(), &stray) else {
                     return Ok(());
                 };
                 let e = self.late_mismatch(&op_name(), late);
@@ -483,7 +490,7 @@ impl Communicator {
                     .await;
                 return Err(e);
             }
-            Some(Err(e)) => Some(e),
+            Some(Err(e)) => Some(self.root_cause(seq, e)),
             None => None,
         };
         let op = op_name();
@@ -616,6 +623,19 @@ impl Communicator {
         Err(err)
     }
 
+    /// A peer that aborted this collective explains every other failure of
+    /// it (a send to a rank that left after aborting fails too, but the
+    /// abort names the cause).
+    fn root_cause(&self, seq: u64, e: ExecError) -> ExecError {
+        let (comm_id, epoch) = (self.inner.comm_id, self.inner.epoch);
+        match self.inner.world.ledger.coll_abort(comm_id, epoch, seq) {
+            Some(a) if !matches!(e, ExecError::Mismatch { .. }) => ExecError::Peer {
+                failure: Failure::CollAborted(a),
+            },
+            _ => e,
+        }
+    }
+
     fn late_mismatch(&self, op: &str, late: LateMismatch) -> Error {
         let src = self
             .comm_rank_of(late.src as usize)
@@ -694,9 +714,18 @@ impl Communicator {
             kind,
             reason: text.to_string(),
         };
-        self.transport()
-            .mailbox()
-            .abort_coll(self.inner.comm_id, self.inner.epoch, seq, abort);
+        let (comm_id, epoch) = (self.inner.comm_id, self.inner.epoch);
+        if self
+            .inner
+            .world
+            .ledger
+            .abort(comm_id, epoch, seq, abort.clone())
+        {
+            let failure = Failure::CollAborted(abort);
+            self.transport()
+                .mailbox()
+                .fail_coll(comm_id, epoch, seq, &failure);
+        }
     }
 
     async fn send_abort(&self, seq: u64, kind: AbortKind, text: &str) {
@@ -739,10 +768,10 @@ impl Communicator {
     /// `seq`; its abort if it did.
     async fn abort_from(&self, seq: u64, peer: usize, grace: Duration) -> Option<Abort> {
         let world = *self.inner.members.get(peer)?;
-        let mailbox = self.transport().mailbox();
+        let ledger = &self.inner.world.ledger;
         let until = tokio::time::Instant::now() + grace;
         loop {
-            match mailbox.coll_abort(self.inner.comm_id, self.inner.epoch, seq) {
+            match ledger.coll_abort(self.inner.comm_id, self.inner.epoch, seq) {
                 Some(a) if a.by == world => return Some(a),
                 Some(_) => return None,
                 None if tokio::time::Instant::now() >= until => return None,

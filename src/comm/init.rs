@@ -133,7 +133,7 @@ fn dump_on_sigusr1(world: &Arc<World>, epoch: u32, sig: Option<Usr1>) {
                 "last collective each rank sent this rank a message for \
                                          (world communicator):\n",
             );
-            for (src, seq) in w.transport.mailbox().last_seen(0, epoch) {
+            for (src, seq) in w.ledger.last_seen(0, epoch) {
                 seen.push_str(&format!("  rank {src}: #{seq}\n"));
             }
             match w.recorder.dump("SIGUSR1", &seen) {

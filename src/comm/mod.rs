@@ -9,6 +9,7 @@ mod coll;
 mod device;
 mod elastic;
 mod init;
+mod ledger;
 mod p2p;
 mod recorder;
 
@@ -36,6 +37,8 @@ pub(crate) enum EpochNews {
 /// Per-process state shared by every communicator of a rank.
 pub(crate) struct World {
     pub(crate) transport: Arc<dyn Transport>,
+    /// Aborted and recently finished collectives (the mailbox consults it).
+    pub(crate) ledger: Arc<ledger::Ledger>,
     pub(crate) config: Config,
     pub(crate) job_id: String,
     seed: Option<SeedLink>,
@@ -90,7 +93,10 @@ impl World {
                 }
             })
         });
+        let ledger = Arc::new(ledger::Ledger::default());
+        transport.mailbox().set_coll_check(ledger.clone());
         World {
+            ledger,
             recorder: recorder::Recorder::new(transport.rank(), &job_id, &config),
             p2p_ops: AtomicU64::new(0),
             helpers: Mutex::new(Vec::new()),

@@ -9,12 +9,16 @@
 //!
 //! A peer that is lost (or has finalized) fails every receive that still
 //! needs it; messages it delivered before that are still handed out.
+//!
+//! What a collective frame means beyond its key (its call was aborted, or
+//! this rank finished that call and the frame shows a mismatch) is decided
+//! by the layer above, through [`CollCheck`].
 
-use super::failure::{Abort, AbortKind, Failure, Refused};
+use super::failure::{AbortKind, Failure, Refused};
 use super::incoming::{Charge, Incoming, HELD_OVERHEAD};
 use super::keyhash::HashMap;
 use super::spin::Spin;
-use crate::wire::{CollDesc, FrameKind, Header};
+use crate::wire::{FrameKind, Header};
 use std::collections::{BTreeMap, VecDeque};
 use std::sync::atomic::AtomicU64;
 use std::sync::Arc;
@@ -36,48 +40,6 @@ pub struct CollKey {
     /// Step/chunk within the collective.
     pub sub: u64,
 }
-
-/// A collective call that did not match another rank's call with the same
-/// sequence number, found after this rank had finished its part.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct LateMismatch {
-    /// Sequence number of the call.
-    pub seq: u64,
-    /// World rank that made the other call.
-    pub src: u32,
-    /// Its call.
-    pub theirs: CollDesc,
-    /// This rank's call.
-    pub mine: CollDesc,
-}
-
-impl LateMismatch {
-    /// As a failure of the receives of later calls.
-    fn failure(&self) -> Failure {
-        Failure::CollAborted(Abort {
-            by: self.src as usize,
-            kind: AbortKind::Mismatch,
-            reason: format!(
-                "collective #{} did not match: world rank {} called {}, this rank called {}",
-                self.seq, self.src, self.theirs, self.mine
-            ),
-        })
-    }
-}
-/// Recent collective calls of one communicator, to catch frames that do not
-/// match a call this rank already finished (e.g. two ranks that both think
-/// they are the root of a broadcast only send, so neither receives the
-/// other's frame in the call itself).
-#[derive(Default)]
-struct Calls {
-    recent: BTreeMap<u64, CollDesc>,
-    late: Option<LateMismatch>,
-    /// Highest sequence number a frame arrived for, per sender.
-    seen: HashMap<u32, u64>,
-}
-
-/// How many finished calls per communicator are remembered.
-const RECENT_CALLS: usize = 64;
 
 /// Key of a point-to-point stream of messages.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -134,10 +96,6 @@ struct State {
     coll: HashMap<CollKey, Slot>,
     p2p: HashMap<P2pKey, P2pQueue>,
     gone: HashMap<u32, String>,
-    /// Collectives (comm_id, epoch, seq) a rank aborted: who and why.
-    aborted: HashMap<(u64, u32, u64), Abort>,
-    /// Calls per (comm_id, epoch).
-    calls: HashMap<(u64, u32), Calls>,
     /// The job was aborted: by which world rank, and why.
     job_abort: Option<(u32, String)>,
     /// Bytes of each sender's messages held in memory (see [`Charge`]).
@@ -155,12 +113,35 @@ impl State {
                 reason: why.clone(),
             })
     }
+}
 
-    fn aborted_failure(&self, k: &CollKey) -> Option<Failure> {
-        self.aborted
-            .get(&(k.comm_id, k.epoch, k.seq))
-            .map(|a| Failure::CollAborted(a.clone()))
-    }
+/// What the layer above decides about a collective frame on arrival.
+pub enum CollVerdict {
+    /// Hand it to its receive.
+    Deliver,
+    /// Drop it (a frame of a call that was aborted or already finished).
+    Drop,
+    /// Drop it, and fail with `failure` every collective receive waiting
+    /// on its communicator and epoch (on its call alone, with `seq`).
+    DropAndFail {
+        /// The one call whose receives fail, or all of the communicator's.
+        seq: Option<u64>,
+        /// What they fail with.
+        failure: Failure,
+    },
+}
+
+/// The layer above's record of collectives (aborts, finished calls),
+/// consulted by the mailbox under its lock: it must not call back into the
+/// mailbox.
+pub trait CollCheck: Send + Sync {
+    /// A collective frame arrived.
+    fn frame(&self, h: &Header) -> CollVerdict;
+    /// A rank's abort of collective `h.seq` arrived.
+    fn aborted(&self, h: &Header, kind: AbortKind, reason: String) -> CollVerdict;
+    /// Before a collective receive waits: a failure that already decides
+    /// it (its call was aborted; its communicator saw a mismatch).
+    fn before_wait(&self, key: &CollKey) -> Option<Failure>;
 }
 
 /// Received messages of one rank, waiting to be matched.
@@ -170,6 +151,8 @@ pub struct Mailbox {
     unexpected_limit: u64,
     /// Polling of receives before they sleep.
     spin: Spin,
+    /// The layer above's record of collectives, once it has one.
+    check: std::sync::OnceLock<Arc<dyn CollCheck>>,
 }
 
 impl Default for Mailbox {
@@ -235,6 +218,7 @@ impl Mailbox {
             state: Mutex::new(State::default()),
             unexpected_limit: limit,
             spin: Spin::new(Duration::ZERO),
+            check: std::sync::OnceLock::new(),
         }
     }
 
@@ -287,17 +271,12 @@ impl Mailbox {
                     None => Vec::new(),
                 };
                 let (kind, reason) = AbortKind::parse(&why);
-                let abort = Abort {
-                    by: h.src as usize,
-                    kind,
-                    reason,
-                };
-                self.abort_locked(&mut st, h.comm_id, h.epoch, h.seq, abort);
+                if let Some(check) = self.check.get() {
+                    let verdict = check.aborted(&h, kind, reason);
+                    Self::apply(&mut st, &h, verdict);
+                }
             }
-            // A frame for a call this rank finished is checked even if that
-            // call was aborted since: it may be the evidence of a mismatch.
-            FrameKind::Coll if Self::saw(&mut st, &h) && Self::late_frame(&mut st, &h) => {}
-            FrameKind::Coll if st.aborted.contains_key(&(h.comm_id, h.epoch, h.seq)) => {}
+            FrameKind::Coll if !self.coll_wanted(&mut st, &h) => {}
             FrameKind::Coll => {
                 let key = CollKey {
                     src: h.src,
@@ -363,146 +342,72 @@ impl Mailbox {
         Ok(())
     }
 
-    /// A frame for a call this rank already finished: remember the
-    /// mismatch (which poisons the communicator: this and every later
-    /// collective on it fail) and drop the frame.
-    /// Note the sequence number of a collective frame from its sender
-    /// (always true, to chain in a match guard).
-    fn saw(st: &mut State, h: &Header) -> bool {
-        let seen = st
-            .calls
-            .entry((h.comm_id, h.epoch))
-            .or_default()
-            .seen
-            .entry(h.src)
-            .or_insert(h.seq);
-        *seen = (*seen).max(h.seq);
-        true
-    }
-
-    /// The highest collective sequence number each sender sent a frame for
-    /// on (`comm_id`, `epoch`).
-    pub fn last_seen(&self, comm_id: u64, epoch: u32) -> Vec<(u32, u64)> {
-        let st = self.lock();
-        let mut v: Vec<(u32, u64)> = st
-            .calls
-            .get(&(comm_id, epoch))
-            .map(|c| c.seen.iter().map(|(&k, &v)| (k, v)).collect())
-            .unwrap_or_default();
-        v.sort_unstable();
-        v
-    }
-
-    fn late_frame(st: &mut State, h: &Header) -> bool {
-        let Some(calls) = st.calls.get_mut(&(h.comm_id, h.epoch)) else {
-            return false;
+    /// Let the layer above check a collective frame: whether to keep it.
+    fn coll_wanted(&self, st: &mut State, h: &Header) -> bool {
+        let Some(check) = self.check.get() else {
+            return true;
         };
-        let Some(mine) = calls.recent.get(&h.seq).copied() else {
-            return false;
-        };
-        let theirs = CollDesc::of(h);
-        if theirs != mine && calls.late.is_none() {
-            calls.late = Some(LateMismatch {
-                seq: h.seq,
-                src: h.src,
-                theirs,
-                mine,
-            });
-            let failure = calls.late.as_ref().map(LateMismatch::failure);
-            let waiting: Vec<CollKey> = st
-                .coll
-                .iter()
-                .filter(|(k, s)| {
-                    k.comm_id == h.comm_id && k.epoch == h.epoch && matches!(s, Slot::Waiting(_))
-                })
-                .map(|(k, _)| *k)
-                .collect();
-            for k in waiting {
-                if let (Some(Slot::Waiting(w)), Some(f)) = (st.coll.remove(&k), failure.clone()) {
-                    let _ = w.send(Err(f));
-                }
-            }
+        let verdict = check.frame(h);
+        let keep = matches!(verdict, CollVerdict::Deliver);
+        Self::apply(st, h, verdict);
+        keep
+    }
+
+    fn apply(st: &mut State, h: &Header, verdict: CollVerdict) {
+        if let CollVerdict::DropAndFail { seq, failure } = verdict {
+            Self::fail_waiting(st, h.comm_id, h.epoch, seq, &failure);
         }
-        true
     }
 
-    /// A collective call is starting: returns the mismatch found late in an
-    /// earlier call of this communicator, if any (the caller reports it).
-    pub fn begin_coll(&self, comm_id: u64, epoch: u32) -> Option<LateMismatch> {
-        let st = self.lock();
-        st.calls.get(&(comm_id, epoch)).and_then(|c| c.late.clone())
-    }
-
-    /// This rank finished its part of call `seq` described by `mine`. Frames
-    /// of it still held were never expected: if one describes a different
-    /// call, that is returned; later frames are checked on arrival.
-    pub fn end_coll(
-        &self,
-        comm_id: u64,
-        epoch: u32,
-        seq: u64,
-        mine: CollDesc,
-    ) -> Option<LateMismatch> {
-        let mut st = self.lock();
-        let stray: Vec<CollKey> = st
+    /// Fail every collective receive waiting on (`comm_id`, `epoch`), or
+    /// on its call `seq` alone.
+    fn fail_waiting(st: &mut State, comm_id: u64, epoch: u32, seq: Option<u64>, f: &Failure) {
+        let waiting: Vec<CollKey> = st
             .coll
-            .keys()
-            .filter(|k| k.comm_id == comm_id && k.epoch == epoch && k.seq == seq)
-            .copied()
+            .iter()
+            .filter(|(k, slot)| {
+                k.comm_id == comm_id
+                    && k.epoch == epoch
+                    && seq.is_none_or(|s| s == k.seq)
+                    && matches!(slot, Slot::Waiting(_))
+            })
+            .map(|(k, _)| *k)
             .collect();
-        let mut found = None;
-        for k in stray {
-            if let Some(Slot::Ready(m)) = st.coll.remove(&k) {
-                let theirs = CollDesc::of(m.header());
-                if theirs != mine && found.is_none() {
-                    found = Some(LateMismatch {
-                        seq,
-                        src: k.src,
-                        theirs,
-                        mine,
-                    });
-                }
-            }
-        }
-        let calls = st.calls.entry((comm_id, epoch)).or_default();
-        calls.recent.insert(seq, mine);
-        while calls.recent.len() > RECENT_CALLS {
-            calls.recent.pop_first();
-        }
-        found
-    }
-
-    /// Record that a rank aborted collective `seq` (this rank, for its own
-    /// abort): every receive waiting on it fails with the abort, and frames
-    /// of it still held or still arriving are dropped.
-    pub fn abort_coll(&self, comm_id: u64, epoch: u32, seq: u64, abort: Abort) {
-        let mut st = self.lock();
-        self.abort_locked(&mut st, comm_id, epoch, seq, abort);
-    }
-
-    fn abort_locked(&self, st: &mut State, comm_id: u64, epoch: u32, seq: u64, abort: Abort) {
-        if st.aborted.contains_key(&(comm_id, epoch, seq)) {
-            return;
-        }
-        st.aborted.insert((comm_id, epoch, seq), abort);
-        let hit: Vec<CollKey> = st
-            .coll
-            .keys()
-            .filter(|k| k.comm_id == comm_id && k.epoch == epoch && k.seq == seq)
-            .copied()
-            .collect();
-        for k in hit {
+        for k in waiting {
             if let Some(Slot::Waiting(w)) = st.coll.remove(&k) {
-                if let Some(f) = st.aborted_failure(&k) {
-                    let _ = w.send(Err(f));
-                }
+                let _ = w.send(Err(f.clone()));
             }
         }
     }
 
-    /// The abort recorded for collective `seq`, if any.
-    pub fn coll_abort(&self, comm_id: u64, epoch: u32, seq: u64) -> Option<Abort> {
-        self.lock().aborted.get(&(comm_id, epoch, seq)).cloned()
+    /// Use `check` for every collective frame from now on (once).
+    pub fn set_coll_check(&self, check: Arc<dyn CollCheck>) {
+        let _ = self.check.set(check);
+    }
+
+    /// This rank gave up collective `seq`: its receives still waiting
+    /// fail with `failure`.
+    pub fn fail_coll(&self, comm_id: u64, epoch: u32, seq: u64, failure: &Failure) {
+        let mut st = self.lock();
+        Self::fail_waiting(&mut st, comm_id, epoch, Some(seq), failure);
+    }
+
+    /// Remove what is held for collective `seq` (this rank finished it):
+    /// the sender and header of each frame that was never received.
+    pub fn take_coll(&self, comm_id: u64, epoch: u32, seq: u64) -> Vec<(u32, Header)> {
+        let mut st = self.lock();
+        let keys: Vec<CollKey> = st
+            .coll
+            .keys()
+            .filter(|k| k.comm_id == comm_id && k.epoch == epoch && k.seq == seq)
+            .copied()
+            .collect();
+        keys.into_iter()
+            .filter_map(|k| match st.coll.remove(&k) {
+                Some(Slot::Ready(m)) => Some((k.src, *m.header())),
+                _ => None,
+            })
+            .collect()
     }
 
     /// Wait for the collective message `key`.
@@ -514,15 +419,11 @@ impl Mailbox {
                     return Ok(m);
                 }
             }
-            if let Some(f) = st.job_failure().or_else(|| st.aborted_failure(&key)) {
+            if let Some(f) = st.job_failure() {
                 return Err(f);
             }
-            let late = st
-                .calls
-                .get(&(key.comm_id, key.epoch))
-                .and_then(|c| c.late.as_ref());
-            if let Some(late) = late {
-                return Err(late.failure());
+            if let Some(f) = self.check.get().and_then(|c| c.before_wait(&key)) {
+                return Err(f);
             }
             if let Some(reason) = st.gone.get(&key.src) {
                 return Err(Failure::lost(key.src as usize, reason.clone()));

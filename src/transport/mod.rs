@@ -19,7 +19,7 @@ mod spin;
 
 pub use failure::{Abort, AbortKind, Broken, Failure, Refused};
 pub use incoming::{Incoming, StreamBody};
-pub use mailbox::{CollKey, LateMismatch, Mailbox, P2pKey};
+pub use mailbox::{CollCheck, CollKey, CollVerdict, Mailbox, P2pKey};
 
 use crate::wire::Header;
 use bytes::Bytes;
