@@ -2,14 +2,14 @@
 //! reduction operations.
 //!
 //! This module owns the closed set of supported element types. It must not
-//! depend on any other module except `error`.
+//! depend on any other module except `error` (and the crate's `u8_enum!`).
 
 use half::{bf16, f16};
 
+crate::tags::u8_enum! {
 /// The wire tag of an element type. Frames carry it so that a receiver can
 /// tell a type mismatch from a length mismatch.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-#[repr(u8)]
 pub enum DType {
     /// Raw bytes (control payloads); never reduced.
     Bytes = 0,
@@ -33,6 +33,7 @@ pub enum DType {
     I64 = 9,
     /// `u64`
     U64 = 10,
+}
 }
 
 impl DType {
@@ -61,24 +62,6 @@ impl DType {
             DType::I64 => "i64",
             DType::U64 => "u64",
         }
-    }
-
-    /// Decode a wire tag.
-    pub fn from_u8(v: u8) -> Option<DType> {
-        Some(match v {
-            0 => DType::Bytes,
-            1 => DType::F32,
-            2 => DType::F64,
-            3 => DType::F16,
-            4 => DType::BF16,
-            5 => DType::I8,
-            6 => DType::U8,
-            7 => DType::I32,
-            8 => DType::U32,
-            9 => DType::I64,
-            10 => DType::U64,
-            _ => return None,
-        })
     }
 }
 
@@ -117,39 +100,25 @@ element!(
     i32 => I32, u32 => U32, i64 => I64, u64 => U64,
 );
 
+crate::tags::u8_enum! {
 /// A reduction operation.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum ReduceOp {
     /// Element-wise sum (wrapping for integers).
-    Sum,
+    Sum = 1,
     /// Element-wise product (wrapping for integers).
-    Prod,
+    Prod = 2,
     /// Element-wise minimum.
-    Min,
+    Min = 3,
     /// Element-wise maximum.
-    Max,
+    Max = 4,
+}
 }
 
 impl ReduceOp {
     /// Wire tag.
     pub fn to_u8(self) -> u8 {
-        match self {
-            ReduceOp::Sum => 1,
-            ReduceOp::Prod => 2,
-            ReduceOp::Min => 3,
-            ReduceOp::Max => 4,
-        }
-    }
-
-    /// Decode a wire tag.
-    pub fn from_u8(v: u8) -> Option<ReduceOp> {
-        Some(match v {
-            1 => ReduceOp::Sum,
-            2 => ReduceOp::Prod,
-            3 => ReduceOp::Min,
-            4 => ReduceOp::Max,
-            _ => return None,
-        })
+        self as u8
     }
 }
 
@@ -161,7 +130,7 @@ mod tests {
     fn dtype_tags_round_trip_and_sizes_match_rust() {
         fn check<T: Element>() {
             assert_eq!(T::DTYPE.size(), std::mem::size_of::<T>());
-            assert_eq!(DType::from_u8(T::DTYPE as u8), Some(T::DTYPE));
+            assert_eq!(DType::try_from(T::DTYPE as u8), Ok(T::DTYPE));
         }
         check::<f32>();
         check::<f64>();
@@ -173,10 +142,10 @@ mod tests {
         check::<u32>();
         check::<i64>();
         check::<u64>();
-        assert_eq!(DType::from_u8(200), None);
+        assert_eq!(DType::try_from(200), Err(200));
         for op in [ReduceOp::Sum, ReduceOp::Prod, ReduceOp::Min, ReduceOp::Max] {
-            assert_eq!(ReduceOp::from_u8(op.to_u8()), Some(op));
+            assert_eq!(ReduceOp::try_from(op.to_u8()), Ok(op));
         }
-        assert_eq!(ReduceOp::from_u8(0), None);
+        assert_eq!(ReduceOp::try_from(0), Err(0));
     }
 }

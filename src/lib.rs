@@ -25,6 +25,8 @@
 
 #![warn(missing_docs)]
 
+mod tags;
+
 pub mod blocking;
 pub mod bootstrap;
 mod coll;

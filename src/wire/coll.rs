@@ -5,9 +5,9 @@
 use super::Header;
 use crate::datatype::{DType, ReduceOp};
 
+crate::tags::u8_enum! {
 /// Which collective a frame belongs to (the header's `coll` byte).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-#[repr(u8)]
 pub enum CollKind {
     /// `barrier`
     Barrier = 1,
@@ -30,6 +30,7 @@ pub enum CollKind {
     /// `split` (exchanging colors and keys)
     Split = 10,
 }
+}
 
 impl CollKind {
     /// The API name.
@@ -46,25 +47,6 @@ impl CollKind {
             CollKind::AllToAll => "all_to_all",
             CollKind::Split => "split",
         }
-    }
-
-    /// Decode a header byte.
-    pub fn from_u8(v: u8) -> Option<CollKind> {
-        use CollKind::*;
-        [
-            Barrier,
-            Broadcast,
-            AllReduce,
-            Reduce,
-            AllGather,
-            ReduceScatter,
-            Gather,
-            Scatter,
-            AllToAll,
-            Split,
-        ]
-        .into_iter()
-        .find(|k| *k as u8 == v)
     }
 }
 
@@ -99,12 +81,12 @@ impl CollDesc {
 
 impl std::fmt::Display for CollDesc {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match CollKind::from_u8(self.coll) {
-            Some(k) => write!(f, "{}", k.name())?,
-            None => write!(f, "collective #{}", self.coll)?,
+        match CollKind::try_from(self.coll) {
+            Ok(k) => write!(f, "{}", k.name())?,
+            Err(_) => write!(f, "collective #{}", self.coll)?,
         }
         write!(f, " with {} elements of {}", self.total, self.dtype)?;
-        if let Some(op) = ReduceOp::from_u8(self.op) {
+        if let Ok(op) = ReduceOp::try_from(self.op) {
             write!(f, ", op {op:?}")?;
         }
         if self.root != u32::MAX {
@@ -126,9 +108,9 @@ mod tests {
     #[test]
     fn coll_kinds_round_trip_and_descriptors_read_well() {
         for v in 1..=10u8 {
-            assert_eq!(CollKind::from_u8(v).map(|k| k as u8), Some(v));
+            assert_eq!(CollKind::try_from(v).map(|k| k as u8), Ok(v));
         }
-        assert_eq!(CollKind::from_u8(0), None);
+        assert_eq!(CollKind::try_from(0), Err(0));
         let d = CollDesc {
             coll: CollKind::AllReduce as u8,
             dtype: DType::F32,

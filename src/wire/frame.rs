@@ -31,9 +31,9 @@ pub const HEADER_LEN: usize = 64;
 pub const FRAME_VERSION: u8 = 1;
 const MAGIC: [u8; 2] = *b"RM";
 
+crate::tags::u8_enum! {
 /// What a frame carries.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-#[repr(u8)]
 pub enum FrameKind {
     /// A point-to-point message (`send`/`recv`).
     P2p = 1,
@@ -48,18 +48,6 @@ pub enum FrameKind {
     /// `seq`: the receiver skips that number. No payload.
     Skip = 5,
 }
-
-impl FrameKind {
-    fn from_u8(v: u8) -> Option<FrameKind> {
-        match v {
-            1 => Some(FrameKind::P2p),
-            2 => Some(FrameKind::Coll),
-            3 => Some(FrameKind::Bye),
-            4 => Some(FrameKind::Abort),
-            5 => Some(FrameKind::Skip),
-            _ => None,
-        }
-    }
 }
 
 /// A decoded frame header.
@@ -148,8 +136,8 @@ impl Header {
                 theirs: buf[2],
             });
         }
-        let kind = FrameKind::from_u8(buf[3]).ok_or(WireError::Kind(buf[3]))?;
-        let dtype = DType::from_u8(buf[4]).ok_or(WireError::DType(buf[4]))?;
+        let kind = FrameKind::try_from(buf[3]).map_err(WireError::Kind)?;
+        let dtype = DType::try_from(buf[4]).map_err(WireError::DType)?;
         if buf[7] != 0 || buf[60..64] != [0; 4] {
             return Err(WireError::Reserved);
         }
@@ -251,7 +239,7 @@ mod tests {
             for d in 0..=10u8 {
                 let mut h = sample();
                 h.kind = kind;
-                h.dtype = DType::from_u8(d).unwrap();
+                h.dtype = DType::try_from(d).unwrap();
                 let enc = h.encode();
                 assert_eq!(Header::decode(&enc).unwrap(), h);
             }
