@@ -22,8 +22,8 @@
 //! (a file: Chrome/Perfetto trace per rank) and `RANKMESH_FLIGHT_DIR` (where
 //! flight-recorder dumps go).
 
-use crate::bootstrap::{JobToken, JoinSpec};
 use crate::config::Config;
+use crate::pki::JobToken;
 use crate::{Error, Result};
 use std::net::{IpAddr, SocketAddr, ToSocketAddrs};
 use std::time::Duration;
@@ -141,19 +141,6 @@ impl LaunchEnv {
                 }
             },
         })
-    }
-
-    /// The join request this environment describes.
-    pub fn join_spec(&self) -> JoinSpec {
-        JoinSpec {
-            seed: self.seed,
-            token: self.token.clone(),
-            job_id: self.job_id.clone(),
-            rank: self.rank,
-            world_size: self.world_size,
-            host: hostname(),
-            late: self.join,
-        }
     }
 }
 

@@ -25,6 +25,7 @@
 
 #![warn(missing_docs)]
 
+mod boxfut;
 mod tags;
 
 pub mod blocking;

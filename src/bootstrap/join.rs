@@ -1,8 +1,9 @@
 //! The rank's side of the join protocol.
 
-use super::token::{Direction, JobToken};
+use super::token::{Direction, SessionProof};
 use super::{read_msg, write_msg};
 use crate::config::Config;
+use crate::pki::JobToken;
 use crate::pki::{self, Credentials, RankKey};
 use crate::transport::quic::endpoint;
 use crate::wire::control::{
@@ -34,6 +35,21 @@ pub struct JoinSpec {
     /// process at the job's next membership point (`rank` and `world_size`
     /// are then ignored).
     pub late: bool,
+}
+
+impl JoinSpec {
+    /// The join request the launcher's environment describes.
+    pub fn from_launch(launch: &crate::env::LaunchEnv) -> JoinSpec {
+        JoinSpec {
+            seed: launch.seed,
+            token: launch.token.clone(),
+            job_id: launch.job_id.clone(),
+            rank: launch.rank,
+            world_size: launch.world_size,
+            host: crate::env::hostname(),
+            late: launch.join,
+        }
+    }
 }
 
 /// The connection to the seed, held for the job's lifetime: the seed tells

@@ -16,9 +16,10 @@ mod seed;
 pub mod state;
 mod token;
 
+pub use crate::pki::JobToken;
 pub use join::{join, JoinSpec, Joined, Notices, SeedLink};
 pub use seed::{Seed, SeedConfig};
-pub use token::{random_job_id, JobToken};
+pub use token::random_job_id;
 
 use crate::wire::control::{self, ControlError, PREFIX_LEN};
 

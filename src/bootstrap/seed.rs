@@ -3,9 +3,10 @@
 //! every rank the outcome.
 
 use super::state::{Decision, JoinInfo, Phase, SeedState};
-use super::token::{random_job_id, Direction, JobToken};
+use super::token::{random_job_id, Direction, SessionProof};
 use super::{close, read_msg, read_msg_max, write_msg};
 use crate::config::Config;
+use crate::pki::JobToken;
 use crate::pki::{self, JobCa};
 use crate::transport::quic::endpoint;
 use crate::transport::quic::places::{Place, Places};

@@ -23,7 +23,7 @@ pub async fn init() -> Result<Communicator> {
     }
     let mut cfg = Config::default();
     env::apply_overrides(&mut cfg)?;
-    init_with(launch.join_spec(), cfg).await
+    init_with(JoinSpec::from_launch(&launch), cfg).await
 }
 
 /// Join an elastic job: for the job's first ranks the same as [`init`]
@@ -34,7 +34,7 @@ pub async fn init_elastic() -> Result<Rebuilt> {
     let launch = LaunchEnv::from_process()?;
     let mut cfg = Config::default();
     env::apply_overrides(&mut cfg)?;
-    init_elastic_with(launch.join_spec(), cfg).await
+    init_elastic_with(JoinSpec::from_launch(&launch), cfg).await
 }
 
 /// [`init_elastic`] with explicit settings (`spec.late`: join a running job).

@@ -18,8 +18,8 @@ use super::{
     byte_range, check_range, copy_source, exact_sides, gpu_err, staging_plan, DeviceBuffer,
     StagedCopy,
 };
+use crate::boxfut::BoxFut;
 use crate::datatype::{DType, Element, ReduceOp};
-use crate::transport::BoxFut;
 use crate::Result;
 use bytes::Bytes;
 use cudarc::driver::sys::CUevent_flags;

@@ -18,8 +18,8 @@
 //! This module sees only the host types of this crate (`error`,
 //! `datatype`, `reduce`); `coll` drives buffers through the trait alone.
 
+use crate::boxfut::BoxFut;
 use crate::datatype::{DType, ReduceOp};
-use crate::transport::BoxFut;
 use crate::{Error, Result};
 use bytes::Bytes;
 use std::any::Any;

@@ -9,8 +9,8 @@
 //! flight. A poller thread per device drives wgpu's map callbacks.
 
 use super::{byte_range, check_range, concat_into, copy_source, gpu_err, DeviceBuffer, Packer};
+use crate::boxfut::BoxFut;
 use crate::datatype::{DType, Element, ReduceOp};
-use crate::transport::BoxFut;
 use crate::Result;
 use bytes::Bytes;
 use std::any::Any;

@@ -7,12 +7,14 @@
 
 mod ca;
 mod tls;
+mod token;
 
 pub use ca::JobCa;
 pub use tls::{
     peer_client_config, peer_server_config, rank_from_cert, seed_client_config, seed_server_config,
     ALPN_JOIN, ALPN_PEER,
 };
+pub use token::JobToken;
 
 use crate::{Error, Result};
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};

@@ -23,11 +23,9 @@ pub use mailbox::{CollCheck, CollKey, CollVerdict, Mailbox, P2pKey};
 
 use crate::wire::Header;
 use bytes::Bytes;
-use std::future::Future;
-use std::pin::Pin;
 
 /// A boxed, sendable future (keeps [`Transport`] object safe).
-pub type BoxFut<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
+pub use crate::boxfut::BoxFut;
 
 /// The payload of one message.
 #[derive(Debug)]
