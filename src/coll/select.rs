@@ -99,6 +99,86 @@ fn cheapest(choices: &[Algorithm], cost: impl Fn(Algorithm) -> f64) -> Algorithm
     best
 }
 
+/// The schedules of the collectives: the one place that chooses an
+/// algorithm for a call and plans it (callers in `comm` name no algorithm
+/// module).
+pub(crate) mod plan {
+    use super::{Algorithm, CostModel};
+    use crate::coll::Schedule;
+    use crate::coll::{barrier as dissemination, binomial, doubling, halving, linear, ring};
+
+    /// `barrier`: dissemination.
+    pub(crate) fn barrier(r: usize, p: usize) -> Schedule {
+        dissemination::plan(r, p)
+    }
+
+    /// `broadcast` of `n` elements of `elem` bytes from `root`: the
+    /// algorithm the cost model (or `forced`) picks, and its schedule.
+    pub(crate) fn broadcast(
+        model: &CostModel,
+        forced: Option<Algorithm>,
+        (r, p): (usize, usize),
+        n: usize,
+        elem: usize,
+        root: usize,
+    ) -> (Algorithm, Schedule) {
+        let a = model.pick_broadcast(forced, p, n * elem);
+        let plan = match a {
+            Algorithm::ScatterAllgather => binomial::scatter_allgather(r, p, n, root),
+            _ => binomial::broadcast(r, p, n, root),
+        };
+        (a, plan)
+    }
+
+    /// `all_reduce` of `n` elements of `elem` bytes: the algorithm the cost
+    /// model (or `forced`) picks, and its schedule.
+    pub(crate) fn allreduce(
+        model: &CostModel,
+        forced: Option<Algorithm>,
+        (r, p): (usize, usize),
+        n: usize,
+        elem: usize,
+    ) -> (Algorithm, Schedule) {
+        let a = model.pick_allreduce(forced, p, n * elem);
+        let plan = match a {
+            Algorithm::Ring => ring::allreduce(r, p, n),
+            Algorithm::Rabenseifner => halving::allreduce(r, p, n),
+            _ => doubling::allreduce(r, p, n),
+        };
+        (a, plan)
+    }
+
+    /// `reduce` of `n` elements to `root`: binomial tree.
+    pub(crate) fn reduce(r: usize, p: usize, n: usize, root: usize) -> Schedule {
+        binomial::reduce(r, p, n, root)
+    }
+
+    /// `all_gather` of `m` elements per rank: ring.
+    pub(crate) fn allgather(r: usize, p: usize, m: usize) -> Schedule {
+        ring::allgather(r, p, m)
+    }
+
+    /// `reduce_scatter` of `m` elements per rank: ring.
+    pub(crate) fn reduce_scatter(r: usize, p: usize, m: usize) -> Schedule {
+        ring::reduce_scatter(r, p, m)
+    }
+
+    /// `gather` of `m` elements per rank to `root`: linear.
+    pub(crate) fn gather(r: usize, p: usize, m: usize, root: usize) -> Schedule {
+        linear::gather(r, p, m, root)
+    }
+
+    /// `scatter` of `m` elements per rank from `root`: linear.
+    pub(crate) fn scatter(r: usize, p: usize, m: usize, root: usize) -> Schedule {
+        linear::scatter(r, p, m, root)
+    }
+
+    /// `all_to_all` of `m` elements per pair: linear.
+    pub(crate) fn all_to_all(r: usize, p: usize, m: usize) -> Schedule {
+        linear::all_to_all(r, p, m)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -11,8 +11,8 @@ use super::ledger::LateMismatch;
 use super::recorder::What;
 use super::Communicator;
 use crate::coll::exec::{Ctx, Desc, ExecError};
-use crate::coll::select::{Algorithm, CostModel};
-use crate::coll::{barrier, binomial, doubling, halving, linear, ring, CollKind, Schedule};
+use crate::coll::select::{plan, CostModel};
+use crate::coll::{CollKind, Schedule};
 use crate::datatype::{DType, Element, ReduceOp};
 use crate::transport::{Abort, AbortKind, Failure, Payload};
 use crate::wire::{FrameKind, Header};
@@ -48,7 +48,7 @@ impl Communicator {
     pub async fn barrier(&self) -> Result<()> {
         let seq = self.next_seq();
         let desc = self.desc(CollKind::Barrier, DType::Bytes, None, 0, None);
-        let plan = barrier::plan(self.rank(), self.size());
+        let plan = plan::barrier(self.rank(), self.size());
         self.run_coll(seq, desc, &plan, None, &mut []).await
     }
 
@@ -78,7 +78,7 @@ impl Communicator {
         let seq = self.next_seq();
         let desc = self.desc(CollKind::Reduce, T::DTYPE, Some(op), buf.len(), Some(root));
         self.check_root(seq, &desc, root).await?;
-        let plan = binomial::reduce(self.rank(), self.size(), buf.len(), root);
+        let plan = plan::reduce(self.rank(), self.size(), buf.len(), root);
         if self.rank() == root {
             self.run_coll(seq, desc, &plan, None, bytemuck::cast_slice_mut(buf))
                 .await
@@ -105,7 +105,7 @@ impl Communicator {
         )
         .await?;
         recv[self.rank() * m..(self.rank() + 1) * m].copy_from_slice(send);
-        let plan = ring::allgather(self.rank(), self.size(), m);
+        let plan = plan::allgather(self.rank(), self.size(), m);
         self.run_coll(seq, desc, &plan, None, bytemuck::cast_slice_mut(recv))
             .await
     }
@@ -131,7 +131,7 @@ impl Communicator {
         )
         .await?;
         let mut work = send.to_vec();
-        let plan = ring::reduce_scatter(self.rank(), self.size(), m);
+        let plan = plan::reduce_scatter(self.rank(), self.size(), m);
         self.run_coll(seq, desc, &plan, None, bytemuck::cast_slice_mut(&mut work))
             .await?;
         recv.copy_from_slice(&work[self.rank() * m..(self.rank() + 1) * m]);
@@ -145,7 +145,7 @@ impl Communicator {
         let m = send.len();
         let desc = self.desc(CollKind::Gather, T::DTYPE, None, m, Some(root));
         self.check_root(seq, &desc, root).await?;
-        let plan = linear::gather(self.rank(), self.size(), m, root);
+        let plan = plan::gather(self.rank(), self.size(), m, root);
         if self.rank() == root {
             self.check_len(
                 seq,
@@ -172,7 +172,7 @@ impl Communicator {
         let m = recv.len();
         let desc = self.desc(CollKind::Scatter, T::DTYPE, None, m, Some(root));
         self.check_root(seq, &desc, root).await?;
-        let plan = linear::scatter(self.rank(), self.size(), m, root);
+        let plan = plan::scatter(self.rank(), self.size(), m, root);
         if self.rank() == root {
             self.check_len(
                 seq,
@@ -205,7 +205,7 @@ impl Communicator {
             .await?;
         let r = self.rank();
         recv[r * m..(r + 1) * m].copy_from_slice(&send[r * m..(r + 1) * m]);
-        let plan = linear::all_to_all(r, p, m);
+        let plan = plan::all_to_all(r, p, m);
         self.run_coll(
             seq,
             desc,
@@ -226,7 +226,7 @@ impl Communicator {
         let mut all = vec![0u32; 2 * p];
         all[2 * self.rank()] = color;
         all[2 * self.rank() + 1] = key;
-        let plan = ring::allgather(self.rank(), p, 2);
+        let plan = plan::allgather(self.rank(), p, 2);
         self.run_coll(seq, desc, &plan, None, bytemuck::cast_slice_mut(&mut all))
             .await?;
         let mut mine: Vec<(u32, usize)> = (0..p)
@@ -245,29 +245,29 @@ impl Communicator {
 
     /// The broadcast schedule for `desc` (whose algorithm it sets).
     pub(super) fn broadcast_plan(&self, desc: &mut Desc, root: usize) -> Schedule {
-        let (r, p, n) = (self.rank(), self.size(), desc.count as usize);
-        let a = self
-            .model()
-            .pick_broadcast(self.config().algorithm(), p, n * desc.dtype.size());
+        let (a, schedule) = plan::broadcast(
+            &self.model(),
+            self.config().algorithm(),
+            (self.rank(), self.size()),
+            desc.count as usize,
+            desc.dtype.size(),
+            root,
+        );
         desc.algo = a.name();
-        match a {
-            Algorithm::ScatterAllgather => binomial::scatter_allgather(r, p, n, root),
-            _ => binomial::broadcast(r, p, n, root),
-        }
+        schedule
     }
 
     /// The allreduce schedule for `desc` (whose algorithm it sets).
     pub(super) fn allreduce_plan(&self, desc: &mut Desc) -> Schedule {
-        let (r, p, n) = (self.rank(), self.size(), desc.count as usize);
-        let a = self
-            .model()
-            .pick_allreduce(self.config().algorithm(), p, n * desc.dtype.size());
+        let (a, schedule) = plan::allreduce(
+            &self.model(),
+            self.config().algorithm(),
+            (self.rank(), self.size()),
+            desc.count as usize,
+            desc.dtype.size(),
+        );
         desc.algo = a.name();
-        match a {
-            Algorithm::Ring => ring::allreduce(r, p, n),
-            Algorithm::Rabenseifner => halving::allreduce(r, p, n),
-            _ => doubling::allreduce(r, p, n),
-        }
+        schedule
     }
 
     pub(super) fn next_seq(&self) -> u64 {

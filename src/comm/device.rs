@@ -6,7 +6,8 @@
 
 use super::coll::Work;
 use super::Communicator;
-use crate::coll::{binomial, ring, CollKind};
+use crate::coll::select::plan;
+use crate::coll::CollKind;
 use crate::datatype::ReduceOp;
 use crate::gpu::DeviceBuffer;
 use crate::{Error, Result};
@@ -48,7 +49,7 @@ impl Communicator {
         let (dtype, n) = (buf.dtype(), buf.len());
         let desc = self.desc(CollKind::Reduce, dtype, Some(op), n, Some(root));
         self.check_root(seq, &desc, root).await?;
-        let plan = binomial::reduce(self.rank(), self.size(), n, root);
+        let plan = plan::reduce(self.rank(), self.size(), n, root);
         if self.rank() == root {
             return self
                 .run_coll_on(seq, desc, &plan, Work::Device(&*buf))
@@ -82,7 +83,7 @@ impl Communicator {
         .await?;
         let r = self.rank();
         self.refused(seq, recv.copy_from(send, 0..m, r * m)).await?;
-        let plan = ring::allgather(r, self.size(), m);
+        let plan = plan::allgather(r, self.size(), m);
         self.run_coll_on(seq, desc, &plan, Work::Device(&*recv))
             .await
     }
@@ -104,7 +105,7 @@ impl Communicator {
         self.check_len(seq, &desc, "send", send.len(), p * m, "size * recv.len()")
             .await?;
         let work = self.refused(seq, send.duplicate(0..p * m)).await?;
-        let plan = ring::reduce_scatter(r, p, m);
+        let plan = plan::reduce_scatter(r, p, m);
         self.run_coll_on(seq, desc, &plan, Work::Device(&*work))
             .await?;
         recv.copy_from(&*work, r * m..(r + 1) * m, 0)
