@@ -1,7 +1,7 @@
 //! A synchronous facade over [`crate::Communicator`], for training loops
 //! that are not async (candle, burn, plain ndarray code).
 //!
-//! [`init`] builds a tokio runtime owned by the returned [`Communicator`];
+//! [`init`] builds a tokio runtime owned by the returned [`BlockingCommunicator`];
 //! every method blocks the calling thread on the async operation. One
 //! background worker thread keeps the connections alive (acknowledgements,
 //! keep-alives, receiving messages sent ahead) while the calling thread
@@ -45,14 +45,14 @@ struct Shared {
 /// A blocking [`crate::Communicator`]: same operations, same semantics,
 /// no `.await`. Cheap to clone; clones share the runtime.
 #[derive(Clone)]
-pub struct Communicator {
+pub struct BlockingCommunicator {
     comm: crate::Communicator,
     shared: Arc<Shared>,
 }
 
-impl std::fmt::Debug for Communicator {
+impl std::fmt::Debug for BlockingCommunicator {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("blocking::Communicator")
+        f.debug_struct("BlockingCommunicator")
             .field("rank", &self.rank())
             .field("size", &self.size())
             .finish()
@@ -74,13 +74,13 @@ fn runtime() -> Result<Runtime> {
         .map_err(|e| Error::config(format!("cannot start the tokio runtime: {e}")))
 }
 
-fn start<F>(join: F) -> Result<Communicator>
+fn start<F>(join: F) -> Result<BlockingCommunicator>
 where
     F: FnOnce() -> std::pin::Pin<Box<dyn Future<Output = Result<crate::Communicator>>>>,
 {
     let rt = runtime()?;
     let comm = rt.block_on(join())?;
-    Ok(Communicator {
+    Ok(BlockingCommunicator {
         comm,
         shared: Arc::new(Shared {
             rt,
@@ -91,30 +91,30 @@ where
 
 /// Join the job described by the environment (as [`crate::init`]) and
 /// return once every rank has joined.
-pub fn init() -> Result<Communicator> {
+pub fn init() -> Result<BlockingCommunicator> {
     start(|| Box::pin(crate::init()))
 }
 
 /// Join the job described by `spec` with explicit settings (as
 /// [`crate::init_with`]).
-pub fn init_with(spec: JoinSpec, cfg: Config) -> Result<Communicator> {
+pub fn init_with(spec: JoinSpec, cfg: Config) -> Result<BlockingCommunicator> {
     start(move || Box::pin(crate::init_with(spec, cfg)))
 }
 
-impl Communicator {
+impl BlockingCommunicator {
     fn block<T>(&self, fut: impl Future<Output = Result<T>>) -> Result<T> {
         // Blocking inside an async runtime would panic in tokio.
         if tokio::runtime::Handle::try_current().is_ok() {
             return Err(Error::config(
                 "a rankmesh::blocking method was called from async code; use \
-                 Communicator::as_async() there",
+                 BlockingCommunicator::as_async() there",
             ));
         }
         self.shared.rt.block_on(fut)
     }
 
     /// The async communicator underneath, e.g. to hand to async code
-    /// running on [`Communicator::runtime`].
+    /// running on [`BlockingCommunicator::runtime`].
     pub fn as_async(&self) -> &crate::Communicator {
         &self.comm
     }
@@ -201,9 +201,9 @@ impl Communicator {
 
     /// See [`crate::Communicator::split`]; the new communicator shares
     /// this one's runtime.
-    pub fn split(&self, color: u32, key: u32) -> Result<Communicator> {
+    pub fn split(&self, color: u32, key: u32) -> Result<BlockingCommunicator> {
         let comm = self.block(self.comm.split(color, key))?;
-        Ok(Communicator {
+        Ok(BlockingCommunicator {
             comm,
             shared: self.shared.clone(),
         })
@@ -227,7 +227,7 @@ impl Communicator {
     }
 }
 
-impl Drop for Communicator {
+impl Drop for BlockingCommunicator {
     fn drop(&mut self) {
         // The last handle: leave cleanly before the runtime (and with it the
         // connections) goes away, unless that would block an async runtime.

@@ -84,7 +84,7 @@ impl SeedState {
         (0..self.members.len()).find(|&r| self.members[r].is_none())
     }
 
-    /// "3/4 ranks joined; waiting for rank(s) [2]".
+    /// "3/4 ranks joined; waiting for rank(s) \[2\]".
     pub fn progress(&self) -> String {
         let missing = self.missing();
         if missing.is_empty() {

@@ -10,7 +10,7 @@
 //! third overlap, and nothing is allocated per chunk once the pool is warm.
 //!
 //! Backends (cargo features, off by default):
-//! - `wgpu`: [`Wgpu`] and [`WgpuBuffer`] (WGSL compute shaders; any Vulkan
+//! - `wgpu`: `Wgpu` and `WgpuBuffer` (WGSL compute shaders; any Vulkan
 //!   or Metal adapter, including Mesa's lavapipe on a CPU).
 //! - `cuda`: `Cuda` and `CudaBuffer` (cudarc, loaded at run time; kernels
 //!   compiled with NVRTC on first use).

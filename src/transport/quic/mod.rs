@@ -39,7 +39,7 @@ pub const CODE_PROTOCOL: u32 = 2;
 /// Close code: the peer's certificate is not acceptable.
 pub const CODE_AUTH: u32 = 3;
 /// Close code: the job was aborted; the reason is `"{world rank}\n{why}"`
-/// (see [`job_abort_reason`]), so a rank that learns of an abort passes it
+/// (built by `job_abort_reason`), so a rank that learns of an abort passes it
 /// on to every peer it is connected to.
 pub const CODE_JOB_ABORT: u32 = 4;
 
