@@ -50,17 +50,25 @@ struct Calls {
     late: Option<LateMismatch>,
     /// Highest sequence number a frame arrived for, per sender.
     seen: HashMap<u32, u64>,
+    /// Calls a rank aborted: who and why (the latest [`RECENT_CALLS`]).
+    aborted: BTreeMap<u64, Abort>,
 }
 
-/// How many finished calls per communicator are remembered.
+/// How many finished (and how many aborted) calls per communicator are
+/// remembered: the ledger is bounded by this window and by the
+/// communicators alive, not by the job's length.
 const RECENT_CALLS: usize = 64;
 
 #[derive(Default)]
 struct State {
-    /// Calls per (comm_id, epoch).
+    /// Calls per (comm_id, epoch), while the communicator lives.
     calls: HashMap<(u64, u32), Calls>,
-    /// Collectives (comm_id, epoch, seq) a rank aborted: who and why.
-    aborted: HashMap<(u64, u32, u64), Abort>,
+}
+
+impl State {
+    fn aborted(&self, comm_id: u64, epoch: u32, seq: u64) -> Option<&Abort> {
+        self.calls.get(&(comm_id, epoch))?.aborted.get(&seq)
+    }
 }
 
 /// The ledger of one rank's world (all its communicators).
@@ -120,16 +128,32 @@ impl Ledger {
     /// `false` if one was recorded already.
     pub(crate) fn abort(&self, comm_id: u64, epoch: u32, seq: u64, abort: Abort) -> bool {
         let mut st = self.lock();
-        if st.aborted.contains_key(&(comm_id, epoch, seq)) {
+        let aborted = &mut st.calls.entry((comm_id, epoch)).or_default().aborted;
+        if aborted.contains_key(&seq) {
             return false;
         }
-        st.aborted.insert((comm_id, epoch, seq), abort);
+        aborted.insert(seq, abort);
+        while aborted.len() > RECENT_CALLS {
+            aborted.pop_first();
+        }
         true
     }
 
     /// The abort recorded for collective `seq`, if any.
     pub(crate) fn coll_abort(&self, comm_id: u64, epoch: u32, seq: u64) -> Option<Abort> {
-        self.lock().aborted.get(&(comm_id, epoch, seq)).cloned()
+        self.lock().aborted(comm_id, epoch, seq).cloned()
+    }
+
+    /// Forget communicator `comm_id` at `epoch` (it was dropped).
+    pub(crate) fn forget_comm(&self, comm_id: u64, epoch: u32) {
+        let gone = self.lock().calls.remove(&(comm_id, epoch));
+        drop(gone);
+    }
+
+    /// Communicators with records (for leak tests).
+    #[cfg(test)]
+    pub(crate) fn comms(&self) -> usize {
+        self.lock().calls.len()
     }
 
     /// The highest collective sequence number each sender sent a frame for
@@ -171,7 +195,7 @@ impl CollCheck for Ledger {
             }
             return CollVerdict::Drop;
         }
-        if st.aborted.contains_key(&(h.comm_id, h.epoch, h.seq)) {
+        if calls.aborted.contains_key(&h.seq) {
             return CollVerdict::Drop;
         }
         CollVerdict::Deliver
@@ -194,7 +218,7 @@ impl CollCheck for Ledger {
 
     fn before_wait(&self, key: &CollKey) -> Option<Failure> {
         let st = self.lock();
-        if let Some(a) = st.aborted.get(&(key.comm_id, key.epoch, key.seq)) {
+        if let Some(a) = st.aborted(key.comm_id, key.epoch, key.seq) {
             return Some(Failure::CollAborted(a.clone()));
         }
         st.calls

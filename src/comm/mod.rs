@@ -224,6 +224,18 @@ struct Inner {
     coll_seq: AtomicU64,
 }
 
+impl Drop for Inner {
+    fn drop(&mut self) {
+        // The last handle of this communicator is gone: nothing can receive
+        // on it any more, so what is kept for it goes too.
+        self.world
+            .transport
+            .mailbox()
+            .forget_comm(self.comm_id, self.epoch);
+        self.world.ledger.forget_comm(self.comm_id, self.epoch);
+    }
+}
+
 /// A group of ranks that communicate; cheap to clone, usable from many tasks.
 ///
 /// All operations are `async` and bounded by the configured operation
@@ -441,4 +453,48 @@ mod tests {
             assert_eq!(got, [window, window]);
         }
     }
+    /// What is kept for a communicator goes with its last handle: after
+    /// many split/use/drop cycles (distinct tags, collectives, a late
+    /// frame's records), the mailbox's maps and the collective ledger hold
+    /// what they held before.
+    #[tokio::test]
+    async fn split_use_drop_cycles_leave_nothing_behind() {
+        let got = crate::testing::run_mem(2, |comm| async move {
+            comm.barrier().await?;
+            let world = comm.inner.world.clone();
+            let before = (world.transport.mailbox().entries(), world.ledger.comms());
+            for i in 0..200u32 {
+                let sub = comm.split(0, comm.rank() as u32).await?;
+                let peer = 1 - sub.rank();
+                let mut got = [0u32; 4];
+                if sub.rank() == 0 {
+                    sub.send(&[i; 4], peer, i).await?;
+                    sub.recv(&mut got, peer, i).await?;
+                } else {
+                    sub.recv(&mut got, peer, i).await?;
+                    sub.send(&[i; 4], peer, i).await?;
+                }
+                assert_eq!(got, [i; 4]);
+                let mut v = [1u64; 3];
+                sub.all_reduce(&mut v, crate::ReduceOp::Sum).await?;
+                assert_eq!(v, [2; 3]);
+                sub.barrier().await?;
+            }
+            comm.barrier().await?;
+            let after = (world.transport.mailbox().entries(), world.ledger.comms());
+            Ok((before, after))
+        })
+        .await
+        .unwrap();
+        for ((entries_before, comms_before), (entries, comms)) in got {
+            // The peer may be one operation ahead when a count is taken (its
+            // next frame already here): one entry of slack, not one a cycle.
+            assert!(
+                entries <= entries_before.max(1),
+                "mailbox entries: {entries_before} before, {entries} after 200 cycles"
+            );
+            assert_eq!(comms, comms_before, "communicators in the ledger");
+        }
+    }
+
 }

@@ -580,12 +580,37 @@ impl Mailbox {
         self.lock().gone.get(&(rank as u32)).cloned()
     }
 
-    /// Drop everything kept for a finished collective (stale frames of a
-    /// failed operation).
-    pub fn forget_coll(&self, comm_id: u64, epoch: u32, seq: u64) {
-        self.lock()
-            .coll
-            .retain(|k, _| !(k.comm_id == comm_id && k.epoch == epoch && k.seq == seq));
+    /// Forget everything kept for communicator `comm_id` at `epoch` (it
+    /// was dropped): its queues, messages held for it, receives waiting.
+    pub fn forget_comm(&self, comm_id: u64, epoch: u32) {
+        let (coll, p2p) = {
+            let mut st = self.lock();
+            let mine = |c: u64, e: u32| c == comm_id && e == epoch;
+            let ck: Vec<CollKey> = st
+                .coll
+                .keys()
+                .filter(|k| mine(k.comm_id, k.epoch))
+                .copied()
+                .collect();
+            let pk: Vec<P2pKey> = st
+                .p2p
+                .keys()
+                .filter(|k| mine(k.comm_id, k.epoch))
+                .copied()
+                .collect();
+            let coll: Vec<Slot> = ck.iter().filter_map(|k| st.coll.remove(k)).collect();
+            let p2p: Vec<P2pQueue> = pk.iter().filter_map(|k| st.p2p.remove(k)).collect();
+            (coll, p2p)
+        };
+        // Dropped outside the lock (a message may own a stream).
+        drop((coll, p2p));
+    }
+
+    /// Entries of the matching maps: collective slots and point-to-point
+    /// queues (for leak tests).
+    pub fn entries(&self) -> usize {
+        let st = self.lock();
+        st.coll.len() + st.p2p.len()
     }
 
     /// Number of messages and waiting receives held (for leak tests).
