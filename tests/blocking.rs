@@ -6,7 +6,10 @@ use std::net::{IpAddr, Ipv4Addr};
 
 /// Start a seed for `n` ranks and run `f` on `n` threads, each joining
 /// through `blocking::init_with`; outputs in rank order.
-fn run_threads<T: Send + 'static>(n: usize, f: fn(blocking::BlockingCommunicator) -> Result<T>) -> Vec<T> {
+fn run_threads<T: Send + 'static>(
+    n: usize,
+    f: fn(blocking::BlockingCommunicator) -> Result<T>,
+) -> Vec<T> {
     let seed_rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(1)
         .enable_all()

@@ -496,5 +496,4 @@ mod tests {
             assert_eq!(comms, comms_before, "communicators in the ledger");
         }
     }
-
 }
