@@ -1,10 +1,10 @@
-//! The data-parallel training example (`examples/train.rs`, included here as
+//! The data-parallel training example (`examples/train/`, included here as
 //! a module): N ranks train the same model as one rank, every rank ends
 //! each step with bitwise-identical parameters, checkpoints resume exactly,
 //! and corrupt checkpoints are refused.
 
 #[allow(dead_code)] // the example's `main` and flag parsing are not used here
-#[path = "../examples/train.rs"]
+#[path = "../examples/train/main.rs"]
 mod train;
 
 use rankmesh::testing::run_local;
