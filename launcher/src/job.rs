@@ -1,21 +1,18 @@
 //! Running a job: seed, processes, output, failures, signals, summary.
 
-use crate::cli::{Mode, Plan, TagMode};
-use crate::output::{self, Msg, Sink, Tx};
+use crate::cli::{Mode, Plan};
+use crate::launch::{
+    announce, command, contract_env, labels, seed_side, signals, sinks, write_token_file, Label,
+    SeedSide, Signals, TokenDir,
+};
+use crate::output::{self, Msg, Tx};
 use crate::place::{self, Placement};
-use crate::spawn;
-use rankmesh::bootstrap::{Seed, SeedConfig};
-use std::ffi::OsString;
 use std::io::IsTerminal;
-use std::net::SocketAddr;
-use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
 use std::os::unix::process::ExitStatusExt;
-use std::path::PathBuf;
 use std::process::ExitStatus;
 use std::time::{Duration, Instant};
 use tokio::io::AsyncWriteExt;
 use tokio::process::ChildStdin;
-use tokio::signal::unix::{signal, SignalKind};
 use tokio::sync::mpsc;
 
 /// Exit code when `--timeout` or `--join-timeout` ends the job.
@@ -23,9 +20,7 @@ const TIMEOUT_CODE: i32 = 124;
 /// Exit code when a rank cannot be started.
 const SPAWN_CODE: i32 = 127;
 /// Exit code for setup errors (like a bad command line).
-const SETUP_CODE: i32 = 2;
-/// Formation deadline standing for "forever" (`--join-timeout 0`).
-const FOREVER: Duration = Duration::from_secs(30 * 24 * 3600);
+pub(crate) const SETUP_CODE: i32 = 2;
 
 fn signame(sig: i32) -> String {
     let n = match sig {
@@ -106,66 +101,6 @@ fn describe(st: &ExitStatus, remote: bool) -> String {
         (None, Some(s)) => format!("was killed by {}", signame(s)),
         _ => format!("ended with status {st}"),
     }
-}
-
-/// Removes the token directory when the job ends.
-struct TokenDir(Option<PathBuf>);
-
-impl TokenDir {
-    fn remove(&mut self) {
-        if let Some(d) = self.0.take() {
-            let _ = std::fs::remove_dir_all(d);
-        }
-    }
-}
-
-impl Drop for TokenDir {
-    fn drop(&mut self) {
-        self.remove();
-    }
-}
-
-/// Write `secret` to a new file readable only by this user.
-fn write_secret(path: &std::path::Path, secret: &str) -> std::io::Result<()> {
-    use std::io::Write;
-    let mut f = std::fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(0o600)
-        .open(path)?;
-    f.write_all(secret.as_bytes())
-}
-
-/// The token of the job a `--join` joins: `--token-file`, else
-/// RANKMESH_TOKEN.
-fn join_token(plan: &Plan) -> Result<String, String> {
-    let raw = match &plan.cli.token_file {
-        Some(f) => {
-            std::fs::read_to_string(f).map_err(|e| format!("--token-file {}: {e}", f.display()))?
-        }
-        None => std::env::var("RANKMESH_TOKEN").map_err(|_| {
-            "give the job's token with --token-file FILE (written by the job's rankrun \
-             --token-file) or RANKMESH_TOKEN"
-                .to_string()
-        })?,
-    };
-    rankmesh::bootstrap::JobToken::from_hex(raw.trim())
-        .map(|t| t.to_hex())
-        .map_err(|e| e.to_string())
-}
-
-fn write_token_file(job_id: &str, hex: &str) -> std::io::Result<(PathBuf, PathBuf)> {
-    use std::io::Write;
-    let dir = std::env::temp_dir().join(format!("rankrun-{}-{job_id}", std::process::id()));
-    std::fs::DirBuilder::new().mode(0o700).create(&dir)?;
-    let file = dir.join("token");
-    let mut f = std::fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(0o600)
-        .open(&file)?;
-    f.write_all(hex.as_bytes())?;
-    Ok((dir, file))
 }
 
 enum State {
@@ -330,99 +265,104 @@ impl Job {
     }
 }
 
-fn seed_bind(
+type Exits = mpsc::UnboundedSender<(usize, std::io::Result<ExitStatus>)>;
+
+/// Start every process (stopping at the first that cannot be started, with
+/// the job's code set); returns the tasks pumping their output.
+async fn start_all(
+    job: &mut Job,
     plan: &Plan,
-    placements: &[Placement],
-) -> Result<(SocketAddr, Option<String>), String> {
-    // (bind address, advertised host when the bind address is unspecified)
-    let first_remote = placements.iter().find(|p| !p.local).map(|p| p.host.clone());
-    let addr = match &plan.cli.seed_addr {
-        Some(s) => place::parse_seed_addr(s)?,
-        None => match (&plan.mode, first_remote) {
-            (Mode::Slurm, _) => SocketAddr::from(([0, 0, 0, 0], 0)),
-            (_, None) => SocketAddr::from(([127, 0, 0, 1], 0)),
-            (_, Some(h)) => SocketAddr::new(
-                place::route_ip_to(&h)
-                    .map_err(|e| format!("cannot choose a seed address: {e}; pass --seed-addr"))?,
-                0,
-            ),
-        },
-    };
-    let adv = addr.ip().is_unspecified().then(place::hostname);
-    Ok((addr, adv))
+    side: &SeedSide,
+    labels: &[Label],
+    token_file: Option<&std::path::Path>,
+    exits: &Exits,
+) -> Vec<tokio::task::JoinHandle<()>> {
+    let mut pumps = Vec::new();
+    for (idx, label) in labels.iter().enumerate() {
+        let placement = job.placements.get(idx).cloned();
+        let env = contract_env(plan, side, label, placement.as_ref());
+        let remote = placement.as_ref().is_some_and(|p| !p.local);
+        let mut cmd = match command(plan, side, &env, &label.host, remote, token_file) {
+            Ok(c) => c,
+            Err(e) => {
+                job.note(e).await;
+                job.code = Some(SETUP_CODE);
+                break;
+            }
+        };
+        let mut child = match cmd.spawn() {
+            Ok(c) => c,
+            Err(e) => {
+                let (name, host) = (&label.name, &label.host);
+                let what = if remote {
+                    format!(
+                        "cannot start the launch agent for {name} on {host} ({}): {e}",
+                        plan.cli.launch_agent
+                    )
+                } else {
+                    format!(
+                        "cannot start {name} on {host} ({:?}): {e}",
+                        plan.command_program()
+                    )
+                };
+                job.first_failure = Some(what.clone());
+                job.code = Some(SPAWN_CODE);
+                job.note(what).await;
+                break;
+            }
+        };
+        let pid = child.id().unwrap_or(0);
+        let mut stdin = child.stdin.take();
+        if let Some(i) = &mut stdin {
+            // The token travels over the agent's stdin, never argv.
+            let _ = i
+                .write_all(format!("{}\n", side.token_hex).as_bytes())
+                .await;
+            let _ = i.flush().await;
+        }
+        if let Some(o) = child.stdout.take() {
+            pumps.push(tokio::spawn(output::pump(o, idx, false, job.tx.clone())));
+        }
+        if let Some(e) = child.stderr.take() {
+            pumps.push(tokio::spawn(output::pump(e, idx, true, job.tx.clone())));
+        }
+        let etx = exits.clone();
+        tokio::spawn(async move {
+            let st = child.wait().await;
+            let _ = etx.send((idx, st));
+        });
+        job.procs.push(Proc {
+            label: label.name.clone(),
+            rank: label.rank,
+            host: label.host.clone(),
+            remote,
+            pid,
+            stdin,
+            status: None,
+            after_end: false,
+        });
+    }
+    pumps
 }
 
 /// Run the job; returns rankrun's exit code.
 pub async fn run(plan: Plan) -> i32 {
     let t0 = Instant::now();
-    let np = plan.np;
-    let quiet = plan.cli.quiet;
     let placements = match &plan.mode {
-        Mode::Hosts(h) => place::place(h, np),
+        Mode::Hosts(h) => place::place(h, plan.np),
         Mode::Slurm => Vec::new(),
     };
-    let (bind, advertise) = match seed_bind(&plan, &placements) {
-        Ok(x) => x,
+    let side = match seed_side(&plan, &placements) {
+        Ok(s) => s,
         Err(e) => {
             eprintln!("rankrun: error: {e}");
             return SETUP_CODE;
         }
     };
-    let join_timeout = plan.cli.join_timeout;
-    // Joining a running elastic job: no seed of our own.
-    let joining = plan.cli.join.clone();
-    let elastic = plan.cli.elastic.is_some() || joining.is_some();
-    let (seed, seed_str, job_id, token_hex) = match &joining {
-        Some(addr) => match join_token(&plan) {
-            Ok(t) => (None, addr.clone(), "(joining)".to_string(), t),
-            Err(e) => {
-                eprintln!("rankrun: error: --join: {e}");
-                return SETUP_CODE;
-            }
-        },
-        None => {
-            let mut cfg = SeedConfig::new(np);
-            cfg.set_bind(bind)
-                .set_formation_timeout(if join_timeout.is_zero() {
-                    FOREVER
-                } else {
-                    join_timeout
-                });
-            if let Some((min, max)) = plan.cli.elastic {
-                cfg.set_elastic(min, max);
-            }
-            let seed = match Seed::start(cfg) {
-                Ok(s) => s,
-                Err(e) => {
-                    eprintln!("rankrun: error: cannot start the seed on {bind}: {e}");
-                    return SETUP_CODE;
-                }
-            };
-            let seed_addr = match seed.addr() {
-                Ok(a) => a,
-                Err(e) => {
-                    eprintln!("rankrun: error: {e}");
-                    return SETUP_CODE;
-                }
-            };
-            let seed_str = match &advertise {
-                Some(h) => format!("{h}:{}", seed_addr.port()),
-                None => seed_addr.to_string(),
-            };
-            let (job_id, token_hex) = (seed.job_id().to_string(), seed.token().to_hex());
-            if let Some(f) = &plan.cli.token_file {
-                if let Err(e) = write_secret(f, &token_hex) {
-                    eprintln!("rankrun: error: --token-file {}: {e}", f.display());
-                    return SETUP_CODE;
-                }
-            }
-            (Some(seed), seed_str, job_id, token_hex)
-        }
-    };
     let any_local = matches!(plan.mode, Mode::Hosts(_)) && placements.iter().any(|p| p.local);
     let mut token_dir = TokenDir(None);
     let token_file = if any_local {
-        match write_token_file(&job_id.replace(['(', ')'], ""), &token_hex) {
+        match write_token_file(&side.job_id.replace(['(', ')'], ""), &side.token_hex) {
             Ok((d, f)) => {
                 token_dir.0 = Some(d);
                 Some(f)
@@ -435,75 +375,15 @@ pub async fn run(plan: Plan) -> i32 {
     } else {
         None
     };
-
-    // Install signal handlers before any rank exists.
-    let (mut sigint, mut sigterm, mut sighup, mut sigusr1) = match (
-        signal(SignalKind::interrupt()),
-        signal(SignalKind::terminate()),
-        signal(SignalKind::hangup()),
-        signal(SignalKind::user_defined1()),
-    ) {
-        (Ok(a), Ok(b), Ok(c), Ok(d)) => (a, b, c, d),
-        _ => {
-            eprintln!("rankrun: error: cannot install signal handlers");
+    let labels = labels(&plan, &placements);
+    let (sigs, sinks) = match signals().and_then(|s| Ok((s, sinks(&plan, &labels)?))) {
+        Ok(x) => x,
+        Err(e) => {
+            eprintln!("rankrun: error: {e}");
             return SETUP_CODE;
         }
     };
-
-    // Output sinks, one per process.
-    let labels: Vec<(String, Option<usize>, String)> = match &plan.mode {
-        Mode::Hosts(_) if joining.is_some() => placements
-            .iter()
-            .map(|p| (format!("joiner {}", p.rank), Some(p.rank), p.host.clone()))
-            .collect(),
-        Mode::Hosts(_) => placements
-            .iter()
-            .map(|p| (format!("rank {}", p.rank), Some(p.rank), p.host.clone()))
-            .collect(),
-        Mode::Slurm => vec![("srun".to_string(), None, place::hostname())],
-    };
-    let mut sinks = Vec::new();
-    for (label, rank, host) in &labels {
-        let tag = match (rank, quiet, plan.cli.tag_output) {
-            (None, _, _) | (_, true, _) => String::new(),
-            (Some(r), false, TagMode::Rank) if joining.is_some() => format!("[+{r}] "),
-            (Some(r), false, TagMode::Host) if joining.is_some() => format!("[{host}:+{r}] "),
-            (Some(r), false, TagMode::Rank) => format!("[{r}] "),
-            (Some(r), false, TagMode::Host) => format!("[{host}:{r}] "),
-        };
-        let file = match &plan.cli.output_dir {
-            Some(d) => {
-                let name = label.replace(' ', ".");
-                match output::open_file(d, &name) {
-                    Ok(f) => Some(f),
-                    Err(e) => {
-                        eprintln!("rankrun: error: --output-dir {}: {e}", d.display());
-                        return SETUP_CODE;
-                    }
-                }
-            }
-            None => None,
-        };
-        sinks.push(Sink {
-            tag: tag.into_bytes(),
-            file,
-        });
-    }
     let (tx, writer) = output::start(sinks);
-
-    let program = plan.command_program();
-    let args = plan.command_args();
-    let cwd = std::env::current_dir().ok().map(|d| d.into_os_string());
-    let rank_formation = if join_timeout.is_zero() {
-        FOREVER
-    } else {
-        join_timeout + Duration::from_secs(10)
-    };
-    let user_sets_formation = plan
-        .env
-        .iter()
-        .any(|(k, _)| k == "RANKMESH_FORMATION_TIMEOUT");
-
     let mut job = Job {
         procs: Vec::new(),
         placements: placements.clone(),
@@ -512,313 +392,41 @@ pub async fn run(plan: Plan) -> i32 {
         code: None,
         first_failure: None,
         grace: plan.cli.grace,
-        elastic,
-        formed: joining.is_some(),
+        elastic: plan.cli.elastic.is_some() || plan.cli.join.is_some(),
+        formed: plan.cli.join.is_some(),
     };
-    if !quiet {
-        job.note(format!(
-            "job {job_id}: {np} rank(s), seed at {seed_str}{}",
-            match &plan.mode {
-                Mode::Slurm => " (placing ranks with srun in the Slurm allocation)".to_string(),
-                Mode::Hosts(h) if h.len() > 1 || placements.iter().any(|p| !p.local) => format!(
-                    " on {}",
-                    h.iter()
-                        .map(|h| h.name.as_str())
-                        .collect::<Vec<_>>()
-                        .join(", ")
-                ),
-                _ => String::new(),
-            }
-        ))
-        .await;
+    if !plan.cli.quiet {
+        job.note(announce(&plan, &side, &placements)).await;
     }
-
-    let (exit_tx, mut exit_rx) = mpsc::unbounded_channel::<(usize, std::io::Result<ExitStatus>)>();
-    let mut pumps = Vec::new();
-    for (idx, (label, rank, host)) in labels.iter().enumerate() {
-        // The contract, after the user's variables so it wins.
-        let mut env: Vec<(String, String)> = plan.env.clone();
-        let mut contract = vec![("RANKMESH_SEED".to_string(), seed_str.clone())];
-        if joining.is_some() {
-            contract.push(("RANKMESH_JOIN".to_string(), "1".to_string()));
-            if let Some(p) = placements.get(idx) {
-                contract.extend([
-                    ("RANKMESH_LOCAL_RANK".to_string(), p.local_rank.to_string()),
-                    ("RANKMESH_LOCAL_SIZE".to_string(), p.local_size.to_string()),
-                ]);
-            }
-        } else {
-            contract.extend([
-                ("RANKMESH_WORLD_SIZE".to_string(), np.to_string()),
-                ("RANKMESH_JOB_ID".to_string(), job_id.clone()),
-                ("WORLD_SIZE".to_string(), np.to_string()),
-            ]);
-        }
-        if let (Some(r), Some(p), None) = (rank, placements.get(idx), &joining) {
-            contract.extend([
-                ("RANKMESH_RANK".to_string(), r.to_string()),
-                ("RANKMESH_LOCAL_RANK".to_string(), p.local_rank.to_string()),
-                ("RANKMESH_LOCAL_SIZE".to_string(), p.local_size.to_string()),
-                ("RANK".to_string(), r.to_string()),
-                ("LOCAL_RANK".to_string(), p.local_rank.to_string()),
-                ("LOCAL_WORLD_SIZE".to_string(), p.local_size.to_string()),
-            ]);
-        }
-        if !user_sets_formation {
-            contract.push((
-                "RANKMESH_FORMATION_TIMEOUT".to_string(),
-                format!("{:.1}", rank_formation.as_secs_f64()),
-            ));
-        }
-        env.extend(contract);
-        let remote = placements.get(idx).is_some_and(|p| !p.local);
-        let mut cmd = match (&plan.mode, remote) {
-            (Mode::Slurm, _) => {
-                let mut a: Vec<OsString> = vec![
-                    format!("--ntasks={np}").into(),
-                    "--kill-on-bad-exit=1".into(),
-                    "--label".into(),
-                    program.clone(),
-                ];
-                a.extend(args.iter().cloned());
-                let mut c = spawn::base_command("srun".as_ref(), &a, false);
-                c.envs(env.iter().map(|(k, v)| (k, v)));
-                for k in [
-                    "RANKMESH_RANK",
-                    "RANKMESH_LOCAL_RANK",
-                    "RANKMESH_LOCAL_SIZE",
-                    "RANK",
-                    "LOCAL_RANK",
-                    "RANKMESH_TOKEN_FILE",
-                ] {
-                    c.env_remove(k);
-                }
-                // srun hands its environment to every task; the token stays
-                // off every command line.
-                c.env("RANKMESH_TOKEN", &token_hex);
-                c
-            }
-            (_, false) => {
-                let mut c = spawn::base_command(&program, &args, false);
-                c.envs(env.iter().map(|(k, v)| (k, v)));
-                c.env_remove("RANKMESH_TOKEN");
-                if let Some(f) = &token_file {
-                    c.env("RANKMESH_TOKEN_FILE", f);
-                }
-                c
-            }
-            (_, true) => {
-                let mut command = vec![program.clone()];
-                command.extend(args.iter().cloned());
-                let script = spawn::remote_script(cwd.as_deref(), &env, &command, plan.cli.grace);
-                let argv = match spawn::agent_argv(&plan.cli.launch_agent, host, &script) {
-                    Ok(a) => a,
-                    Err(e) => {
-                        job.note(format!("error: --launch-agent: {e}")).await;
-                        job.code = Some(SETUP_CODE);
-                        break;
-                    }
-                };
-                let rest: Vec<OsString> = argv[1..].iter().map(OsString::from).collect();
-                spawn::base_command(argv[0].as_ref(), &rest, true)
-            }
-        };
-        let mut child = match cmd.spawn() {
-            Ok(c) => c,
-            Err(e) => {
-                let what = if remote {
-                    format!(
-                        "cannot start the launch agent for {label} on {host} ({}): {e}",
-                        plan.cli.launch_agent
-                    )
-                } else {
-                    format!("cannot start {label} on {host} ({program:?}): {e}")
-                };
-                job.first_failure = Some(what.clone());
-                job.code = Some(SPAWN_CODE);
-                job.note(what).await;
-                break;
-            }
-        };
-        let pid = child.id().unwrap_or(0);
-        let mut stdin = child.stdin.take();
-        if let Some(i) = &mut stdin {
-            // The token travels over the agent's stdin, never argv.
-            let _ = i.write_all(format!("{token_hex}\n").as_bytes()).await;
-            let _ = i.flush().await;
-        }
-        if let Some(o) = child.stdout.take() {
-            pumps.push(tokio::spawn(output::pump(o, idx, false, tx.clone())));
-        }
-        if let Some(e) = child.stderr.take() {
-            pumps.push(tokio::spawn(output::pump(e, idx, true, tx.clone())));
-        }
-        let etx = exit_tx.clone();
-        tokio::spawn(async move {
-            let st = child.wait().await;
-            let _ = etx.send((idx, st));
-        });
-        job.procs.push(Proc {
-            label: label.clone(),
-            rank: *rank,
-            host: host.clone(),
-            remote,
-            pid,
-            stdin,
-            status: None,
-            after_end: false,
-        });
-    }
+    let (exit_tx, exit_rx) = mpsc::unbounded_channel();
+    let pumps = start_all(
+        &mut job,
+        &plan,
+        &side,
+        &labels,
+        token_file.as_deref(),
+        &exit_tx,
+    )
+    .await;
     drop(exit_tx);
     if job.code.is_some() {
         job.end(libc::SIGTERM, "not every rank could be started")
             .await;
     }
-
-    // The event loop.
-    let mut joined_rx = match &seed {
-        Some(s) => s.joined_ranks(),
-        None => tokio::sync::watch::channel(Vec::new()).1,
+    let mut run = Run {
+        forming: job.code.is_none() && side.seed.is_some(),
+        job,
+        np: plan.np,
+        quiet: plan.cli.quiet,
+        t0,
+        join_timeout: plan.cli.join_timeout,
+        timeout: plan.cli.timeout,
+        last_progress: None,
+        bar: None,
+        token_dir,
+        signals: 0,
     };
-    let formed = async {
-        match &seed {
-            Some(s) => s.wait_formed().await,
-            None => std::future::pending().await,
-        }
-    };
-    tokio::pin!(formed);
-    // Joiners have no formation to watch: the job admits them later.
-    let mut forming = job.code.is_none() && seed.is_some();
-    let mut last_progress: Option<Instant> = None;
-    // On a terminal, formation progress is a bar; otherwise plain lines.
-    let bar = (forming && !quiet && std::io::stderr().is_terminal()).then(|| {
-        let b = indicatif::ProgressBar::with_draw_target(
-            Some(np as u64),
-            indicatif::ProgressDrawTarget::stderr(),
-        );
-        if let Ok(style) = indicatif::ProgressStyle::with_template(
-            "rankrun: {spinner} [{bar:30}] {pos}/{len} ranks joined; {wide_msg}",
-        ) {
-            b.set_style(style.progress_chars("=> "));
-        }
-        b.enable_steady_tick(Duration::from_millis(120));
-        b
-    });
-    let mut tick = tokio::time::interval(Duration::from_millis(200));
-    let timeout = plan.cli.timeout;
-    let mut signals = 0;
-    while job.running() > 0 {
-        tokio::select! {
-            ev = exit_rx.recv() => match ev {
-                Some((idx, st)) => job.exited(idx, st).await,
-                None => break,
-            },
-            r = &mut formed, if forming => {
-                forming = false;
-                if let Some(b) = &bar {
-                    b.finish_and_clear();
-                }
-                match r {
-                    Ok(_) => {
-                        job.formed = true;
-                        token_dir.remove();
-                        if !quiet {
-                            job.note(format!(
-                                "all {np} ranks joined; job {job_id} formed in {:.1}s",
-                                t0.elapsed().as_secs_f64()
-                            )).await;
-                        }
-                    }
-                    Err(_) if matches!(job.state, State::Running) => {
-                        let joined = joined_rx.borrow().clone();
-                        let why = format!(
-                            "formation failed after --join-timeout {:?}: {}; those ranks never \
-                             reached the seed at {seed_str} (did they start? can they reach it? \
-                             does PROGRAM call rankmesh::init?)",
-                            join_timeout,
-                            job.progress(&joined)
-                        );
-                        job.first_failure = Some(why.clone());
-                        job.code = Some(TIMEOUT_CODE);
-                        job.note(why).await;
-                        job.end(libc::SIGTERM, "ending the job").await;
-                    }
-                    Err(_) => {}
-                }
-            },
-            ch = joined_rx.changed(), if forming => {
-                if ch.is_err() {
-                    forming = false;
-                } else if let Some(b) = &bar {
-                    let joined = joined_rx.borrow_and_update().clone();
-                    b.set_position(joined.len() as u64);
-                    if joined.len() < np {
-                        b.set_message(format!("waiting for rank(s) {}", job.missing(&joined)));
-                    }
-                } else if !quiet && t0.elapsed() >= Duration::from_secs(1)
-                    && matches!(job.state, State::Running)
-                {
-                    let joined = joined_rx.borrow_and_update().clone();
-                    if joined.len() < np {
-                        last_progress = Some(Instant::now());
-                        job.note(job.progress(&joined)).await;
-                    }
-                }
-            },
-            _ = sigint.recv() => signals = on_signal(&mut job, libc::SIGINT, signals).await,
-            _ = sigterm.recv() => signals = on_signal(&mut job, libc::SIGTERM, signals).await,
-            _ = sighup.recv() => signals = on_signal(&mut job, libc::SIGHUP, signals).await,
-            _ = sigusr1.recv() => {
-                // Not an ending: every rank writes its flight recorder. Only
-                // once the job formed: a rank that has not reached
-                // rankmesh::init yet would die of it.
-                if !job.formed {
-                    job.note("SIGUSR1 not forwarded: the job has not formed yet").await;
-                    continue;
-                }
-                for p in &job.procs {
-                    p.signal(libc::SIGUSR1);
-                }
-                job.note("SIGUSR1 forwarded to every rank: each writes its flight recorder \
-                          (RANKMESH_FLIGHT_DIR, default the temporary directory)").await;
-            },
-            _ = tick.tick() => {
-                let now = Instant::now();
-                if forming && !quiet && bar.is_none() && matches!(job.state, State::Running) {
-                    let due = match last_progress {
-                        None => t0.elapsed() >= Duration::from_secs(1),
-                        Some(t) => now - t >= Duration::from_secs(10),
-                    };
-                    if due {
-                        last_progress = Some(now);
-                        let joined = joined_rx.borrow().clone();
-                        job.note(job.progress(&joined)).await;
-                    }
-                }
-                if let (Some(t), State::Running) = (timeout, &job.state) {
-                    if t0.elapsed() >= t {
-                        let why = format!("the job ran longer than --timeout {t:?}");
-                        job.first_failure = Some(why.clone());
-                        job.code = Some(TIMEOUT_CODE);
-                        job.end(libc::SIGTERM, &why).await;
-                    }
-                }
-                if let State::Ending { kill_at, killed: false } = job.state {
-                    if now >= kill_at {
-                        let n = job.running();
-                        job.note(format!(
-                            "{n} process(es) still running after the {:?} grace period; sending SIGKILL",
-                            job.grace
-                        )).await;
-                        job.kill_all();
-                    }
-                }
-            },
-        }
-    }
-    if let Some(b) = &bar {
-        b.finish_and_clear();
-    }
+    run.event_loop(&side, sigs, exit_rx).await;
 
     // Let the output drain; processes that left the rank's process group
     // may hold its pipes open, so do not wait for them forever.
@@ -828,8 +436,27 @@ pub async fn run(plan: Plan) -> i32 {
         }
     };
     let _ = tokio::time::timeout(Duration::from_secs(3), drain).await;
+    let Run {
+        job, mut token_dir, ..
+    } = run;
+    let code = exit_code(&job);
+    let wall = t0.elapsed().as_secs_f64();
+    if !plan.cli.quiet || code != 0 {
+        summary(&job, &side.job_id, wall, code).await;
+    }
+    drop(job);
+    drop(tx);
+    let _ = tokio::task::spawn_blocking(move || writer.join()).await;
+    if let Some(s) = &side.seed {
+        s.shutdown().await;
+    }
+    token_dir.remove();
+    code
+}
 
-    let code = job.code.unwrap_or_else(|| {
+/// rankrun's exit code once every process ended.
+fn exit_code(job: &Job) -> i32 {
+    job.code.unwrap_or_else(|| {
         // An elastic job whose lost ranks were tolerated succeeded if some
         // process finished; if every process was lost, the first loss's
         // code. (A rank that exits with an error sets `job.code`.)
@@ -845,19 +472,219 @@ pub async fn run(plan: Plan) -> i32 {
             Some(st) if !ok => code_of(&st),
             _ => 0,
         }
-    });
-    let wall = t0.elapsed().as_secs_f64();
-    if !quiet || code != 0 {
-        summary(&job, &job_id, wall, code).await;
+    })
+}
+
+/// The running job and what its event loop watches besides the processes.
+struct Run {
+    job: Job,
+    np: usize,
+    quiet: bool,
+    t0: Instant,
+    join_timeout: Duration,
+    timeout: Option<Duration>,
+    /// Formation is still being watched.
+    forming: bool,
+    /// When the last progress line was written (no progress bar).
+    last_progress: Option<Instant>,
+    /// The progress bar, on a terminal.
+    bar: Option<indicatif::ProgressBar>,
+    token_dir: TokenDir,
+    /// Ending signals received so far.
+    signals: u32,
+}
+
+impl Run {
+    /// Until every process ended: exits, formation, signals, the clock.
+    async fn event_loop(
+        &mut self,
+        side: &SeedSide,
+        mut sigs: Signals,
+        mut exits: mpsc::UnboundedReceiver<(usize, std::io::Result<ExitStatus>)>,
+    ) {
+        let mut joined_rx = match &side.seed {
+            Some(s) => s.joined_ranks(),
+            None => tokio::sync::watch::channel(Vec::new()).1,
+        };
+        let formed = async {
+            match &side.seed {
+                Some(s) => s.wait_formed().await.is_ok(),
+                None => std::future::pending().await,
+            }
+        };
+        tokio::pin!(formed);
+        // On a terminal, formation progress is a bar; otherwise plain lines.
+        self.bar = (self.forming && !self.quiet && std::io::stderr().is_terminal())
+            .then(|| progress_bar(self.np));
+        let mut tick = tokio::time::interval(Duration::from_millis(200));
+        while self.job.running() > 0 {
+            tokio::select! {
+                ev = exits.recv() => match ev {
+                    Some((idx, st)) => self.job.exited(idx, st).await,
+                    None => break,
+                },
+                ok = &mut formed, if self.forming => {
+                    let joined = joined_rx.borrow().clone();
+                    self.handle_formed(ok, &joined, side).await;
+                }
+                ch = joined_rx.changed(), if self.forming => {
+                    if ch.is_err() {
+                        self.forming = false;
+                    } else {
+                        self.handle_joined(&mut joined_rx).await;
+                    }
+                }
+                _ = sigs.int.recv() => self.handle_signal(libc::SIGINT).await,
+                _ = sigs.term.recv() => self.handle_signal(libc::SIGTERM).await,
+                _ = sigs.hup.recv() => self.handle_signal(libc::SIGHUP).await,
+                _ = sigs.usr1.recv() => self.handle_usr1().await,
+                _ = tick.tick() => {
+                    let joined = joined_rx.borrow().clone();
+                    self.handle_tick(&joined).await;
+                }
+            }
+        }
+        if let Some(b) = &self.bar {
+            b.finish_and_clear();
+        }
     }
-    drop(job);
-    drop(tx);
-    let _ = tokio::task::spawn_blocking(move || writer.join()).await;
-    if let Some(s) = &seed {
-        s.shutdown().await;
+
+    async fn handle_formed(&mut self, ok: bool, joined: &[usize], side: &SeedSide) {
+        self.forming = false;
+        if let Some(b) = &self.bar {
+            b.finish_and_clear();
+        }
+        if ok {
+            self.job.formed = true;
+            self.token_dir.remove();
+            if !self.quiet {
+                self.job
+                    .note(format!(
+                        "all {} ranks joined; job {} formed in {:.1}s",
+                        self.np,
+                        side.job_id,
+                        self.t0.elapsed().as_secs_f64()
+                    ))
+                    .await;
+            }
+        } else if matches!(self.job.state, State::Running) {
+            let why = format!(
+                "formation failed after --join-timeout {:?}: {}; those ranks never reached the \
+                 seed at {} (did they start? can they reach it? does PROGRAM call \
+                 rankmesh::init?)",
+                self.join_timeout,
+                self.job.progress(joined),
+                side.addr
+            );
+            self.job.first_failure = Some(why.clone());
+            self.job.code = Some(TIMEOUT_CODE);
+            self.job.note(why).await;
+            self.job.end(libc::SIGTERM, "ending the job").await;
+        }
     }
-    token_dir.remove();
-    code
+
+    async fn handle_joined(&mut self, rx: &mut tokio::sync::watch::Receiver<Vec<usize>>) {
+        if let Some(b) = &self.bar {
+            let joined = rx.borrow_and_update().clone();
+            b.set_position(joined.len() as u64);
+            if joined.len() < self.np {
+                b.set_message(format!("waiting for rank(s) {}", self.job.missing(&joined)));
+            }
+        } else if !self.quiet
+            && self.t0.elapsed() >= Duration::from_secs(1)
+            && matches!(self.job.state, State::Running)
+        {
+            let joined = rx.borrow_and_update().clone();
+            if joined.len() < self.np {
+                self.last_progress = Some(Instant::now());
+                self.job.note(self.job.progress(&joined)).await;
+            }
+        }
+    }
+
+    async fn handle_signal(&mut self, sig: i32) {
+        self.signals = on_signal(&mut self.job, sig, self.signals).await;
+    }
+
+    /// SIGUSR1 is not an ending: every rank writes its flight recorder.
+    /// Only once the job formed: a rank that has not reached
+    /// rankmesh::init yet would die of it.
+    async fn handle_usr1(&self) {
+        if !self.job.formed {
+            self.job
+                .note("SIGUSR1 not forwarded: the job has not formed yet")
+                .await;
+            return;
+        }
+        for p in &self.job.procs {
+            p.signal(libc::SIGUSR1);
+        }
+        self.job
+            .note(
+                "SIGUSR1 forwarded to every rank: each writes its flight recorder \
+                 (RANKMESH_FLIGHT_DIR, default the temporary directory)",
+            )
+            .await;
+    }
+
+    /// Progress lines while forming, `--timeout`, and SIGKILL after the
+    /// grace period.
+    async fn handle_tick(&mut self, joined: &[usize]) {
+        let now = Instant::now();
+        if self.forming
+            && !self.quiet
+            && self.bar.is_none()
+            && matches!(self.job.state, State::Running)
+        {
+            let due = match self.last_progress {
+                None => self.t0.elapsed() >= Duration::from_secs(1),
+                Some(t) => now - t >= Duration::from_secs(10),
+            };
+            if due {
+                self.last_progress = Some(now);
+                self.job.note(self.job.progress(joined)).await;
+            }
+        }
+        if let (Some(t), State::Running) = (self.timeout, &self.job.state) {
+            if self.t0.elapsed() >= t {
+                let why = format!("the job ran longer than --timeout {t:?}");
+                self.job.first_failure = Some(why.clone());
+                self.job.code = Some(TIMEOUT_CODE);
+                self.job.end(libc::SIGTERM, &why).await;
+            }
+        }
+        if let State::Ending {
+            kill_at,
+            killed: false,
+        } = self.job.state
+        {
+            if now >= kill_at {
+                let n = self.job.running();
+                self.job
+                    .note(format!(
+                        "{n} process(es) still running after the {:?} grace period; sending \
+                         SIGKILL",
+                        self.job.grace
+                    ))
+                    .await;
+                self.job.kill_all();
+            }
+        }
+    }
+}
+
+fn progress_bar(np: usize) -> indicatif::ProgressBar {
+    let b = indicatif::ProgressBar::with_draw_target(
+        Some(np as u64),
+        indicatif::ProgressDrawTarget::stderr(),
+    );
+    if let Ok(style) = indicatif::ProgressStyle::with_template(
+        "rankrun: {spinner} [{bar:30}] {pos}/{len} ranks joined; {wide_msg}",
+    ) {
+        b.set_style(style.progress_chars("=> "));
+    }
+    b.enable_steady_tick(Duration::from_millis(120));
+    b
 }
 
 async fn on_signal(job: &mut Job, sig: i32, count: u32) -> u32 {

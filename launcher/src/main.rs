@@ -8,6 +8,7 @@
 
 mod cli;
 mod job;
+mod launch;
 mod output;
 mod place;
 mod spawn;
