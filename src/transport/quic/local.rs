@@ -644,21 +644,21 @@ impl Shared {
     }
 
     /// Check a frame header that arrived from `rank` on the channel.
-    fn local_header(&self, rank: usize, hb: &[u8; HEADER_LEN]) -> Result<Header, String> {
-        let h = Header::decode(hb).map_err(|e| e.to_string())?;
+    fn local_header(&self, rank: usize, hb: &[u8; HEADER_LEN]) -> Result<Header, Violation> {
+        let h = Header::decode(hb).map_err(|e| Violation(e.to_string()))?;
         if h.src as usize != rank {
-            return Err(format!(
+            return Err(Violation(format!(
                 "frame claims to come from rank {} but the channel was opened by rank {rank}",
                 h.src
-            ));
+            )));
         }
         if h.len > self.cfg.max_message_bytes() {
-            return Err(format!(
+            return Err(Violation(format!(
                 "frame announces {} payload bytes, more than the limit of {} \
                  (Config::set_max_message_bytes)",
                 h.len,
                 self.cfg.max_message_bytes()
-            ));
+            )));
         }
         Ok(h)
     }
@@ -693,7 +693,7 @@ impl Shared {
                 }
             }
             Ok(_) => self.local_violation(rank, "a goodbye on a message connection"),
-            Err(e) => self.local_violation(rank, &e),
+            Err(Violation(e)) => self.local_violation(rank, &e),
         }
     }
 
@@ -742,7 +742,7 @@ impl Shared {
             frames += 1;
             let h = match self.local_header(rank, &hb) {
                 Ok(h) => h,
-                Err(e) => {
+                Err(Violation(e)) => {
                     self.local_violation(rank, &e);
                     return true;
                 }
@@ -792,6 +792,9 @@ impl Shared {
         said_bye
     }
 }
+
+/// A frame on the same-host channel that breaks the protocol: why.
+struct Violation(String);
 
 /// Largest piece read at a time from a same-host connection.
 const LOCAL_PIECE: usize = 1 << 20;
