@@ -11,6 +11,7 @@
 //!
 //! Must not depend on `coll` or `comm`.
 
+pub mod elastic;
 mod join;
 mod seed;
 pub mod state;

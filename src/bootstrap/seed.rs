@@ -2,7 +2,8 @@
 //! signs their certificates, feeds the formation state machine and tells
 //! every rank the outcome.
 
-use super::state::{Decision, JoinInfo, Phase, SeedState};
+use super::elastic::{self, Elastic, MAX_MEMBERS};
+use super::state::{Decision as Admission, JoinInfo, Phase, SeedState};
 use super::token::{random_job_id, Direction, SessionProof};
 use super::{close, read_msg, read_msg_max, write_msg};
 use crate::config::Config;
@@ -11,12 +12,11 @@ use crate::pki::{self, JobCa};
 use crate::transport::quic::endpoint;
 use crate::transport::quic::places::{Place, Places};
 use crate::wire::control::{
-    EpochInfo, Formation, JoinReply, JoinRequest, KeyPin, Notice, PeerInfo, Ready, RejectKind,
+    Formation, JoinReply, JoinRequest, KeyPin, Notice, PeerInfo, Ready, RejectKind,
 };
 use crate::{Error, Result};
 use quinn::crypto::rustls::QuicServerConfig;
 use quinn::VarInt;
-use std::collections::BTreeSet;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -110,95 +110,35 @@ struct Inner {
     unproven: Places,
 }
 
-/// Most member ids an elastic job issues (ids are never reused).
-const MAX_MEMBERS: usize = 1 << 16;
-
-/// Membership of an elastic job.
-struct Elastic {
-    min: usize,
-    max: usize,
-    epoch: u32,
-    /// Every member ever admitted, by member id.
-    table: Vec<PeerInfo>,
-    /// The current epoch's members, in rank order.
-    members: Vec<usize>,
-    /// Members whose link to the seed is open.
-    live: BTreeSet<usize>,
-    /// Admitted joiners waiting for the next epoch.
-    pending: Vec<usize>,
-    /// Joiners being admitted (counted against the maximum).
-    reserved: usize,
-    /// Members that reached the current epoch's membership point.
-    requests: BTreeSet<usize>,
-    /// The latest decision.
-    last: Option<EpochInfo>,
-}
-
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 impl Inner {
-    /// Once every live member of the current epoch asked, decide the next
-    /// epoch: the live members in their order, then the waiting joiners.
+    /// Let the elastic membership decide, if every live member asked, and
+    /// tell the members (under the lock: decisions go out in order).
     fn try_decide(&self) {
         let Some(el) = &self.elastic else { return };
         let mut el = lock(el);
-        if el.requests.is_empty() {
-            return;
+        match el.decide() {
+            None => {}
+            Some(elastic::Decision::Failed { epoch, reason }) => {
+                tracing::error!("seed: epoch {epoch}: {reason}");
+                let _ = self.notices.send(Notice::RebuildFailed { epoch, reason });
+            }
+            Some(elastic::Decision::Epoch(info)) => {
+                tracing::info!(
+                    "seed: epoch {}: {} rank(s), {} joined, {} left",
+                    info.epoch,
+                    info.members.len(),
+                    info.joined.len(),
+                    info.left.len()
+                );
+                let epoch = info.epoch;
+                let _ = self.notices.send(Notice::Epoch(info));
+                self.epochs.send_replace(epoch);
+            }
         }
-        let survivors: Vec<usize> = el
-            .members
-            .iter()
-            .copied()
-            .filter(|m| el.live.contains(m))
-            .collect();
-        if !survivors.iter().all(|m| el.requests.contains(m)) {
-            return;
-        }
-        let epoch = el.epoch;
-        el.requests.clear();
-        let left: Vec<u32> = el
-            .members
-            .iter()
-            .filter(|m| !el.live.contains(m))
-            .map(|&m| m as u32)
-            .collect();
-        let joined = std::mem::take(&mut el.pending);
-        let mut members = survivors;
-        members.extend(&joined);
-        if members.len() < el.min {
-            let reason = format!(
-                "only {} rank(s) remain, fewer than the job's minimum of {} (rankrun --elastic \
-                 MIN:MAX); the job cannot continue",
-                members.len(),
-                el.min
-            );
-            tracing::error!("seed: epoch {epoch}: {reason}");
-            el.pending = joined;
-            let _ = self.notices.send(Notice::RebuildFailed { epoch, reason });
-            return;
-        }
-        el.epoch += 1;
-        el.live.extend(&joined);
-        el.members = members;
-        let info = EpochInfo {
-            epoch: el.epoch,
-            table: el.table.clone(),
-            members: el.members.iter().map(|&m| m as u32).collect(),
-            joined: joined.iter().map(|&m| m as u32).collect(),
-            left,
-        };
-        tracing::info!(
-            "seed: epoch {}: {} rank(s), {} joined, {} left",
-            info.epoch,
-            info.members.len(),
-            info.joined.len(),
-            info.left.len()
-        );
-        el.last = Some(info.clone());
-        let _ = self.notices.send(Notice::Epoch(info));
-        self.epochs.send_replace(el.epoch);
     }
 }
 
@@ -256,20 +196,9 @@ impl Seed {
             phase: watch::channel(Phase::Forming).0,
             joined: watch::channel(Vec::new()).0,
             notices: tokio::sync::broadcast::channel(256).0,
-            elastic: cfg.elastic.map(|(min, max)| {
-                Mutex::new(Elastic {
-                    min,
-                    max,
-                    epoch: 1,
-                    table: Vec::new(),
-                    members: Vec::new(),
-                    live: BTreeSet::new(),
-                    pending: Vec::new(),
-                    reserved: 0,
-                    requests: BTreeSet::new(),
-                    last: None,
-                })
-            }),
+            elastic: cfg
+                .elastic
+                .map(|(min, max)| Mutex::new(Elastic::new(min, max))),
             epochs: watch::channel(1).0,
             unproven: Places::new(MAX_UNPROVEN, MAX_UNPROVEN_PER_SOURCE),
         });
@@ -360,8 +289,8 @@ impl Seed {
     pub fn members(&self) -> Vec<PeerInfo> {
         if let Some(el) = &self.inner.elastic {
             let el = lock(el);
-            if !el.table.is_empty() {
-                return el.table.clone();
+            if !el.table().is_empty() {
+                return el.table().to_vec();
             }
         }
         match &*self.inner.phase.borrow() {
@@ -375,7 +304,7 @@ impl Seed {
         self.inner
             .elastic
             .as_ref()
-            .map_or(0, |el| lock(el).pending.len())
+            .map_or(0, |el| lock(el).pending())
     }
 
     /// Stop the seed and every task it runs.
@@ -634,8 +563,8 @@ async fn handle(inner: Arc<Inner>, incoming: quinn::Incoming, unproven: Place) -
         .unwrap_or_else(|p| p.into_inner())
         .handle_join(info);
     let rank = match decision {
-        Decision::Admit(r) => r,
-        Decision::Refuse(reason) => {
+        Admission::Admit(r) => r,
+        Admission::Refuse(reason) => {
             tracing::warn!("seed: refused {from}: {reason}");
             return inner
                 .reject(&conn, &mut send, RejectKind::Membership, reason)
@@ -710,10 +639,7 @@ async fn handle(inner: Arc<Inner>, incoming: quinn::Incoming, unproven: Place) -
     );
     if let Phase::Formed(peers) = &phase {
         if let Some(el) = &inner.elastic {
-            let mut el = lock(el);
-            el.table = peers.clone();
-            el.members = (0..peers.len()).collect();
-            el.live = el.members.iter().copied().collect();
+            lock(el).formed(peers);
         }
         tracing::info!(
             "seed: all {} ranks joined; job {} formed",
@@ -776,12 +702,7 @@ fn depart(inner: &Inner, rank: usize, reason: String) {
         reason,
     });
     if let Some(el) = &inner.elastic {
-        {
-            let mut el = lock(el);
-            el.live.remove(&rank);
-            el.requests.remove(&rank);
-            el.pending.retain(|&p| p != rank);
-        }
+        lock(el).gone(rank);
         inner.try_decide();
     }
 }
@@ -816,19 +737,7 @@ async fn relay(
                             "this job is not elastic (start it with rankrun --elastic MIN:MAX)"
                                 .to_string(),
                         ),
-                        Some(el) => {
-                            let mut el = lock(el);
-                            if el.epoch != epoch || !el.members.contains(&rank) {
-                                Some(format!(
-                                    "member {rank} asked to leave epoch {epoch}, but the job is \
-                                     at epoch {}",
-                                    el.epoch
-                                ))
-                            } else {
-                                el.requests.insert(rank);
-                                None
-                            }
-                        }
+                        Some(el) => lock(el).request(rank, epoch).err(),
                     };
                     match refused {
                         Some(reason) => {
@@ -870,7 +779,10 @@ async fn relay(
                     Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {
                         // Notices were lost for this rank; the one it cannot
                         // do without is the latest epoch decision.
-                        let last = inner.elastic.as_ref().and_then(|el| lock(el).last.clone());
+                        let last = inner
+                            .elastic
+                            .as_ref()
+                            .and_then(|el| lock(el).last().cloned());
                         match last {
                             Some(info) => Notice::Epoch(info),
                             None => continue,
@@ -950,24 +862,7 @@ async fn late_join(
             .reject(&conn, &mut send, RejectKind::Membership, reason)
             .await;
     }
-    let full = {
-        let mut el = lock(el);
-        // Members known to be gone leave at the next epoch: they hold no slot.
-        let live = el.members.iter().filter(|m| el.live.contains(m)).count();
-        let taken = live + el.pending.len() + el.reserved;
-        if taken >= el.max {
-            Some(format!(
-                "the job already has {} rank(s) and {} waiting to join, its maximum of {} \
-                 (rankrun --elastic MIN:MAX); this process was not admitted",
-                live,
-                el.pending.len() + el.reserved,
-                el.max
-            ))
-        } else {
-            el.reserved += 1;
-            None
-        }
-    };
+    let full = lock(el).reserve().err();
     if let Some(reason) = full {
         tracing::warn!(
             "seed: refused a joiner (pid {} on {}): {reason}",
@@ -978,16 +873,7 @@ async fn late_join(
             .reject(&conn, &mut send, RejectKind::Membership, reason)
             .await;
     }
-    let id = {
-        let mut el = lock(el);
-        if el.table.len() >= MAX_MEMBERS {
-            el.reserved -= 1;
-            None
-        } else {
-            el.table.push(peer);
-            Some(el.table.len() - 1)
-        }
-    };
+    let id = lock(el).issue(peer);
     let Some(id) = id else {
         let reason = format!(
             "the job has issued {MAX_MEMBERS} member ids, the most it can; start a new job"
@@ -996,7 +882,7 @@ async fn late_join(
             .reject(&conn, &mut send, RejectKind::Membership, reason)
             .await;
     };
-    let release = || lock(el).reserved -= 1;
+    let release = || lock(el).release();
     let issued = issue(&inner.ca, &req.csr_der, id);
     let (pin, cert_der) = match issued {
         Ok(c) => c,
@@ -1030,46 +916,25 @@ async fn late_join(
     // admission nor a notice after it is missed.
     let mut epochs = inner.epochs.subscribe();
     let notices = inner.notices.subscribe();
-    {
-        let mut el = lock(el);
-        el.reserved -= 1;
-        match ready {
-            Ok(r) if r.rank as usize == id => {
-                if let Some(m) = el.table.get_mut(id) {
-                    m.key = KeyPin::Pinned(pin);
-                }
-                el.pending.push(id);
-            }
-            _ => {
-                // Abandoned after its certificate was issued: the id is
-                // refused by everyone.
-                if let Some(m) = el.table.get_mut(id) {
-                    m.key = KeyPin::Revoked;
-                }
-                return Ok(());
-            }
-        }
+    let is_ready = matches!(&ready, Ok(r) if r.rank as usize == id);
+    // Abandoned after its certificate was issued: the id is refused by
+    // everyone.
+    lock(el).ready(id, is_ready.then_some(pin));
+    if !is_ready {
+        return Ok(());
     }
     tracing::info!(
         "seed: member {id} ({} on {}) waits to join at the next checkpoint",
         req.listen,
         req.host
     );
-    let admitted = |el: &Elastic| {
-        el.last
-            .clone()
-            .filter(|i| i.joined.contains(&(id as u32)) && el.members.contains(&id))
-    };
     let info = loop {
         tokio::select! {
             ch = epochs.changed() => {
                 if ch.is_err() {
                     return Ok(());
                 }
-                let found = {
-                    let g = lock(el);
-                    admitted(&g)
-                };
+                let found = lock(el).admitted(id);
                 if let Some(info) = found {
                     break info;
                 }
@@ -1077,18 +942,7 @@ async fn late_join(
             _ = conn.closed() => {
                 // Decided under one lock: an epoch decided in between
                 // would otherwise admit a member whose key was just dropped.
-                let was_admitted = {
-                    let mut g = lock(el);
-                    let was = admitted(&g).is_some();
-                    if !was {
-                        g.pending.retain(|&p| p != id);
-                        // It never became a member: nobody accepts its key.
-                        if let Some(m) = g.table.get_mut(id) {
-                            m.key = KeyPin::Revoked;
-                        }
-                    }
-                    was
-                };
+                let was_admitted = lock(el).left_waiting(id);
                 if was_admitted {
                     depart(&inner, id, "it left right after it was admitted".into());
                 } else {
