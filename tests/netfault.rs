@@ -16,6 +16,41 @@ fn is_root() -> bool {
     unsafe { libc::geteuid() == 0 }
 }
 
+/// Whether this test can run here: root and the system tools it needs
+/// (`ip`, `nft`, `tc`, ...). Otherwise it says loudly what is missing and
+/// is skipped, except under `CI=true`, where a missing tool fails it (CI
+/// installs them: `.ci/run`).
+fn can_run(what: &str, tools: &[&str]) -> bool {
+    use std::io::Write;
+    if !is_root() {
+        let _ = writeln!(
+            std::io::stderr(),
+            "\n*** SKIPPED: needs root ({what}); CI runs as root ***\n"
+        );
+        return false;
+    }
+    let missing: Vec<&str> = tools
+        .iter()
+        .copied()
+        .filter(|t| {
+            !Command::new(t)
+                .arg("-V")
+                .output()
+                .is_ok_and(|o| o.status.success())
+        })
+        .collect();
+    if missing.is_empty() {
+        return true;
+    }
+    let hint = format!(
+        "missing {missing:?}: apt-get install iproute2 nftables (ip, tc: iproute2; nft: nftables)"
+    );
+    assert!(std::env::var("CI").is_err(), "{hint}");
+    // Straight to stderr, past the test harness's capture: a skip is seen.
+    let _ = writeln!(std::io::stderr(), "\n*** SKIPPED: {hint} ***\n");
+    false
+}
+
 fn run(cmd: &str, args: &[&str]) {
     let out = Command::new(cmd).args(args).output().expect("run command");
     assert!(
@@ -179,8 +214,7 @@ fn job_on<T: Send + 'static>(
 
 #[test]
 fn allreduce_is_exact_over_a_link_that_drops_5_percent_of_packets() {
-    if !is_root() {
-        eprintln!("\n*** SKIPPED: needs root (ip netns, nft); CI runs as root ***\n");
+    if !can_run("ip netns, nft", &["ip", "nft"]) {
         return;
     }
     let h = Hosts::new(1);
@@ -277,8 +311,7 @@ async fn allreduce_loop(comm: rankmesh::Communicator, run_for: Duration) -> (usi
 
 #[test]
 fn allreduce_survives_a_2_second_burst_of_30_percent_loss() {
-    if !is_root() {
-        eprintln!("\n*** SKIPPED: needs root (ip netns, nft); CI runs as root ***\n");
+    if !can_run("ip netns, nft", &["ip", "nft"]) {
         return;
     }
     let h = Hosts::new(3);
@@ -512,8 +545,7 @@ impl Drop for Wire {
 
 #[test]
 fn allreduce_is_exact_with_20ms_delay_1_percent_reordering_and_1_percent_loss() {
-    if !is_root() {
-        eprintln!("\n*** SKIPPED: needs root (ip netns, /dev/net/tun); CI runs as root ***\n");
+    if !can_run("ip netns, /dev/net/tun", &["ip"]) {
         return;
     }
     let h = Hosts::new(4);
@@ -549,8 +581,7 @@ fn allreduce_is_exact_with_20ms_delay_1_percent_reordering_and_1_percent_loss() 
 
 #[test]
 fn allreduce_is_exact_under_a_bandwidth_cap() {
-    if !is_root() {
-        eprintln!("\n*** SKIPPED: needs root (ip netns, tc); CI runs as root ***\n");
+    if !can_run("ip netns, tc", &["ip", "tc"]) {
         return;
     }
     let h = Hosts::new(5);
@@ -590,8 +621,7 @@ fn allreduce_is_exact_under_a_bandwidth_cap() {
 
 #[test]
 fn a_partitioned_host_is_named_by_the_survivors_within_the_idle_timeout() {
-    if !is_root() {
-        eprintln!("\n*** SKIPPED: needs root (ip netns); CI runs as root ***\n");
+    if !can_run("ip netns", &["ip"]) {
         return;
     }
     let h = Hosts::new(2);
