@@ -14,8 +14,8 @@
 
 use bytes::Bytes;
 use rankmesh::bootstrap::{JoinSpec, Seed, SeedConfig};
-use rankmesh::pki::{self, Credentials, JobCa, RankKey};
-use rankmesh::transport::quic::endpoint;
+use rankmesh::internals::pki::{self, Credentials, JobCa, RankKey};
+use rankmesh::internals::transport::quic::endpoint;
 use rankmesh::{Config, Result};
 use std::net::SocketAddr;
 use std::sync::Arc;

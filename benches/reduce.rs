@@ -3,7 +3,7 @@
 //! destination buffer reduced per second.
 
 use half::{bf16, f16};
-use rankmesh::reduce::{reduce_slice, Reducible};
+use rankmesh::internals::reduce::{reduce_slice, Reducible};
 use rankmesh::ReduceOp;
 use std::time::Instant;
 

@@ -37,11 +37,11 @@ pub mod datatype;
 pub mod env;
 mod error;
 pub mod gpu;
-pub mod pki;
-pub mod reduce;
 pub mod testing;
-pub mod transport;
-pub mod wire;
+
+#[doc(hidden)]
+pub mod internals;
+pub(crate) use internals::{pki, reduce, transport, wire};
 
 pub use coll::CollKind;
 pub use comm::{

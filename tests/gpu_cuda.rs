@@ -10,8 +10,8 @@ mod gpu_common;
 
 use gpu_common::{data, grid, same, Dev, Elem};
 use rankmesh::gpu::{Cuda, CudaBuffer, CudaElement, CudaOptions};
+use rankmesh::gpu::BoxFut;
 use rankmesh::testing::{run_local, run_local_with};
-use rankmesh::transport::BoxFut;
 use rankmesh::{Algorithm, Config, ReduceOp, Result};
 
 /// Small chunks and a short ring, so small test buffers go through many

@@ -4,11 +4,11 @@
 mod flood;
 
 use rankmesh::bootstrap::{join, JobToken, JoinSpec, Seed, SeedConfig};
-use rankmesh::pki::{self, Credentials, JobCa, RankKey};
-use rankmesh::transport::quic::{endpoint, QuicTransport};
-use rankmesh::transport::{P2pKey, Transport};
-use rankmesh::wire::control::{self, JoinReply, JoinRequest, PREFIX_LEN};
-use rankmesh::wire::{FrameKind, Header};
+use rankmesh::internals::pki::{self, Credentials, JobCa, RankKey};
+use rankmesh::internals::transport::quic::{endpoint, QuicTransport};
+use rankmesh::internals::transport::{P2pKey, Transport};
+use rankmesh::internals::wire::control::{self, JoinReply, JoinRequest, PREFIX_LEN};
+use rankmesh::internals::wire::{FrameKind, Header};
 use rankmesh::{Config, Error, PeerPath};
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -89,7 +89,11 @@ fn p2p_header(src: u32, tag: u64, n: u64, len: u64) -> Header {
 async fn send(from: &Rank, to: usize, tag: u64, n: u64, data: &[u8]) {
     let h = p2p_header(from.creds.rank as u32, tag, n, data.len() as u64);
     from.transport
-        .send(to, h, rankmesh::transport::Payload::Borrowed(data))
+        .send(
+            to,
+            h,
+            rankmesh::internals::transport::Payload::Borrowed(data),
+        )
         .await
         .unwrap();
 }
@@ -426,8 +430,10 @@ async fn protocol_version_mismatch_names_both_versions() {
     match control::decode_body::<JoinReply>(&body).unwrap() {
         JoinReply::Rejected { reason, .. } => {
             assert!(
-                reason.contains(&format!("v{}", rankmesh::wire::control::PROTOCOL_VERSION))
-                    && reason.contains("v77"),
+                reason.contains(&format!(
+                    "v{}",
+                    rankmesh::internals::wire::control::PROTOCOL_VERSION
+                )) && reason.contains("v77"),
                 "{reason}"
             );
         }
@@ -627,7 +633,7 @@ async fn a_process_squatting_a_ranks_same_host_name_gets_no_secret() {
 /// that the server could not prove the token, not the server's message).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_refusal_without_the_seeds_proof_is_not_believed() {
-    use rankmesh::wire::control::RejectKind;
+    use rankmesh::internals::wire::control::RejectKind;
     let ca = JobCa::new("fakejob", Duration::from_secs(3600)).unwrap();
     let (chain, key) = ca.seed_identity().unwrap();
     let tls = quinn::crypto::rustls::QuicServerConfig::try_from(
@@ -1051,7 +1057,8 @@ async fn impersonate(
 fn refused(outcome: (Option<quinn::ConnectionError>, bool), who: &str) {
     match &outcome.0 {
         Some(quinn::ConnectionError::ApplicationClosed(c))
-            if c.error_code == quinn::VarInt::from_u32(rankmesh::transport::quic::CODE_AUTH) =>
+            if c.error_code
+                == quinn::VarInt::from_u32(rankmesh::internals::transport::quic::CODE_AUTH) =>
         {
             let why = String::from_utf8_lossy(&c.reason).to_string();
             assert!(why.contains("key"), "{who}: {why}");
@@ -1308,7 +1315,7 @@ async fn a_rank_refuses_a_dialled_server_whose_key_is_not_the_pinned_one() {
         .send(
             1,
             p2p_header(0, 5, 0, 4),
-            rankmesh::transport::Payload::Borrowed(b"real"),
+            rankmesh::internals::transport::Payload::Borrowed(b"real"),
         )
         .await
         .expect_err("rank 0 sent to a server whose key is not rank 1's");

@@ -4,7 +4,7 @@
 //! or an allocation beyond the input.
 
 use libfuzzer_sys::fuzz_target;
-use rankmesh::wire::control::{self, Formation, JoinReply, JoinRequest, Ready, PREFIX_LEN};
+use rankmesh::internals::wire::control::{self, Formation, JoinReply, JoinRequest, Ready, PREFIX_LEN};
 
 fuzz_target!(|data: &[u8]| {
     if data.len() >= PREFIX_LEN {

@@ -8,7 +8,7 @@
 
 use libfuzzer_sys::fuzz_target;
 use rankmesh::bootstrap::elastic::{Decision, Elastic};
-use rankmesh::wire::control::{KeyPin, PeerInfo};
+use rankmesh::internals::wire::control::{KeyPin, PeerInfo};
 use std::collections::BTreeSet;
 
 fn peer(i: usize) -> PeerInfo {

@@ -3,7 +3,7 @@
 //! encodes back to the same 64 bytes, never a panic.
 
 use libfuzzer_sys::fuzz_target;
-use rankmesh::wire::{Header, HEADER_LEN};
+use rankmesh::internals::wire::{Header, HEADER_LEN};
 
 fuzz_target!(|data: &[u8]| {
     if let Ok(h) = Header::decode(data) {

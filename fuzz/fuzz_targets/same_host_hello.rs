@@ -3,7 +3,7 @@
 //! hello that encodes back to the same 42 bytes, never a panic.
 
 use libfuzzer_sys::fuzz_target;
-use rankmesh::wire::hello::{Hello, HELLO_LEN};
+use rankmesh::internals::wire::hello::{Hello, HELLO_LEN};
 
 fuzz_target!(|data: &[u8]| {
     if let Ok(h) = Hello::decode(data) {

@@ -7,7 +7,7 @@
 
 use libfuzzer_sys::fuzz_target;
 use rankmesh::bootstrap::state::{Decision, JoinInfo, Phase, SeedState};
-use rankmesh::wire::control::{KeyPin, PeerInfo};
+use rankmesh::internals::wire::control::{KeyPin, PeerInfo};
 use std::time::{Duration, Instant};
 
 fuzz_target!(|data: &[u8]| {

@@ -18,7 +18,7 @@
 //! This module sees only the host types of this crate (`error`,
 //! `datatype`, `reduce`); `coll` drives buffers through the trait alone.
 
-use crate::boxfut::BoxFut;
+pub use crate::boxfut::BoxFut;
 use crate::datatype::{DType, ReduceOp};
 use crate::{Error, Result};
 use bytes::Bytes;

@@ -18,7 +18,7 @@ pub struct Flood {
 }
 
 fn client() -> quinn::ClientConfig {
-    let tls = rankmesh::pki::seed_client_config().expect("seed client TLS");
+    let tls = rankmesh::internals::pki::seed_client_config().expect("seed client TLS");
     quinn::ClientConfig::new(Arc::new(
         quinn::crypto::rustls::QuicClientConfig::try_from(tls).expect("QUIC client TLS"),
     ))
@@ -171,7 +171,7 @@ impl Deaf {
     /// Start `conns` handshakes with the server at `addr`, offering the
     /// application protocol `alpn` (a server refuses any other at once).
     pub fn connect(addr: SocketAddr, alpn: &[u8], conns: usize) -> Deaf {
-        let mut tls = rankmesh::pki::seed_client_config().expect("client TLS");
+        let mut tls = rankmesh::internals::pki::seed_client_config().expect("client TLS");
         tls.alpn_protocols = vec![alpn.to_vec()];
         let client = quinn::ClientConfig::new(Arc::new(
             quinn::crypto::rustls::QuicClientConfig::try_from(tls).expect("QUIC client TLS"),

@@ -3,7 +3,7 @@
 #![allow(dead_code)]
 
 use rankmesh::gpu::DeviceBuffer;
-use rankmesh::transport::BoxFut;
+use rankmesh::gpu::BoxFut;
 use rankmesh::{Communicator, Element, Error, ReduceOp, Result};
 use std::fmt::Debug;
 
