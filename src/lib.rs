@@ -43,7 +43,6 @@ pub mod testing;
 pub mod internals;
 pub(crate) use internals::{pki, reduce, transport, wire};
 
-pub use coll::CollKind;
 pub use comm::{
     init, init_elastic, init_elastic_with, init_with, Communicator, Membership, Rebuilt,
 };
