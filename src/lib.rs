@@ -44,7 +44,8 @@ pub mod internals;
 pub(crate) use internals::{pki, reduce, transport, wire};
 
 pub use comm::{
-    init, init_elastic, init_elastic_with, init_with, Communicator, Membership, Rebuilt,
+    init, init_elastic, init_elastic_with, init_elastic_with_config, init_with, init_with_config,
+    Communicator, Membership, Rebuilt,
 };
 pub use config::{Algorithm, Config};
 pub use datatype::{DType, Element, ReduceOp};

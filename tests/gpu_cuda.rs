@@ -9,8 +9,8 @@
 mod gpu_common;
 
 use gpu_common::{data, grid, same, Dev, Elem};
-use rankmesh::gpu::{Cuda, CudaBuffer, CudaElement, CudaOptions};
 use rankmesh::gpu::BoxFut;
+use rankmesh::gpu::{Cuda, CudaBuffer, CudaElement, CudaOptions};
 use rankmesh::testing::{run_local, run_local_with};
 use rankmesh::{Algorithm, Config, ReduceOp, Result};
 

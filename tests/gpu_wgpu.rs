@@ -9,8 +9,8 @@
 mod gpu_common;
 
 use gpu_common::{data, grid, same, Dev, Elem};
-use rankmesh::gpu::{wgpu, DeviceBuffer, Wgpu, WgpuBuffer, WgpuElement, WgpuOptions};
 use rankmesh::gpu::BoxFut;
+use rankmesh::gpu::{wgpu, DeviceBuffer, Wgpu, WgpuBuffer, WgpuElement, WgpuOptions};
 use rankmesh::testing::{run_local, run_local_with};
 use rankmesh::{Algorithm, Config, ReduceOp, Result};
 

@@ -12,8 +12,18 @@ use std::sync::Arc;
 
 /// Join the job described by the environment (set by `rankrun`, or by
 /// Slurm plus `RANKMESH_SEED` and `RANKMESH_TOKEN`) and return the world
-/// communicator once every rank has joined.
+/// communicator once every rank has joined. The same as
+/// [`init_with_config`] with the default settings.
 pub async fn init() -> Result<Communicator> {
+    init_with_config(Config::default()).await
+}
+
+/// [`init`] with settings of the program's choosing. Precedence: a
+/// `RANKMESH_*` variable (`RANKMESH_OP_TIMEOUT`, ...) overrides the same
+/// setting in `cfg`, as it overrides the defaults in [`init`], so that an
+/// operator can tune a job without rebuilding it; settings no variable
+/// names keep `cfg`'s value.
+pub async fn init_with_config(mut cfg: Config) -> Result<Communicator> {
     let launch = LaunchEnv::from_process()?;
     if launch.join {
         return Err(crate::Error::config(
@@ -21,7 +31,6 @@ pub async fn init() -> Result<Communicator> {
              --join); call rankmesh::init_elastic, which also returns the job's state",
         ));
     }
-    let mut cfg = Config::default();
     env::apply_overrides(&mut cfg)?;
     init_with(JoinSpec::from_launch(&launch), cfg).await
 }
@@ -31,8 +40,13 @@ pub async fn init() -> Result<Communicator> {
 /// running job (`rankrun --join`, `RANKMESH_JOIN=1`) it returns once the job
 /// has admitted it at a checkpoint, with the state the job's rank 0 passed.
 pub async fn init_elastic() -> Result<Rebuilt> {
+    init_elastic_with_config(Config::default()).await
+}
+
+/// [`init_elastic`] with settings of the program's choosing, with the
+/// precedence of [`init_with_config`].
+pub async fn init_elastic_with_config(mut cfg: Config) -> Result<Rebuilt> {
     let launch = LaunchEnv::from_process()?;
-    let mut cfg = Config::default();
     env::apply_overrides(&mut cfg)?;
     init_elastic_with(JoinSpec::from_launch(&launch), cfg).await
 }

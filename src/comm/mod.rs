@@ -14,7 +14,9 @@ mod p2p;
 mod recorder;
 
 pub use elastic::{Membership, Rebuilt};
-pub use init::{init, init_elastic, init_elastic_with, init_with};
+pub use init::{
+    init, init_elastic, init_elastic_with, init_elastic_with_config, init_with, init_with_config,
+};
 
 use crate::bootstrap::SeedLink;
 use crate::config::Config;

@@ -2,8 +2,8 @@
 //! against its host twin, bitwise, on one communicator.
 #![allow(dead_code)]
 
-use rankmesh::gpu::DeviceBuffer;
 use rankmesh::gpu::BoxFut;
+use rankmesh::gpu::DeviceBuffer;
 use rankmesh::{Communicator, Element, Error, ReduceOp, Result};
 use std::fmt::Debug;
 
