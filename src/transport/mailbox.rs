@@ -88,6 +88,18 @@ impl P2pQueue {
                 }
             }
         }
+        self.compact();
+    }
+
+    /// An idle queue keeps only its message number: its buffers go, so
+    /// that a tag used once costs a map entry, not a queue's memory.
+    fn compact(&mut self) {
+        if self.ready.is_empty() && self.early.is_empty() && self.waiters.is_empty() {
+            *self = P2pQueue {
+                next: self.next,
+                ..P2pQueue::default()
+            };
+        }
     }
 }
 
@@ -443,6 +455,7 @@ impl Mailbox {
             let q = st.p2p.entry(key).or_default();
             if q.waiters.is_empty() {
                 if let Some(m) = q.ready.pop_front() {
+                    q.compact();
                     return Ok(m);
                 }
             }
