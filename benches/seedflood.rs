@@ -16,75 +16,12 @@
 #[path = "../tests/flood/mod.rs"]
 mod flood;
 
-use rankmesh::bootstrap::{JobToken, JoinSpec, Seed, SeedConfig};
+use rankmesh::bootstrap::JoinSpec;
 use rankmesh::Config;
-use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
-const SEED_ENV: &str = "RANKMESH_SEEDFLOOD_SEED";
-
-/// The child: a seed for 2 ranks; writes "addr token job" to `out`.
-fn seed_child(out: std::ffi::OsString) {
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(1)
-        .enable_all()
-        .build()
-        .expect("runtime");
-    rt.block_on(async {
-        let seed = Seed::start(SeedConfig::new(2)).expect("seed");
-        let line = format!(
-            "{} {} {}",
-            seed.addr().expect("address"),
-            seed.token().to_hex(),
-            seed.job_id()
-        );
-        std::fs::write(&out, line).expect("write");
-        tokio::time::sleep(Duration::from_secs(600)).await;
-    });
-}
-
-struct Child {
-    proc: std::process::Child,
-    addr: SocketAddr,
-    token: JobToken,
-    job: String,
-    out: std::path::PathBuf,
-}
-
-impl Drop for Child {
-    fn drop(&mut self) {
-        let _ = self.proc.kill();
-        let _ = self.proc.wait();
-        let _ = std::fs::remove_file(&self.out);
-    }
-}
-
-async fn start_seed(n: usize) -> Child {
-    let out = std::env::temp_dir().join(format!("rankmesh-seedflood-{}-{n}", std::process::id()));
-    let _ = std::fs::remove_file(&out);
-    let proc = std::process::Command::new(std::env::current_exe().expect("exe"))
-        .env(SEED_ENV, &out)
-        .stdout(std::process::Stdio::null())
-        .spawn()
-        .expect("spawn the seed");
-    let line = loop {
-        match std::fs::read_to_string(&out) {
-            Ok(l) if l.split(' ').count() == 3 => break l,
-            _ => tokio::time::sleep(Duration::from_millis(10)).await,
-        }
-    };
-    let mut p = line.split(' ');
-    Child {
-        proc,
-        addr: p.next().and_then(|a| a.parse().ok()).expect("address"),
-        token: JobToken::from_hex(p.next().expect("token")).expect("token"),
-        job: p.next().expect("job").to_string(),
-        out,
-    }
-}
-
 /// Join both ranks; the time until both are formed.
-async fn form(seed: &Child) -> Duration {
+async fn form(seed: &flood::SeedChild) -> Duration {
     let spec = |rank| JoinSpec {
         seed: seed.addr,
         token: seed.token.clone(),
@@ -121,8 +58,8 @@ fn arg(args: &[String], name: &str, default: u64) -> u64 {
 }
 
 fn main() {
-    if let Some(out) = std::env::var_os(SEED_ENV) {
-        return seed_child(out);
+    if let Some(out) = std::env::var_os(flood::SEED_OUT) {
+        return flood::seed_child_main(out, 600);
     }
     let args: Vec<String> = std::env::args().collect();
     let conns = arg(&args, "--conns", 1000) as usize;
@@ -142,7 +79,7 @@ fn main() {
     rt.block_on(async {
         let mut quiet = Vec::new();
         for _ in 0..trials.max(5) {
-            let seed = start_seed(2).await;
+            let seed = flood::SeedChild::start(&[]).await;
             quiet.push(form(&seed).await.as_secs_f64() * 1e3);
         }
         let base = median(quiet.clone());
@@ -153,9 +90,9 @@ fn main() {
         );
         println!("|---:|---:|---:|---:|---:|---:|---:|---:|");
         for t in 0..trials {
-            let seed = start_seed(2).await;
+            let seed = flood::SeedChild::start(&[]).await;
             tokio::time::sleep(Duration::from_millis(300)).await;
-            let pid = seed.proc.id();
+            let pid = seed.pid();
             let before = flood::rss(pid);
             let started = Instant::now();
             let f = flood::Flood::start_from(seed.addr, from, conns, flood::Mode::PushAgain);

@@ -686,26 +686,9 @@ async fn a_refusal_without_the_seeds_proof_is_not_believed() {
 /// seed for 2 ranks and writes "addr token job" to a file.
 #[test]
 fn seed_helper() {
-    let Some(out) = std::env::var_os("RANKMESH_TEST_SEED_OUT") else {
-        return;
-    };
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(1)
-        .enable_all()
-        .build()
-        .unwrap();
-    rt.block_on(async {
-        let seed = Seed::start(SeedConfig::new(2)).unwrap();
-        let line = format!(
-            "{} {} {}",
-            seed.addr().unwrap(),
-            seed.token().to_hex(),
-            seed.job_id()
-        );
-        std::fs::write(&out, line).unwrap();
-        // Until the parent kills it.
-        tokio::time::sleep(Duration::from_secs(120)).await;
-    });
+    if let Some(out) = std::env::var_os(flood::SEED_OUT) {
+        flood::seed_child_main(out, 120);
+    }
 }
 
 /// Clients without the token open many connections to the seed and push
@@ -714,26 +697,12 @@ fn seed_helper() {
 /// or refused, and formation completes.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn unauthenticated_clients_pushing_data_cannot_exhaust_the_seed() {
-    let out = std::env::temp_dir().join(format!("rankmesh-seed-{}", std::process::id()));
-    let _ = std::fs::remove_file(&out);
-    let mut child = std::process::Command::new(std::env::current_exe().unwrap())
-        .args(["--exact", "seed_helper", "--nocapture", "--test-threads=1"])
-        .env("RANKMESH_TEST_SEED_OUT", &out)
-        .stdout(std::process::Stdio::null())
-        .spawn()
-        .unwrap();
-    let line = loop {
-        match std::fs::read_to_string(&out) {
-            Ok(l) if l.split(' ').count() == 3 => break l,
-            _ => tokio::time::sleep(Duration::from_millis(20)).await,
-        }
-    };
-    let mut parts = line.split(' ');
-    let addr: SocketAddr = parts.next().unwrap().parse().unwrap();
-    let token = JobToken::from_hex(parts.next().unwrap()).unwrap();
-    let job = parts.next().unwrap().to_string();
+    let child =
+        flood::SeedChild::start(&["--exact", "seed_helper", "--nocapture", "--test-threads=1"])
+            .await;
+    let (addr, token, job) = (child.addr, child.token.clone(), child.job.clone());
     tokio::time::sleep(Duration::from_millis(300)).await;
-    let before = flood::rss(child.id());
+    let before = flood::rss(child.pid());
     assert!(before > 0, "cannot read the seed's memory from /proc");
 
     // 300 connections, each pushing data on one bidirectional stream and
@@ -744,7 +713,7 @@ async fn unauthenticated_clients_pushing_data_cannot_exhaust_the_seed() {
     // Sample the seed's memory while the attack runs; the real ranks join
     // in the middle of it.
     let sampler = {
-        let (stop, pid) = (stop.clone(), child.id());
+        let (stop, pid) = (stop.clone(), child.pid());
         tokio::spawn(async move {
             let mut peak = 0;
             while !stop.load(std::sync::atomic::Ordering::Relaxed) {
@@ -780,9 +749,7 @@ async fn unauthenticated_clients_pushing_data_cannot_exhaust_the_seed() {
         "no attacking connection got through its handshake"
     );
     flood.stop().await;
-    let _ = child.kill();
-    let _ = child.wait();
-    let _ = std::fs::remove_file(&out);
+    drop(child);
     let grown = peak.saturating_sub(before);
     println!(
         "seed RSS {} MB before the attack, peak {} MB during it",

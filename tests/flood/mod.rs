@@ -196,6 +196,100 @@ impl Deaf {
     }
 }
 
+/// Set in a child process that is to run a seed: the file it writes
+/// "address token job" to.
+pub const SEED_OUT: &str = "RANKMESH_FLOOD_SEED_OUT";
+
+/// The body of a seed child (this binary started again with [`SEED_OUT`]
+/// set): a seed for 2 ranks on a runtime of one worker; writes its line,
+/// then runs until its parent kills it (`secs` at most).
+pub fn seed_child_main(out: std::ffi::OsString, secs: u64) {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .expect("runtime");
+    rt.block_on(async {
+        let seed = rankmesh::bootstrap::Seed::start(rankmesh::bootstrap::SeedConfig::new(2))
+            .expect("seed");
+        let line = format!(
+            "{} {} {}",
+            seed.addr().expect("address"),
+            seed.token().to_hex(),
+            seed.job_id()
+        );
+        std::fs::write(&out, line).expect("write the seed's line");
+        tokio::time::sleep(Duration::from_secs(secs)).await;
+    });
+}
+
+/// A seed in a child process, so that its memory is measured alone; killed
+/// when dropped.
+pub struct SeedChild {
+    proc: std::process::Child,
+    out: std::path::PathBuf,
+    /// Its address.
+    pub addr: SocketAddr,
+    /// The job token.
+    pub token: rankmesh::bootstrap::JobToken,
+    /// The job id.
+    pub job: String,
+}
+
+impl SeedChild {
+    /// Start this binary again with `args` and [`SEED_OUT`] set (its
+    /// `main`, or the test `args` select, calls [`seed_child_main`]); wait
+    /// up to 60 s for its line.
+    pub async fn start(args: &[&str]) -> SeedChild {
+        static N: AtomicUsize = AtomicUsize::new(0);
+        let out = std::env::temp_dir().join(format!(
+            "rankmesh-seed-child-{}-{}",
+            std::process::id(),
+            N.fetch_add(1, Ordering::Relaxed)
+        ));
+        let _ = std::fs::remove_file(&out);
+        let mut proc = std::process::Command::new(std::env::current_exe().expect("exe"))
+            .args(args)
+            .env(SEED_OUT, &out)
+            .stdout(std::process::Stdio::null())
+            .spawn()
+            .expect("start the seed child");
+        let until = std::time::Instant::now() + Duration::from_secs(60);
+        let line = loop {
+            match std::fs::read_to_string(&out) {
+                Ok(l) if l.split(' ').count() == 3 => break l,
+                _ if std::time::Instant::now() > until => {
+                    let _ = proc.kill();
+                    panic!("the seed child wrote no address within 60 s");
+                }
+                _ => tokio::time::sleep(Duration::from_millis(20)).await,
+            }
+        };
+        let mut p = line.split(' ');
+        SeedChild {
+            addr: p.next().and_then(|a| a.parse().ok()).expect("address"),
+            token: rankmesh::bootstrap::JobToken::from_hex(p.next().expect("token"))
+                .expect("token"),
+            job: p.next().expect("job").to_string(),
+            proc,
+            out,
+        }
+    }
+
+    /// The child's pid.
+    pub fn pid(&self) -> u32 {
+        self.proc.id()
+    }
+}
+
+impl Drop for SeedChild {
+    fn drop(&mut self) {
+        let _ = self.proc.kill();
+        let _ = self.proc.wait();
+        let _ = std::fs::remove_file(&self.out);
+    }
+}
+
 /// Resident memory of a process, in bytes.
 pub fn rss(pid: u32) -> u64 {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
