@@ -1139,6 +1139,18 @@ async fn an_elastic_join_abandoned_after_its_certificate_gives_its_holder_no_ide
     }
 }
 
+/// Ranks 0 and 1 of `seed`'s 2-rank job join (both admitted with the rank
+/// they asked for) within 60 s.
+async fn form_pair(seed: &Seed) {
+    let (a, b) = tokio::time::timeout(Duration::from_secs(60), async {
+        tokio::join!(join_rank(spec(seed, 0, 2)), join_rank(spec(seed, 1, 2)))
+    })
+    .await
+    .expect("formation did not finish within 60 s");
+    assert_eq!(a.expect("rank 0").creds.rank, 0);
+    assert_eq!(b.expect("rank 1").creds.rank, 1);
+}
+
 /// Connections from one address that have not proved the token hold at
 /// most 64 of the seed's 256 places, so that an attacker on one host
 /// cannot lock the ranks of the other hosts out: 200 connections from
@@ -1161,15 +1173,9 @@ async fn one_address_gets_a_bounded_share_of_the_seeds_unproven_places() {
         }
         last = now;
     }
-    let (a, b) = tokio::time::timeout(Duration::from_secs(60), async {
-        tokio::join!(join_rank(spec(&seed, 0, 2)), join_rank(spec(&seed, 1, 2)))
-    })
-    .await
-    .expect("formation did not finish within 60 s");
+    form_pair(&seed).await;
     let held = idle.connected.load(std::sync::atomic::Ordering::Relaxed);
     idle.stop().await;
-    assert_eq!(a.unwrap().creds.rank, 0);
-    assert_eq!(b.unwrap().creds.rank, 1);
     assert!(
         (1..=64).contains(&held),
         "{held} idle connections from one address got through the handshake; at most 64 may \
@@ -1207,14 +1213,8 @@ async fn clients_that_never_answer_do_not_keep_ranks_from_the_seed() {
     let deaf = flood::Deaf::connect(addr, pki::ALPN_JOIN, 300);
     tokio::time::sleep(Duration::from_secs(1)).await;
     let held = seed.unproven_connections();
-    let (a, b) = tokio::time::timeout(Duration::from_secs(60), async {
-        tokio::join!(join_rank(spec(&seed, 0, 2)), join_rank(spec(&seed, 1, 2)))
-    })
-    .await
-    .expect("formation did not finish within 60 s");
+    form_pair(&seed).await;
     drop(deaf);
-    assert_eq!(a.expect("rank 0").creds.rank, 0);
-    assert_eq!(b.expect("rank 1").creds.rank, 1);
     assert!(
         held <= 16,
         "the seed held {held} places for 300 clients that never answered"
