@@ -107,10 +107,17 @@ impl Elastic {
     /// the reason if the job is elsewhere or `id` is not a member. Then
     /// call [`Elastic::decide`].
     pub fn request(&mut self, id: usize, epoch: u32) -> Result<(), String> {
-        if self.epoch != epoch || !self.members.contains(&id) {
+        if self.epoch != epoch {
             return Err(format!(
                 "member {id} asked to leave epoch {epoch}, but the job is at epoch {}",
                 self.epoch
+            ));
+        }
+        if !self.members.contains(&id) {
+            return Err(format!(
+                "member {id} asked to leave epoch {epoch}, but it is not a member of that \
+                 epoch (it was admitted later or has left); it cannot take part in this \
+                 checkpoint"
             ));
         }
         self.requests.insert(id);

@@ -395,14 +395,15 @@ async fn accept_loop(inner: Arc<Inner>, endpoint: quinn::Endpoint, tasks: Arc<Mu
 /// One warning for the connections refused or dropped before they proved
 /// the token since the last.
 fn report_unproven(places: &Places) {
-    let (refused, failed) = places.take_counts();
+    let (refused, failed, last) = places.take_counts();
     if refused + failed > 0 {
         tracing::warn!(
             "seed: in the last {REPORT_EVERY:?}, {failed} connections ended without proving the \
-             job token (a wrong RANKMESH_TOKEN, a client that is not a rank, or a timeout) and \
-             {refused} were refused because {MAX_UNPROVEN} (or {MAX_UNPROVEN_PER_SOURCE} from \
-             one address) had not yet proved it; ranks keep trying until their formation \
-             timeout"
+             job token (a wrong RANKMESH_TOKEN, a client that is not a rank, or a timeout; the \
+             latest: {}) and {refused} were refused because {MAX_UNPROVEN} (or \
+             {MAX_UNPROVEN_PER_SOURCE} from one address) had not yet proved it; ranks keep \
+             trying until their formation timeout",
+            last.as_deref().unwrap_or("none")
         );
     }
 }
@@ -532,7 +533,7 @@ async fn handle(inner: Arc<Inner>, incoming: quinn::Incoming, unproven: Place) -
         Ok(p) => p,
         Err(why) => {
             tracing::debug!("seed: dropped {from} before it proved the job token: {why}");
-            unproven.failed();
+            unproven.failed(format!("{from}: {why}"));
             return Ok(());
         }
     };

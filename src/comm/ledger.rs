@@ -7,9 +7,10 @@
 //! ([`CollCheck`]), under the mailbox's lock; the ledger's own lock is
 //! always taken after the mailbox's, never before.
 
+use crate::transport::keyhash::HashMap;
 use crate::transport::{Abort, AbortKind, CollCheck, CollKey, CollVerdict, Failure};
 use crate::wire::{CollDesc, Header};
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 use std::sync::Mutex;
 
 /// A collective call that did not match another rank's call with the same
@@ -218,12 +219,10 @@ impl CollCheck for Ledger {
 
     fn before_wait(&self, key: &CollKey) -> Option<Failure> {
         let st = self.lock();
-        if let Some(a) = st.aborted(key.comm_id, key.epoch, key.seq) {
-            return Some(Failure::CollAborted(a.clone()));
+        let calls = st.calls.get(&(key.comm_id, key.epoch))?;
+        match calls.aborted.get(&key.seq) {
+            Some(a) => Some(Failure::CollAborted(a.clone())),
+            None => calls.late.as_ref().map(LateMismatch::failure),
         }
-        st.calls
-            .get(&(key.comm_id, key.epoch))
-            .and_then(|c| c.late.as_ref())
-            .map(LateMismatch::failure)
     }
 }

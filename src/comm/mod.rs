@@ -96,7 +96,13 @@ impl World {
             })
         });
         let ledger = Arc::new(ledger::Ledger::default());
-        transport.mailbox().set_coll_check(ledger.clone());
+        if !transport.mailbox().set_coll_check(ledger.clone()) {
+            tracing::error!(
+                rank = transport.rank(),
+                "a second world on one transport: its collective aborts and mismatches are \
+                 checked against the first world's records"
+            );
+        }
         World {
             ledger,
             recorder: recorder::Recorder::new(transport.rank(), &job_id, &config),

@@ -372,29 +372,33 @@ impl Mailbox {
     }
 
     /// Fail every collective receive waiting on (`comm_id`, `epoch`), or
-    /// on its call `seq` alone.
+    /// on its call `seq` alone; an aborted call's frames already here go
+    /// too (nothing will receive them).
     fn fail_waiting(st: &mut State, comm_id: u64, epoch: u32, seq: Option<u64>, f: &Failure) {
-        let waiting: Vec<CollKey> = st
+        let hit: Vec<CollKey> = st
             .coll
             .iter()
             .filter(|(k, slot)| {
                 k.comm_id == comm_id
                     && k.epoch == epoch
-                    && seq.is_none_or(|s| s == k.seq)
-                    && matches!(slot, Slot::Waiting(_))
+                    && match seq {
+                        Some(s) => s == k.seq,
+                        None => matches!(slot, Slot::Waiting(_)),
+                    }
             })
             .map(|(k, _)| *k)
             .collect();
-        for k in waiting {
+        for k in hit {
             if let Some(Slot::Waiting(w)) = st.coll.remove(&k) {
                 let _ = w.send(Err(f.clone()));
             }
         }
     }
 
-    /// Use `check` for every collective frame from now on (once).
-    pub fn set_coll_check(&self, check: Arc<dyn CollCheck>) {
-        let _ = self.check.set(check);
+    /// Use `check` for every collective frame from now on; `false` if the
+    /// mailbox already had one (it keeps the first).
+    pub fn set_coll_check(&self, check: Arc<dyn CollCheck>) -> bool {
+        self.check.set(check).is_ok()
     }
 
     /// This rank gave up collective `seq`: its receives still waiting

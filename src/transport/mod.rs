@@ -11,7 +11,7 @@
 
 pub mod failure;
 pub mod incoming;
-mod keyhash;
+pub(crate) mod keyhash;
 pub mod mailbox;
 pub mod mem;
 pub mod quic;
@@ -133,7 +133,11 @@ pub trait Transport: Send + Sync + 'static {
     fn add_peers(&self, table: &[crate::wire::control::PeerInfo]) -> crate::Result<()> {
         let _ = table;
         Err(crate::Error::Membership {
-            detail: "this transport cannot add ranks to a running job".into(),
+            detail: format!(
+                "rank {}: this transport cannot add ranks to a running job; elastic jobs need \
+                 the QUIC transport (rankmesh::init_elastic under rankrun --elastic)",
+                self.rank()
+            ),
         })
     }
 

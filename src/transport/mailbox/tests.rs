@@ -264,3 +264,33 @@ async fn short_message_is_an_error_not_a_hang() {
     let mut small = [0u8; 3];
     assert!(m.read_into(&mut small).await.is_err());
 }
+
+/// A collective this rank gave up takes the frames already held for it
+/// with it (they count against their sender's allowance and nothing will
+/// receive them), and fails its waiting receives.
+#[tokio::test]
+async fn an_aborted_collectives_held_frames_go_with_it() {
+    let mb = Arc::new(Mailbox::new());
+    let mut h = Header::new(FrameKind::Coll, 2, 0, 0);
+    h.seq = 3;
+    h.sub = 0;
+    h.len = 1;
+    h.dtype = DType::U8;
+    mb.deliver(Incoming::from_chunks(h, vec![Bytes::from(vec![1u8])]))
+        .unwrap();
+    let waiting = CollKey {
+        src: 1,
+        comm_id: 0,
+        epoch: 0,
+        seq: 3,
+        sub: 0,
+    };
+    let m2 = mb.clone();
+    let t = tokio::spawn(async move { m2.recv_coll(waiting).await });
+    while mb.held() < 2 {
+        tokio::task::yield_now().await;
+    }
+    mb.fail_coll(0, 0, 3, &Failure::lost(1, "gave up"));
+    assert!(t.await.unwrap().is_err(), "the waiting receive was not failed");
+    assert_eq!(mb.held(), 0, "the aborted call's frame was kept");
+}

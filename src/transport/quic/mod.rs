@@ -339,15 +339,17 @@ impl Shared {
                     None => break,
                 },
                 _ = report.tick() => {
-                    let (refused, failed) = self.handshakes.take_counts();
+                    let (refused, failed, last) = self.handshakes.take_counts();
                     if refused + failed > 0 {
                         tracing::warn!(
                             rank = self.rank,
                             "in the last {REPORT_EVERY:?}, {failed} incoming connections ended \
-                             without a certificate of this job and {refused} were refused \
-                             because {MAX_HANDSHAKES} handshakes (or {MAX_HANDSHAKES_PER_SOURCE} \
-                             from one address) were in progress: something that is not a rank \
-                             of this job is connecting to this rank's port"
+                             without a certificate of this job (the latest: {}) and {refused} \
+                             were refused because {MAX_HANDSHAKES} handshakes (or \
+                             {MAX_HANDSHAKES_PER_SOURCE} from one address) were in progress: \
+                             something that is not a rank of this job is connecting to this \
+                             rank's port",
+                            last.as_deref().unwrap_or("none")
                         );
                     }
                     continue;
@@ -379,11 +381,11 @@ impl Shared {
             Ok(Ok(c)) => c,
             Ok(Err(e)) => {
                 tracing::debug!(rank = self.rank, %from, "refused a connection: {e}");
-                place.failed();
+                place.failed(format!("{from}: {e}"));
                 return;
             }
             Err(_) => {
-                place.failed();
+                place.failed(format!("{from}: no handshake within {limit:?}"));
                 return;
             }
         };

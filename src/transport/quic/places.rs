@@ -24,6 +24,8 @@ struct Inner {
     by_source: Mutex<HashMap<IpAddr, usize>>,
     refused: AtomicUsize,
     failed: AtomicUsize,
+    /// Why the latest of them failed, and from where.
+    last: Mutex<Option<String>>,
 }
 
 /// One connection's place; given back when dropped.
@@ -42,6 +44,7 @@ impl Places {
                 by_source: Mutex::new(HashMap::new()),
                 refused: AtomicUsize::new(0),
                 failed: AtomicUsize::new(0),
+                last: Mutex::new(None),
             }),
         }
     }
@@ -81,20 +84,30 @@ impl Places {
     }
 
     /// Connections refused for want of a place and connections that gave
-    /// up their place without authenticating, since the last call.
-    pub fn take_counts(&self) -> (usize, usize) {
+    /// up their place without authenticating since the last call, and what
+    /// the latest of those said (to name a misconfigured host).
+    pub fn take_counts(&self) -> (usize, usize, Option<String>) {
+        let last = self
+            .inner
+            .last
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take();
         (
             self.inner.refused.swap(0, Ordering::Relaxed),
             self.inner.failed.swap(0, Ordering::Relaxed),
+            last,
         )
     }
 }
 
 impl Place {
-    /// The connection ended without authenticating: counted for the next
-    /// summary, and the place given back.
-    pub fn failed(self) {
+    /// The connection ended without authenticating, for `why` (where from,
+    /// what was wrong): counted for the next summary, and the place given
+    /// back.
+    pub fn failed(self, why: String) {
         self.inner.failed.fetch_add(1, Ordering::Relaxed);
+        *self.inner.last.lock().unwrap_or_else(|p| p.into_inner()) = Some(why);
     }
 }
 
@@ -129,10 +142,10 @@ mod tests {
         let _b1 = p.take(b).unwrap();
         assert!(p.take(b).is_none(), "a fourth place in all");
         assert_eq!(p.held(), 3);
-        a1.failed();
+        a1.failed("wrong token".into());
         assert_eq!(p.held(), 2);
         assert!(p.take(b).is_some());
-        assert_eq!(p.take_counts(), (2, 1));
-        assert_eq!(p.take_counts(), (0, 0));
+        assert_eq!(p.take_counts(), (2, 1, Some("wrong token".into())));
+        assert_eq!(p.take_counts(), (0, 0, None));
     }
 }
