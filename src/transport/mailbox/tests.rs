@@ -291,6 +291,9 @@ async fn an_aborted_collectives_held_frames_go_with_it() {
         tokio::task::yield_now().await;
     }
     mb.fail_coll(0, 0, 3, &Failure::lost(1, "gave up"));
-    assert!(t.await.unwrap().is_err(), "the waiting receive was not failed");
+    assert!(
+        t.await.unwrap().is_err(),
+        "the waiting receive was not failed"
+    );
     assert_eq!(mb.held(), 0, "the aborted call's frame was kept");
 }
