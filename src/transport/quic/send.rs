@@ -1,0 +1,164 @@
+//! The send side: one registered connection per peer (dialled on first
+//! use), one unidirectional stream per message.
+
+use super::*;
+
+/// Bytes of borrowed payload copied per write.
+const COPY_PIECE: usize = 1 << 20;
+
+/// Resets a stream whose message was not completely written (the sending
+/// operation was cancelled), so the receiver sees an error, not a short message.
+struct ResetOnDrop(Option<quinn::SendStream>);
+
+impl Drop for ResetOnDrop {
+    fn drop(&mut self) {
+        if let Some(s) = self.0.as_mut() {
+            let _ = s.reset(VarInt::from_u32(CODE_ABORT));
+        }
+    }
+}
+
+impl Shared {
+    async fn connection(
+        self: &Arc<Self>,
+        dst: usize,
+    ) -> std::result::Result<quinn::Connection, Failure> {
+        if let Some(c) = self.registered(dst) {
+            return Ok(c);
+        }
+        let link = self.link(dst);
+        let _dialing = link.dial.lock().await;
+        if let Some(c) = self.registered(dst) {
+            return Ok(c);
+        }
+        let Some(addr) = self.peer_addr(dst) else {
+            return Err(self.failure(dst, format!("no address known for rank {dst}")));
+        };
+        let name = pki::rank_dns_name(&self.job_id, dst);
+        let fail = |e: String| {
+            let reason = format!("cannot connect to it at {addr}: {e}");
+            self.mailbox.fail_peer(dst, &reason);
+            self.failure(dst, reason)
+        };
+        let connecting = self
+            .endpoint
+            .connect_with(self.client.clone(), addr, &name)
+            .map_err(|e| fail(e.to_string()))?;
+        let conn = match tokio::time::timeout(self.cfg.formation_timeout(), connecting).await {
+            Ok(Ok(c)) => c,
+            Ok(Err(e)) => return Err(fail(e.to_string())),
+            Err(_) => {
+                return Err(fail(format!(
+                    "no answer within {:?}",
+                    self.cfg.formation_timeout()
+                )))
+            }
+        };
+        // The server proved it holds a certificate naming `dst`; it must
+        // also be the key the seed admitted for `dst`.
+        let checked = match Self::peer_cert(&conn).and_then(|c| pki::key_pin(&c)) {
+            Ok(pin) => self.check_key(dst, &pin).await,
+            Err(e) => Err((e, &b"unreadable certificate"[..])),
+        };
+        if let Err((e, why)) = checked {
+            conn.close(VarInt::from_u32(CODE_AUTH), why);
+            return Err(fail(e.to_string()));
+        }
+        let used = self.register(dst, &conn);
+        let sh = self.clone();
+        self.spawn(async move { sh.serve(dst, conn).await });
+        Ok(used)
+    }
+
+    pub(super) async fn send(
+        self: &Arc<Self>,
+        dst: usize,
+        header: Header,
+        payload: Payload<'_>,
+    ) -> std::result::Result<(), Failure> {
+        if dst >= self.n_peers() {
+            return Err(self.failure(
+                dst,
+                format!("no rank {dst} in a world of {}", self.n_peers()),
+            ));
+        }
+        if dst == self.rank {
+            let Some(chunks) = payload.collect().await else {
+                return Err(self.failure(dst, "this rank's payload producer stopped early".into()));
+            };
+            return self
+                .mailbox
+                .deliver(Incoming::from_chunks(header, chunks))
+                .map_err(|why| self.failure(dst, format!("this rank refused it: {why}")));
+        }
+        if self.closing.load(Ordering::Acquire) {
+            return Err(self.failure(dst, "this rank's transport is shut down".into()));
+        }
+        if let Some(reason) = self.mailbox.gone_reason(dst) {
+            return Err(self.failure(dst, reason));
+        }
+        // Fast path: the same-host channel to `dst` is up (it is forgotten
+        // with the QUIC connection, so a later send decides again).
+        if let Some(tx) = self.link(dst).local.tx() {
+            return self.send_local(dst, &tx, header, payload).await;
+        }
+        let conn = self.connection(dst).await?;
+        if let Some(tx) = self.local_tx(dst, &conn).await {
+            return self.send_local(dst, &tx, header, payload).await;
+        }
+        let lost = |e: &dyn std::fmt::Display| self.send_failure(dst, format!("send failed: {e}"));
+        let s = conn.open_uni().await.map_err(|e| lost(&e))?;
+        let mut guard = ResetOnDrop(Some(s));
+        if let Some(s) = guard.0.as_mut() {
+            match payload {
+                Payload::Owned(v) => {
+                    let mut bufs = Vec::with_capacity(v.len() + 1);
+                    bufs.push(Bytes::copy_from_slice(&header.encode()));
+                    bufs.extend(v);
+                    s.write_all_chunks(&mut bufs).await.map_err(|e| lost(&e))?;
+                }
+                Payload::Borrowed(data) => {
+                    // Copy a piece at a time: the copy of one piece overlaps
+                    // the transmission of the previous ones, and small
+                    // messages go out with their header in one write.
+                    let first = data.len().min(COPY_PIECE - HEADER_LEN);
+                    let mut head = Vec::with_capacity(HEADER_LEN + first);
+                    head.extend_from_slice(&header.encode());
+                    head.extend_from_slice(&data[..first]);
+                    s.write_chunk(Bytes::from(head))
+                        .await
+                        .map_err(|e| lost(&e))?;
+                    for piece in data[first..].chunks(COPY_PIECE) {
+                        s.write_chunk(Bytes::copy_from_slice(piece))
+                            .await
+                            .map_err(|e| lost(&e))?;
+                    }
+                }
+                Payload::Stream { len, mut chunks } => {
+                    s.write_chunk(Bytes::copy_from_slice(&header.encode()))
+                        .await
+                        .map_err(|e| lost(&e))?;
+                    let mut sent = 0;
+                    while let Some(b) = chunks.recv().await {
+                        sent += b.len();
+                        if sent > len {
+                            break;
+                        }
+                        s.write_chunk(b).await.map_err(|e| lost(&e))?;
+                    }
+                    if sent != len {
+                        // Dropping the guard resets the stream: the peer
+                        // discards the partial message.
+                        return Err(self.failure(
+                            self.rank,
+                            format!("this rank's payload producer delivered {sent} of {len} bytes"),
+                        ));
+                    }
+                }
+            }
+            s.finish().map_err(|e| lost(&e))?;
+        }
+        guard.0 = None;
+        Ok(())
+    }
+}
