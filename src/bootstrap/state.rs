@@ -1,5 +1,5 @@
 //! The seed's formation logic as a state machine with no I/O and no clock:
-//! time is an argument. The QUIC driver in `seed.rs` feeds it events.
+//! time is an argument. The QUIC driver in `seed/` feeds it events.
 
 use crate::wire::control::{KeyPin, PeerInfo};
 use std::time::{Duration, Instant};
