@@ -5,6 +5,7 @@
 //! numbers, bounded waits and the translation of transport failures into
 //! errors that name ranks and operations. Must not touch quinn directly.
 
+mod abort;
 mod coll;
 mod device;
 mod elastic;
