@@ -19,6 +19,7 @@ use super::incoming::{Charge, Incoming, HELD_OVERHEAD};
 use super::keyhash::HashMap;
 use super::spin::Spin;
 use crate::wire::{FrameKind, Header};
+use slots::CollSlots;
 use std::collections::{BTreeMap, VecDeque};
 use std::sync::atomic::AtomicU64;
 use std::sync::Arc;
@@ -53,6 +54,8 @@ pub struct P2pKey {
     /// User tag.
     pub tag: u64,
 }
+mod slots;
+
 type Reply = oneshot::Sender<Result<Incoming, Failure>>;
 
 enum Slot {
@@ -105,7 +108,7 @@ impl P2pQueue {
 
 #[derive(Default)]
 struct State {
-    coll: HashMap<CollKey, Slot>,
+    coll: CollSlots,
     p2p: HashMap<P2pKey, P2pQueue>,
     gone: HashMap<u32, String>,
     /// The job was aborted: by which world rank, and why.
@@ -198,7 +201,7 @@ impl Drop for Pending<'_> {
                     st.coll.insert(*k, Slot::Ready(m));
                 }
                 None => {
-                    if matches!(st.coll.get(k), Some(Slot::Waiting(_))) {
+                    if st.coll.is_waiting(k) {
                         st.coll.remove(k);
                     }
                 }
@@ -375,23 +378,20 @@ impl Mailbox {
     /// on its call `seq` alone; an aborted call's frames already here go
     /// too (nothing will receive them).
     fn fail_waiting(st: &mut State, comm_id: u64, epoch: u32, seq: Option<u64>, f: &Failure) {
-        let hit: Vec<CollKey> = st
-            .coll
-            .iter()
-            .filter(|(k, slot)| {
-                k.comm_id == comm_id
-                    && k.epoch == epoch
-                    && match seq {
-                        Some(s) => s == k.seq,
-                        None => matches!(slot, Slot::Waiting(_)),
-                    }
-            })
-            .map(|(k, _)| *k)
-            .collect();
-        for k in hit {
-            if let Some(Slot::Waiting(w)) = st.coll.remove(&k) {
-                let _ = w.send(Err(f.clone()));
-            }
+        let waiting = match seq {
+            Some(seq) => st
+                .coll
+                .take_call(comm_id, epoch, seq)
+                .into_iter()
+                .filter_map(|(_, slot)| match slot {
+                    Slot::Waiting(w) => Some(w),
+                    Slot::Ready(_) => None,
+                })
+                .collect(),
+            None => st.coll.take_waiting(|c, e, _| c == comm_id && e == epoch),
+        };
+        for w in waiting {
+            let _ = w.send(Err(f.clone()));
         }
     }
 
@@ -411,17 +411,11 @@ impl Mailbox {
     /// Remove what is held for collective `seq` (this rank finished it):
     /// the sender and header of each frame that was never received.
     pub fn take_coll(&self, comm_id: u64, epoch: u32, seq: u64) -> Vec<(u32, Header)> {
-        let mut st = self.lock();
-        let keys: Vec<CollKey> = st
-            .coll
-            .keys()
-            .filter(|k| k.comm_id == comm_id && k.epoch == epoch && k.seq == seq)
-            .copied()
-            .collect();
-        keys.into_iter()
-            .filter_map(|k| match st.coll.remove(&k) {
-                Some(Slot::Ready(m)) => Some((k.src, *m.header())),
-                _ => None,
+        let held = self.lock().coll.take_call(comm_id, epoch, seq);
+        held.into_iter()
+            .filter_map(|(src, slot)| match slot {
+                Slot::Ready(m) => Some((src, *m.header())),
+                Slot::Waiting(_) => None,
             })
             .collect()
     }
@@ -430,7 +424,7 @@ impl Mailbox {
     pub async fn recv_coll(&self, key: CollKey) -> Result<Incoming, Failure> {
         let rx = {
             let mut st = self.lock();
-            if let Some(Slot::Ready(_)) = st.coll.get(&key) {
+            if st.coll.is_ready(&key) {
                 if let Some(Slot::Ready(m)) = st.coll.remove(&key) {
                     return Ok(m);
                 }
@@ -527,16 +521,8 @@ impl Mailbox {
         let fail = |w: Reply| {
             let _ = w.send(Err(Failure::lost(rank, reason.clone())));
         };
-        let waiting: Vec<CollKey> = st
-            .coll
-            .iter()
-            .filter(|(k, s)| k.src == src && matches!(s, Slot::Waiting(_)))
-            .map(|(k, _)| *k)
-            .collect();
-        for k in waiting {
-            if let Some(Slot::Waiting(w)) = st.coll.remove(&k) {
-                fail(w);
-            }
+        for w in st.coll.take_waiting(|_, _, s| s == src) {
+            fail(w);
         }
         for (k, q) in st.p2p.iter_mut() {
             if k.src == src {
@@ -557,16 +543,8 @@ impl Mailbox {
         }
         st.job_abort = Some((by as u32, reason.to_string()));
         let Some(f) = st.job_failure() else { return };
-        let waiting: Vec<CollKey> = st
-            .coll
-            .iter()
-            .filter(|(_, s)| matches!(s, Slot::Waiting(_)))
-            .map(|(k, _)| *k)
-            .collect();
-        for k in waiting {
-            if let Some(Slot::Waiting(w)) = st.coll.remove(&k) {
-                let _ = w.send(Err(f.clone()));
-            }
+        for w in st.coll.take_waiting(|_, _, _| true) {
+            let _ = w.send(Err(f.clone()));
         }
         for q in st.p2p.values_mut() {
             while let Some(w) = q.waiters.pop_front() {
@@ -603,19 +581,13 @@ impl Mailbox {
         let (coll, p2p) = {
             let mut st = self.lock();
             let mine = |c: u64, e: u32| c == comm_id && e == epoch;
-            let ck: Vec<CollKey> = st
-                .coll
-                .keys()
-                .filter(|k| mine(k.comm_id, k.epoch))
-                .copied()
-                .collect();
             let pk: Vec<P2pKey> = st
                 .p2p
                 .keys()
                 .filter(|k| mine(k.comm_id, k.epoch))
                 .copied()
                 .collect();
-            let coll: Vec<Slot> = ck.iter().filter_map(|k| st.coll.remove(k)).collect();
+            let coll = st.coll.forget_comm(comm_id, epoch);
             let p2p: Vec<P2pQueue> = pk.iter().filter_map(|k| st.p2p.remove(k)).collect();
             (coll, p2p)
         };
