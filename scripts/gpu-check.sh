@@ -37,14 +37,13 @@ if [ "$mode" = build ]; then
   }
   log=$(mktemp)
   cargo test --release --locked --features "$feats" --test gpu_cuda --test gpu_wgpu --no-run 2>&1 | tee "$log"
-  cargo bench --locked --features "$feats" --bench collbench --no-run 2>&1 | tee -a "$log"
-  cargo build --release --locked -p rankmesh-launcher --bin rankrun 2>&1 | tail -1
-  for t in gpu_cuda gpu_wgpu collbench; do
+  cargo build --release --locked -p rankmesh-launcher --features "$feats" --bins 2>&1 | tail -1
+  for t in gpu_cuda gpu_wgpu; do
     src=$(exe_of "$log" "$t")
     [ -n "$src" ] || { echo "no executable found for $t" >&2; exit 1; }
     cp "$src" "$dir/bin/$t"
   done
-  cp target/release/rankrun "$dir/bin/rankrun"
+  cp target/release/rankrun target/release/collbench "$dir/bin/"
   for f in "$dir"/bin/*; do
     objcopy --compress-debug-sections=zlib "$f" 2>/dev/null || true
     # Keep the files small enough to travel: drop debug info if need be.
@@ -111,28 +110,28 @@ grep -h "test result" "$out/cuda-grid.log" | sed 's/^/        /' | tee -a "$summ
 CI=true stage wgpu-grid 120 bin/gpu_wgpu --test-threads 1
 grep -h "test result" "$out/wgpu-grid.log" | sed 's/^/        /' | tee -a "$summary"
 
-bench() { # bench NAME NP DEVICE SIZES [extra...]
-  local name=$1 np=$2 device=$3 sizes=$4
-  shift 4
-  stage "$name" 60 bin/collbench -n "$np" --device "$device" --ops allreduce,bcast \
-    --sizes "$sizes" --batches 3 "$@"
-  # rows: size busbw #wrong op
-  awk -v tag="$name" '$6 == "|" && $NF ~ /allreduce|bcast/ {
-      printf "        %-22s %-9s %11s B  busbw %7s GB/s  wrong %s\n", tag, $NF, $1, $9, $10 }' \
+bench() { # bench NAME NP DEVICE MINBYTES MAXBYTES [extra...]
+  local name=$1 np=$2 device=$3 lo=$4 hi=$5
+  shift 5
+  stage "$name" 60 bin/collbench --np "$np" --device "$device" --coll allreduce,broadcast \
+    -b "$lo" -e "$hi" -f 4 -n 0 -w 2 --batches 3 "$@"
+  # table rows: size count type redop root time algbw busbw #wrong coll
+  awk -v tag="$name" '$1 !~ /^#/ && $NF ~ /allreduce|broadcast/ {
+      printf "        %-22s %-9s %11s B  busbw %7s GB/s  wrong %s\n", tag, $NF, $1, $8, $9 }' \
     "$out/$name.log" | tee -a "$summary"
 }
 
 # 3: large messages on the device, results checked (#wrong must be 0).
 for np in 2 4 8; do
-  bench "cuda-large-np$np" "$np" cuda 67108864,268435456
+  bench "cuda-large-np$np" "$np" cuda 64M 256M
 done
 
 # 4: device against host path (and Gloo) at 1 and 16 MiB (64 and 256 MiB
 # device figures come from stage 3).
 for np in 2 4 8; do
-  bench "host-np$np" "$np" host 1048576,16777216,67108864,268435456
-  bench "cuda-np$np" "$np" cuda 1048576,16777216
-  bench "wgpu-np$np" "$np" wgpu 1048576,16777216,67108864
+  bench "host-np$np" "$np" host 1M 256M
+  bench "cuda-np$np" "$np" cuda 1M 16M
+  bench "wgpu-np$np" "$np" wgpu 1M 64M
   stage "gloo-np$np" 60 python3 gloo_bench.py "$np" 1048576,16777216,67108864,268435456 2
   grep -h "gloo-cuda" "$out/gloo-np$np.log" | sed 's/^/        /' | tee -a "$summary"
 done

@@ -179,3 +179,252 @@ fn a_bad_command_line_is_one_clear_error() {
         assert!(err.contains(want), "{args:?}: {err}");
     }
 }
+
+/// A scratch directory of this test process.
+fn scratch(name: &str) -> std::path::PathBuf {
+    let d = std::env::temp_dir().join(format!("collbench-{name}-{}", std::process::id()));
+    std::fs::create_dir_all(&d).expect("scratch dir");
+    d
+}
+
+#[test]
+fn the_plot_has_axis_titles_with_units_a_legend_entry_per_collective_and_renders() {
+    let dir = scratch("plot");
+    let svg = dir.join("busbw.svg");
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_collbench"));
+    cmd.env_remove("RANKMESH_SEED")
+        .args([
+            "--np",
+            "2",
+            "--coll",
+            "allreduce,allgather,barrier",
+            "-b",
+            "64",
+            "-e",
+            "4K",
+            "-f",
+            "4",
+            "-n",
+            "2",
+            "-w",
+            "0",
+            "--plot",
+        ])
+        .arg(&svg);
+    let (code, out, err) = run(cmd);
+    assert_eq!(code, 0, "stdout:\n{out}\nstderr:\n{err}");
+    let s = std::fs::read_to_string(&svg).expect("the plot was written");
+    assert!(
+        s.contains("message size (bytes"),
+        "x axis title with its unit"
+    );
+    assert!(
+        s.contains("bus bandwidth (GB/s"),
+        "y axis title with its unit"
+    );
+    assert_eq!(s.matches(r#"class="legend""#).count(), 3, "{s}");
+    for c in ["allreduce", "allgather", "barrier"] {
+        assert!(
+            s.contains(&format!(">{c}</text>")),
+            "no legend entry for {c}"
+        );
+    }
+    assert_eq!(
+        s.matches("<polyline").count(),
+        2,
+        "a line per sized collective"
+    );
+    let px: Vec<f64> = s
+        .split("font-size=\"")
+        .skip(1)
+        .map(|t| {
+            t.split('"')
+                .next()
+                .unwrap_or("")
+                .parse()
+                .expect("font size")
+        })
+        .collect();
+    assert!(px.iter().all(|&p| p >= 10.0), "text under 10 px: {px:?}");
+
+    // Render it as a person would look at it.
+    let render = Command::new("rsvg-convert")
+        .arg("-o")
+        .arg(dir.join("busbw.png"))
+        .arg(&svg)
+        .output();
+    match render {
+        Err(e) if std::env::var("CI").as_deref() != Ok("true") => {
+            eprintln!(
+                "skipping the render check: cannot run rsvg-convert ({e}); \
+                 install it with `apt-get install librsvg2-bin`"
+            );
+        }
+        Err(e) => panic!("CI=true but rsvg-convert cannot run: {e}"),
+        Ok(o) => {
+            assert!(o.status.success(), "rsvg-convert: {o:?}");
+            let png = std::fs::read(dir.join("busbw.png")).expect("png");
+            assert_eq!(&png[..8], b"\x89PNG\r\n\x1a\n");
+            // IHDR: width and height, big-endian, at bytes 16..24.
+            let w = u32::from_be_bytes(png[16..20].try_into().unwrap());
+            let h = u32::from_be_bytes(png[20..24].try_into().unwrap());
+            assert!(w >= 800 && h >= 500, "{w}x{h}");
+        }
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn device_flags_name_what_is_missing() {
+    for (args, want) in [
+        (vec!["--np", "2", "--plot", "busbw.png"], "FILE.svg"),
+        (vec!["--np", "2", "--device", "gpu"], "gpu"),
+        (vec!["--np", "2", "--spawn"], "--multi-thread"),
+    ] {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_collbench"));
+        cmd.env_remove("RANKMESH_SEED").args(&args);
+        let (code, out, err) = run(cmd);
+        assert_eq!(code, 2, "{args:?}: {out} {err}");
+        assert!(err.contains(want), "{args:?}: {err}");
+    }
+    for (dev, built) in [
+        ("wgpu", cfg!(feature = "wgpu")),
+        ("cuda", cfg!(feature = "cuda")),
+    ] {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_collbench"));
+        cmd.env_remove("RANKMESH_SEED")
+            .args(["--np", "2", "--device", dev, "--coll", "alltoall"]);
+        let (code, _, err) = run(cmd);
+        assert_eq!(code, 2, "{err}");
+        let want = if built {
+            "no collective of that kind on device buffers".to_string()
+        } else {
+            format!("--features {dev}")
+        };
+        assert!(err.contains(&want), "--device {dev}: {err}");
+    }
+}
+
+/// Collectives on wgpu buffers (Mesa's lavapipe in CI), checked exactly.
+#[cfg(feature = "wgpu")]
+#[test]
+fn on_wgpu_buffers_every_device_collective_is_exact() {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_collbench"));
+    cmd.env_remove("RANKMESH_SEED").args([
+        "--np",
+        "2",
+        "--device",
+        "wgpu",
+        "--coll",
+        "allreduce,broadcast,reduce,allgather,reducescatter,barrier",
+        "-b",
+        "4",
+        "-e",
+        "16K",
+        "-f",
+        "64",
+        "-r",
+        "1",
+        "-n",
+        "2",
+        "-w",
+        "1",
+    ]);
+    let (code, out, err) = run(cmd);
+    if code != 0 && err.contains("GPU error") && std::env::var("CI").as_deref() != Ok("true") {
+        eprintln!("skipping the collbench wgpu test: no usable adapter: {err}");
+        return;
+    }
+    assert_eq!(code, 0, "stdout:\n{out}\nstderr:\n{err}");
+    assert!(out.contains("wgpu ("), "the header names the device: {out}");
+    let rows = rows(&out);
+    assert_eq!(rows.len(), 5 * 3 + 1, "{out}");
+    assert!(rows.iter().all(|r| r[8] == "0"), "{out}");
+}
+
+#[cfg(feature = "cuda")]
+#[test]
+fn on_cuda_without_a_driver_it_says_so() {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_collbench"));
+    cmd.env_remove("RANKMESH_SEED")
+        .args(["--np", "2", "--device", "cuda", "-b", "8", "-e", "8"]);
+    let (code, out, err) = run(cmd);
+    if err.contains("no CUDA driver") {
+        assert_eq!(code, 1, "{out} {err}");
+    } else {
+        // A machine with a GPU: the run itself must be right.
+        assert_eq!(code, 0, "stdout:\n{out}\nstderr:\n{err}");
+        assert!(rows(&out).iter().all(|r| r[8] == "0"), "{out}");
+    }
+}
+
+/// scripts/compare-mpi.sh: both systems, one table of ratios. Needs Open
+/// MPI (`.ci/run` installs it; elsewhere the test says what to install).
+#[test]
+fn the_open_mpi_comparison_prints_one_row_of_ratios_per_size() {
+    let have = |c: &str| {
+        Command::new("sh")
+            .args(["-c", &format!("command -v {c}.openmpi || command -v {c}")])
+            .output()
+            .is_ok_and(|o| o.status.success())
+    };
+    if !(have("mpicc") && have("mpirun")) {
+        assert_ne!(
+            std::env::var("CI").as_deref(),
+            Ok("true"),
+            "CI=true but Open MPI is missing (openmpi-bin, libopenmpi-dev)"
+        );
+        eprintln!(
+            "skipping the Open MPI comparison test: install Open MPI with \
+             `apt-get install openmpi-bin libopenmpi-dev`"
+        );
+        return;
+    }
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/../scripts/compare-mpi.sh");
+    let tmp = scratch("mpi");
+    let mut cmd = Command::new("bash");
+    cmd.env_remove("RANKMESH_SEED")
+        .env("COLLBENCH", env!("CARGO_BIN_EXE_collbench"))
+        .env("TMPDIR", &tmp)
+        .args([
+            script,
+            "--np",
+            "2",
+            "--rounds",
+            "1",
+            "--coll",
+            "allreduce,alltoall,barrier",
+            "-b",
+            "64",
+            "-e",
+            "4K",
+            "-f",
+            "64",
+            "-n",
+            "3",
+            "-w",
+            "1",
+            "--batches",
+            "1",
+        ]);
+    let (code, out, err) = run(cmd);
+    assert_eq!(code, 0, "stdout:\n{out}\nstderr:\n{err}");
+    let rows = rows(&out);
+    // 64 B and 4 KiB for two collectives, one barrier row.
+    assert_eq!(rows.len(), 5, "{out}");
+    for r in &rows {
+        assert_eq!(r.len(), 7, "{r:?}");
+        let nums: Vec<f64> = r[1..].iter().map(|v| v.parse().expect("number")).collect();
+        assert!(nums[1] > 0.0 && nums[2] > 0.0, "both times: {r:?}");
+        // speed is the ratio of the two times.
+        assert!(
+            (nums[5] - nums[2] / nums[1]).abs() <= 0.01 + nums[5] * 0.02,
+            "{r:?}"
+        );
+    }
+    assert!(
+        out.contains("speed = Open MPI's time / rankmesh's"),
+        "{out}"
+    );
+    let _ = std::fs::remove_dir_all(&tmp);
+}

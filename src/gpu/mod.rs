@@ -163,7 +163,7 @@ pub(crate) fn copy_source<'a, B: DeviceBuffer + 'static>(
 /// slot `slot` (of a ring of `ring` slots, each `chunk` bytes). Both sides
 /// always have the same length: a copy moves exactly its range's bytes.
 #[derive(Clone, Debug, PartialEq, Eq)]
-#[cfg_attr(not(any(feature = "wgpu", feature = "cuda")), allow(dead_code))]
+#[cfg_attr(not(feature = "cuda"), allow(dead_code))] // the CUDA backend's staging
 pub(crate) struct StagedCopy {
     pub(crate) dev: Range<usize>,
     pub(crate) slot: usize,
@@ -173,7 +173,7 @@ pub(crate) struct StagedCopy {
 /// The copies that stage the device bytes `bytes` through a ring of `ring`
 /// slots of `chunk` bytes: chunk `k` covers `bytes.start + k * chunk` up to
 /// `chunk` bytes (the last one shorter) and uses slot `k % ring`.
-#[cfg_attr(not(any(feature = "wgpu", feature = "cuda")), allow(dead_code))]
+#[cfg_attr(not(feature = "cuda"), allow(dead_code))] // the CUDA backend's staging
 pub(crate) fn staging_plan(
     bytes: Range<usize>,
     chunk: usize,
@@ -197,7 +197,7 @@ pub(crate) fn staging_plan(
 /// is the length of the device buffer (bytes), `host` the whole staging
 /// slot. An error (never a panic) when either range does not fit or the
 /// two lengths differ.
-#[cfg_attr(not(any(feature = "wgpu", feature = "cuda")), allow(dead_code))]
+#[cfg_attr(not(feature = "cuda"), allow(dead_code))] // the CUDA backend's staging
 pub(crate) fn exact_sides<'h>(
     c: &StagedCopy,
     dev_len: usize,

@@ -30,6 +30,10 @@ pub struct Args {
     /// Add this many bytes between steps instead (overrides -f).
     #[arg(short = 'i', long = "stepbytes", value_parser = parse_size)]
     pub step_bytes: Option<u64>,
+    /// Exactly these sizes instead of -b/-e/-f/-i, comma-separated (each
+    /// with K, M or G if wanted).
+    #[arg(long, value_delimiter = ',', value_parser = parse_size, value_name = "LIST")]
+    pub sizes: Option<Vec<u64>>,
     /// Reduction operation.
     #[arg(short = 'o', long = "op", value_enum, default_value = "sum")]
     pub op: Op,
@@ -39,7 +43,8 @@ pub struct Args {
     /// Root rank of rooted collectives (broadcast, reduce, gather, scatter).
     #[arg(short = 'r', long = "root", default_value_t = 0)]
     pub root: usize,
-    /// Timed iterations per size.
+    /// Timed iterations per size (0: chosen per size so that a batch
+    /// takes about 0.2-0.5 s on this kind of machine).
     #[arg(short = 'n', long = "iters", default_value_t = 20)]
     pub iters: usize,
     /// Untimed warm-up iterations per size.
@@ -56,6 +61,28 @@ pub struct Args {
     /// under rankrun).
     #[arg(long)]
     pub np: Option<usize>,
+    /// Where the buffers live: host memory, or a GPU through rankmesh's
+    /// wgpu or CUDA backend (collbench built with the feature of that name).
+    #[arg(long, value_enum, default_value = "host")]
+    pub device: DeviceKind,
+    /// Device staging chunk in bytes (default: the backend's).
+    #[arg(long, value_parser = parse_size, value_name = "BYTES")]
+    pub chunk: Option<u64>,
+    /// Device staging chunks in flight (default: the backend's).
+    #[arg(long, value_name = "N")]
+    pub ring: Option<usize>,
+    /// Run each rank on tokio's multi-threaded runtime instead of a
+    /// current-thread one (the rank's code stays on the main thread).
+    #[arg(long)]
+    pub multi_thread: bool,
+    /// With --multi-thread: run the rank's code in a task on the
+    /// runtime's worker threads.
+    #[arg(long, requires = "multi_thread")]
+    pub spawn: bool,
+    /// Draw bus bandwidth against size (log axes, one line per
+    /// collective) into this SVG file.
+    #[arg(long, value_name = "FILE.svg")]
+    pub plot: Option<String>,
     /// Also write each row as a JSON object on its own line to this file
     /// (`-`: standard output, instead of the table).
     #[arg(long, value_name = "FILE")]
@@ -75,6 +102,9 @@ pub enum Coll {
     Scatter,
     Barrier,
     Sendrecv,
+    /// Ranks 0 and 1 only: a message there and back; the time is one way
+    /// (half the round trip), as OSU's latency test reports it.
+    Pingpong,
 }
 
 impl Coll {
@@ -90,6 +120,7 @@ impl Coll {
             Coll::Scatter => "scatter",
             Coll::Barrier => "barrier",
             Coll::Sendrecv => "sendrecv",
+            Coll::Pingpong => "pingpong",
         }
     }
 
@@ -101,7 +132,7 @@ impl Coll {
             Coll::Allreduce => 2.0 * (p - 1.0) / p,
             Coll::Allgather | Coll::Reducescatter | Coll::Alltoall => (p - 1.0) / p,
             Coll::Gather | Coll::Scatter => (p - 1.0) / p,
-            Coll::Broadcast | Coll::Reduce | Coll::Sendrecv | Coll::Barrier => 1.0,
+            Coll::Broadcast | Coll::Reduce | Coll::Sendrecv | Coll::Pingpong | Coll::Barrier => 1.0,
         }
     }
 
@@ -124,6 +155,14 @@ impl Coll {
             Coll::Allgather | Coll::Reducescatter | Coll::Alltoall | Coll::Gather | Coll::Scatter
         )
     }
+}
+
+/// Where the buffers live.
+#[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DeviceKind {
+    Host,
+    Wgpu,
+    Cuda,
 }
 
 /// Reduction operations, by nccl-tests' names.
@@ -227,8 +266,31 @@ impl Args {
         if self.step_bytes == Some(0) || (self.step_bytes.is_none() && self.step_factor < 2) {
             return Err("-f must be at least 2 (or -i at least 1)".into());
         }
-        if self.iters == 0 || self.batches == 0 {
-            return Err("-n and --batches must be at least 1".into());
+        if self.batches == 0 {
+            return Err("--batches must be at least 1".into());
+        }
+        if let Some(m) = crate::device::missing(self.device) {
+            return Err(m);
+        }
+        if let Some(m) = self
+            .colls
+            .iter()
+            .find_map(|&c| crate::device::unsupported(self.device, c))
+        {
+            return Err(m);
+        }
+        if let Some(m) = crate::device::no_dtype(self.device, self.dtype) {
+            return Err(m);
+        }
+        if self.ring == Some(0) || self.chunk == Some(0) {
+            return Err("--ring and --chunk must be at least 1".into());
+        }
+        if let Some(p) = &self.plot {
+            if !p.ends_with(".svg") {
+                return Err(format!(
+                    "--plot {p}: the plot is an SVG file; name it FILE.svg"
+                ));
+            }
         }
         if self.np == Some(0) {
             return Err("--np must be at least 1".into());
@@ -248,8 +310,23 @@ impl Args {
         Ok(())
     }
 
+    /// Timed iterations for `bytes`: -n, or with -n 0 a count that keeps a
+    /// batch near 0.2-0.5 s.
+    pub fn iters_for(&self, bytes: u64) -> usize {
+        match (self.iters, bytes) {
+            (0, 0..=4096) => 500,
+            (0, 4097..=1_048_576) => 50,
+            (0, 1_048_577..=16_777_216) => 6,
+            (0, _) => 2,
+            (n, _) => n,
+        }
+    }
+
     /// The sizes to time, in bytes, from -b to -e.
     pub fn sizes(&self) -> Vec<u64> {
+        if let Some(list) = &self.sizes {
+            return list.clone();
+        }
         let mut out = Vec::new();
         let mut s = self.min_bytes;
         loop {
@@ -282,6 +359,8 @@ mod tests {
         assert_eq!(a.sizes(), vec![1024, 2048, 3072, 4096]);
         let a = Args::try_parse_from(["collbench", "-b", "0", "-e", "4"]).unwrap();
         assert_eq!(a.sizes(), vec![0, 2, 4]);
+        let a = Args::try_parse_from(["collbench", "--sizes", "4,64K,1M"]).unwrap();
+        assert_eq!(a.sizes(), vec![4, 65536, 1 << 20]);
     }
 
     #[test]

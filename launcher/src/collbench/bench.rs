@@ -6,6 +6,7 @@
 //! each iteration, outside the timed region.
 
 use crate::args::{Coll, Op};
+use crate::device::{Device, Staged};
 use rankmesh::{Communicator, Element, ReduceOp, Result};
 use std::time::{Duration, Instant};
 
@@ -113,11 +114,18 @@ fn wrong<T: Val>(got: &[T], want: impl Fn(usize) -> u32) -> u64 {
         .count() as u64
 }
 
-/// Buffers of one collective at one size, on one rank.
+/// Buffers of one collective at one size, on one rank: on the host, and
+/// with `--device` their device copies (which the collectives then use).
 struct Bufs<T> {
     input: Vec<T>,
     send: Vec<T>,
     recv: Vec<T>,
+    dev: Option<DevBufs>,
+}
+
+struct DevBufs {
+    send: Option<Box<dyn Staged>>,
+    recv: Box<dyn Staged>,
 }
 
 /// Time `coll` on `count` elements (the total over ranks for the
@@ -126,6 +134,7 @@ struct Bufs<T> {
 #[allow(clippy::too_many_arguments)]
 pub async fn measure<T: Val>(
     comm: &Communicator,
+    device: &Device,
     coll: Coll,
     count: usize,
     op: Op,
@@ -141,7 +150,7 @@ pub async fn measure<T: Val>(
         sum_small: (2 * p as u64) <= u64::from(T::EXACT),
     };
     let m = if coll.blocked() { count / p } else { count };
-    let mut b = setup::<T>(&plan, coll, m, root);
+    let mut b = on(device, coll, setup::<T>(&plan, coll, m, root))?;
     for _ in 0..warmup {
         once(comm, coll, &mut b, op.reduce_op(), root, p).await?;
     }
@@ -158,8 +167,9 @@ pub async fn measure<T: Val>(
     times.sort_by(|a, b| a.total_cmp(b));
     let mut bad = [0u64];
     if check {
-        b = setup::<T>(&plan, coll, m, root);
+        b = on(device, coll, setup::<T>(&plan, coll, m, root))?;
         once(comm, coll, &mut b, op.reduce_op(), root, p).await?;
+        fetch(&mut b).await?;
         bad[0] = verify(&plan, coll, m, root, &b);
         comm.all_reduce(&mut bad, ReduceOp::Sum).await?;
     }
@@ -204,10 +214,43 @@ fn setup<T: Val>(plan: &Plan, coll: Coll, m: usize, root: usize) -> Bufs<T> {
             fill(m * p, |j| plan.v(r, j % m.max(1), j / m.max(1))),
             fill(m * p, |_| 0),
         ),
-        Coll::Sendrecv => (Vec::new(), fill(m, mine), fill(m, |_| 0)),
+        Coll::Sendrecv | Coll::Pingpong => (Vec::new(), fill(m, mine), fill(m, |_| 0)),
         Coll::Barrier => (Vec::new(), Vec::new(), Vec::new()),
     };
-    Bufs { input, send, recv }
+    Bufs {
+        input,
+        send,
+        recv,
+        dev: None,
+    }
+}
+
+/// `b` with device copies of its buffers, when the device is not the host.
+fn on<T: Val>(device: &Device, coll: Coll, mut b: Bufs<T>) -> Result<Bufs<T>> {
+    if let Some(recv) = device.buffer(&b.recv)? {
+        // Zero elements is a size too (a block per rank of a tiny size).
+        let send = if matches!(coll, Coll::Allgather | Coll::Reducescatter) {
+            device.buffer(&b.send)?
+        } else {
+            None
+        };
+        b.dev = Some(DevBufs { send, recv });
+    }
+    Ok(b)
+}
+
+/// Copy a device result back into `b.recv` for checking.
+#[cfg(any(feature = "wgpu", feature = "cuda"))]
+async fn fetch<T: Val>(b: &mut Bufs<T>) -> Result<()> {
+    if let Some(d) = &b.dev {
+        b.recv = bytemuck::pod_collect_to_vec(&d.recv.fetch().await?);
+    }
+    Ok(())
+}
+
+#[cfg(not(any(feature = "wgpu", feature = "cuda")))]
+async fn fetch<T: Val>(_: &mut Bufs<T>) -> Result<()> {
+    Ok(())
 }
 
 /// One iteration; the time of the collective alone.
@@ -219,6 +262,9 @@ async fn once<T: Val>(
     root: usize,
     p: usize,
 ) -> Result<Duration> {
+    if let Some(d) = b.dev.as_mut() {
+        return once_device(comm, coll, d, &b.input, op, root).await;
+    }
     if !b.input.is_empty() {
         b.recv.copy_from_slice(&b.input);
     }
@@ -243,6 +289,54 @@ async fn once<T: Val>(
             s?;
             v?;
         }
+        Coll::Pingpong => {
+            match r {
+                0 => {
+                    comm.send(&b.send, 1, 1).await?;
+                    comm.recv(&mut b.recv, 1, 2).await?;
+                }
+                1 => {
+                    comm.recv(&mut b.recv, 0, 1).await?;
+                    comm.send(&b.recv, 0, 2).await?;
+                }
+                _ => {}
+            }
+            return Ok(t.elapsed() / 2);
+        }
+    }
+    Ok(t.elapsed())
+}
+
+/// One iteration on device buffers (the input is restored, and the device
+/// has it, before the clock starts).
+#[cfg_attr(not(any(feature = "wgpu", feature = "cuda")), allow(unused_variables))]
+async fn once_device<T: Val>(
+    comm: &Communicator,
+    coll: Coll,
+    d: &mut DevBufs,
+    input: &[T],
+    op: ReduceOp,
+    root: usize,
+) -> Result<Duration> {
+    #[cfg(any(feature = "wgpu", feature = "cuda"))]
+    if !input.is_empty() {
+        d.recv.load(bytemuck::cast_slice(input)).await?;
+    }
+    let t = Instant::now();
+    let recv = d.recv.buf_mut();
+    match (coll, d.send.as_ref()) {
+        (Coll::Allreduce, _) => comm.all_reduce_device(recv, op).await?,
+        (Coll::Reduce, _) => comm.reduce_device(recv, op, root).await?,
+        (Coll::Broadcast, _) => comm.broadcast_device(recv, root).await?,
+        (Coll::Allgather, Some(s)) => comm.all_gather_device(s.buf(), recv).await?,
+        (Coll::Reducescatter, Some(s)) => comm.reduce_scatter_device(s.buf(), recv, op).await?,
+        (Coll::Barrier, _) => comm.barrier().await?,
+        (other, _) => {
+            return Err(rankmesh::Error::Config {
+                detail: crate::device::unsupported(crate::args::DeviceKind::Wgpu, other)
+                    .unwrap_or_else(|| format!("--coll {}: no send buffer", other.name())),
+            })
+        }
     }
     Ok(t.elapsed())
 }
@@ -260,6 +354,9 @@ fn verify<T: Val>(plan: &Plan, coll: Coll, m: usize, root: usize, b: &Bufs<T>) -
         Coll::Scatter => wrong(&b.recv, |i| plan.v(root, r * m + i, 0)),
         Coll::Alltoall => wrong(&b.recv, |j| plan.v(j / m.max(1), j % m.max(1), r)),
         Coll::Sendrecv => wrong(&b.recv, |i| plan.v((r + p - 1) % p, i, 0)),
+        // Rank 0's message, at rank 1 and back at rank 0.
+        Coll::Pingpong if r < 2 => wrong(&b.recv, |i| plan.v(0, i, 0)),
+        Coll::Pingpong => 0,
         Coll::Reduce | Coll::Gather | Coll::Barrier => 0,
     }
 }
@@ -302,6 +399,7 @@ mod tests {
             input: Vec::new(),
             send: Vec::new(),
             recv: right,
+            dev: None,
         };
         assert_eq!(verify(&plan, Coll::Alltoall, m, 0, &b), 0);
         b.recv[5] += 1.0;

@@ -5,6 +5,7 @@
 //! ```text
 //! rankrun -n 4 collbench --coll allreduce,allgather -b 8 -e 128M -f 2
 //! collbench --np 4 --coll allreduce -b 1K -e 1M -d bfloat16 -o max --json -
+//! collbench --np 2 --device wgpu --coll allreduce,broadcast -b 1M -e 64M --plot busbw.svg
 //! ```
 //!
 //! A row's time is the mean over `-n` iterations on each rank, the maximum
@@ -14,10 +15,13 @@
 
 mod args;
 mod bench;
+mod device;
+mod plot;
 mod report;
 
 use args::{Args, Coll, Dtype};
 use clap::Parser;
+use device::Device;
 use rankmesh::bootstrap::{Seed, SeedConfig};
 use rankmesh::{Communicator, Error, Result};
 use std::io::Write;
@@ -28,10 +32,12 @@ fn main() {
         eprintln!("collbench: error: {e} (see collbench --help)");
         std::process::exit(2);
     }
-    let rt = match tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-    {
+    let mut rt = if args.multi_thread {
+        tokio::runtime::Builder::new_multi_thread()
+    } else {
+        tokio::runtime::Builder::new_current_thread()
+    };
+    let rt = match rt.enable_all().build() {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("collbench: error: cannot start the runtime: {e}");
@@ -40,7 +46,7 @@ fn main() {
     };
     let under_launcher = std::env::var_os("RANKMESH_SEED").is_some();
     let code = match (under_launcher, args.np) {
-        (true, _) => match rt.block_on(rank_main(&args)) {
+        (true, _) => match rt.block_on(rank(args.clone())) {
             Ok(0) => 0,
             Ok(wrong) => {
                 eprintln!("collbench: {wrong} wrong elements (see the #wrong column)");
@@ -116,10 +122,32 @@ async fn launch(np: usize) -> Result<i32> {
     Ok(code)
 }
 
+/// One rank's run, on this thread or (`--spawn`) in a task on the
+/// runtime's workers.
+async fn rank(args: Args) -> Result<u64> {
+    if !args.spawn {
+        return rank_main(&args).await;
+    }
+    tokio::spawn(async move { rank_main(&args).await })
+        .await
+        .unwrap_or_else(|e| {
+            Err(Error::Config {
+                detail: format!("the rank's task failed: {e}"),
+            })
+        })
+}
+
 /// One rank's run: every collective at every size; rank 0 reports. The
 /// number of wrong elements seen.
 async fn rank_main(args: &Args) -> Result<u64> {
     let comm = rankmesh::init().await?;
+    let device = match Device::open(args).await {
+        Ok(d) => d,
+        Err(e) => {
+            comm.abort(&format!("collbench: {e}")).await;
+            return Err(e);
+        }
+    };
     let p = comm.size();
     if args.root >= p && args.colls.iter().any(|c| c.rooted()) {
         let _ = comm.finalize().await;
@@ -127,13 +155,31 @@ async fn rank_main(args: &Args) -> Result<u64> {
             detail: format!("-r {}: the job has ranks 0 to {}", args.root, p - 1),
         });
     }
+    if p < 2 && args.colls.contains(&Coll::Pingpong) {
+        let _ = comm.finalize().await;
+        return Err(Error::Config {
+            detail: "--coll pingpong: needs ranks 0 and 1 (run at least 2 ranks)".into(),
+        });
+    }
     let lead = comm.rank() == 0;
     let mut out = Output::open(args, lead)?;
     if lead {
         out.table(&format!(
-            "# collbench: {p} ranks, {}, -n {} -w {} --batches {}, check {}\n{}",
+            "# collbench: {p} ranks, {}, {}, {} runtime, -n {} -w {} --batches {}, check {}\n{}",
             args.dtype.name(),
-            args.iters,
+            device.name(),
+            if args.spawn {
+                "multi-thread (spawned)"
+            } else if args.multi_thread {
+                "multi-thread"
+            } else {
+                "current-thread"
+            },
+            if args.iters == 0 {
+                "by size".to_string()
+            } else {
+                args.iters.to_string()
+            },
             args.warmup,
             args.batches,
             args.check,
@@ -142,7 +188,9 @@ async fn rank_main(args: &Args) -> Result<u64> {
     }
     let mut wrong = 0;
     let mut bus = Vec::new();
+    let mut series = Vec::new();
     for &coll in &args.colls {
+        let (mut points, mut note) = (Vec::new(), None);
         let sizes = if coll == Coll::Barrier {
             vec![0]
         } else {
@@ -154,7 +202,7 @@ async fn rank_main(args: &Args) -> Result<u64> {
             if coll.blocked() {
                 count -= count % p as u64;
             }
-            let m = measure(&comm, args, coll, count as usize).await?;
+            let m = measure(&comm, &device, args, coll, count as usize).await?;
             let algbw = (count * esz) as f64 / m.secs / 1e9;
             let row = report::Row {
                 coll: coll.name(),
@@ -176,10 +224,29 @@ async fn rank_main(args: &Args) -> Result<u64> {
             if row.bytes > 0 {
                 bus.push(row.busbw);
             }
+            points.push((row.bytes, row.busbw));
+            if coll == Coll::Barrier {
+                note = Some(format!("{:.1} us (no size)", row.time_us));
+            }
             if lead {
                 out.row(&row, p)?;
             }
         }
+        series.push(plot::Series {
+            coll: coll.name(),
+            points,
+            note,
+        });
+    }
+    if let (true, Some(path)) = (lead, &args.plot) {
+        let title = format!(
+            "collbench: {p} ranks, {}, {}",
+            args.dtype.name(),
+            device.name()
+        );
+        std::fs::write(path, plot::svg(&title, &series)).map_err(|e| Error::Config {
+            detail: format!("--plot {path}: cannot write the file: {e}"),
+        })?;
     }
     if lead && !bus.is_empty() {
         out.table(&format!(
@@ -194,15 +261,17 @@ async fn rank_main(args: &Args) -> Result<u64> {
 
 async fn measure(
     comm: &Communicator,
+    device: &Device,
     a: &Args,
     coll: Coll,
     count: usize,
 ) -> Result<bench::Measured> {
-    let runs = (a.warmup, a.iters, a.batches);
+    let bytes = (count * a.dtype.size()) as u64;
+    let runs = (a.warmup, a.iters_for(bytes), a.batches);
     let check = a.check == 1;
     macro_rules! go {
         ($t:ty) => {
-            bench::measure::<$t>(comm, coll, count, a.op, a.root, runs, check).await
+            bench::measure::<$t>(comm, device, coll, count, a.op, a.root, runs, check).await
         };
     }
     match a.dtype {
@@ -223,12 +292,12 @@ async fn measure(
 /// file or (with `--json -`) to standard output instead of the table.
 struct Output {
     table: bool,
-    json: Option<Box<dyn Write>>,
+    json: Option<Box<dyn Write + Send>>,
 }
 
 impl Output {
     fn open(a: &Args, lead: bool) -> Result<Output> {
-        let json: Option<Box<dyn Write>> = match a.json.as_deref() {
+        let json: Option<Box<dyn Write + Send>> = match a.json.as_deref() {
             _ if !lead => None,
             None => None,
             Some("-") => Some(Box::new(std::io::stdout())),
