@@ -117,6 +117,8 @@ struct State {
     held: HashMap<u32, Arc<AtomicU64>>,
     /// Reasons peers gave for going, not yet failed (see [`Mailbox::explain`]).
     explained: HashMap<u32, String>,
+    /// Communicators this rank dropped: their late frames are not kept.
+    forgotten: slots::Forgotten,
 }
 
 impl State {
@@ -259,6 +261,19 @@ impl Mailbox {
     pub fn deliver(&self, mut m: Incoming) -> Result<(), Refused> {
         let h = *m.header();
         let mut st = self.lock();
+        let of_comm = matches!(
+            h.kind,
+            FrameKind::Coll | FrameKind::P2p | FrameKind::Skip | FrameKind::Abort
+        );
+        if of_comm && st.forgotten.contains(h.comm_id, h.epoch) {
+            // Nothing can receive it: this rank dropped the communicator.
+            tracing::debug!(
+                src = h.src,
+                comm = h.comm_id,
+                "frame of a dropped communicator"
+            );
+            return Ok(());
+        }
         let in_memory = m
             .in_memory()
             .map(|q| q.iter().map(|c| c.len() as u64).sum::<u64>());
@@ -588,6 +603,7 @@ impl Mailbox {
                 .copied()
                 .collect();
             let coll = st.coll.forget_comm(comm_id, epoch);
+            st.forgotten.add(comm_id, epoch);
             let p2p: Vec<P2pQueue> = pk.iter().filter_map(|k| st.p2p.remove(k)).collect();
             (coll, p2p)
         };

@@ -118,6 +118,40 @@ impl CollSlots {
     }
 }
 
+/// How many dropped communicators a mailbox remembers, to drop their
+/// late frames instead of keeping them for a receive that cannot come.
+const FORGOTTEN: usize = 4096;
+
+/// The communicators (id, epoch) this rank dropped most recently: the
+/// latest [`FORGOTTEN`], so that the record is bounded by a window, not by
+/// the job's length. Communicator ids are not reused (a split's id mixes
+/// its parent's id and call number), so a remembered one never comes back.
+#[derive(Default)]
+pub(super) struct Forgotten {
+    set: std::collections::HashSet<
+        (u64, u32),
+        std::hash::BuildHasherDefault<crate::transport::keyhash::KeyHasher>,
+    >,
+    order: std::collections::VecDeque<(u64, u32)>,
+}
+
+impl Forgotten {
+    pub(super) fn add(&mut self, comm_id: u64, epoch: u32) {
+        if self.set.insert((comm_id, epoch)) {
+            self.order.push_back((comm_id, epoch));
+        }
+        while self.order.len() > FORGOTTEN {
+            if let Some(old) = self.order.pop_front() {
+                self.set.remove(&old);
+            }
+        }
+    }
+
+    pub(super) fn contains(&self, comm_id: u64, epoch: u32) -> bool {
+        self.set.contains(&(comm_id, epoch))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -166,6 +200,12 @@ mod tests {
         assert!(s.is_ready(&key(1, 7, 2, 0)));
 
         assert_eq!(s.forget_comm(7, 1).len(), 1);
+        let mut f = Forgotten::default();
+        for c in 0..FORGOTTEN as u64 + 10 {
+            f.add(c, 0);
+        }
+        assert!(!f.contains(0, 0) && f.contains(10, 0) && !f.contains(10, 1));
+        assert_eq!(f.set.len(), FORGOTTEN, "bounded by the window");
         assert_eq!(s.len(), 1);
         assert!(s.remove(&key(1, 8, 1, 0)).is_some());
         assert_eq!(s.len(), 0);

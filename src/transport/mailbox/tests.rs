@@ -297,3 +297,28 @@ async fn an_aborted_collectives_held_frames_go_with_it() {
     );
     assert_eq!(mb.held(), 0, "the aborted call's frame was kept");
 }
+
+#[tokio::test]
+async fn frames_of_a_dropped_communicator_are_not_kept() {
+    let mb = Arc::new(Mailbox::new());
+    mb.forget_comm(9, 2);
+    // A peer's late point-to-point message and collective frame for it.
+    let frame = |kind, seq| {
+        let mut h = Header::new(kind, 1, 9, 2);
+        h.seq = seq;
+        h.len = 1;
+        h.dtype = DType::U8;
+        Incoming::from_chunks(h, vec![Bytes::from(vec![5u8])])
+    };
+    mb.deliver(frame(FrameKind::P2p, 0)).unwrap();
+    mb.deliver(frame(FrameKind::Coll, 4)).unwrap();
+    assert_eq!(mb.entries(), 0, "a dropped communicator's frames were kept");
+    // The same communicator id at another epoch, and others, are not affected.
+    let mut h = Header::new(FrameKind::P2p, 1, 9, 3);
+    h.len = 1;
+    h.dtype = DType::U8;
+    mb.deliver(Incoming::from_chunks(h, vec![Bytes::from(vec![5u8])]))
+        .unwrap();
+    mb.deliver(p2p(1, 0, 0, 7)).unwrap();
+    assert_eq!(mb.entries(), 2);
+}
