@@ -66,10 +66,7 @@ impl Run {
                 _ = sigs.term.recv() => self.handle_signal(libc::SIGTERM).await,
                 _ = sigs.hup.recv() => self.handle_signal(libc::SIGHUP).await,
                 _ = sigs.usr1.recv() => self.handle_usr1().await,
-                _ = tick.tick() => {
-                    let joined = joined_rx.borrow().clone();
-                    self.handle_tick(&joined).await;
-                }
+                _ = tick.tick() => self.handle_tick(&joined_rx).await,
             }
         }
         if let Some(b) = &self.bar {
@@ -157,7 +154,7 @@ impl Run {
 
     /// Progress lines while forming, `--timeout`, and SIGKILL after the
     /// grace period.
-    async fn handle_tick(&mut self, joined: &[usize]) {
+    async fn handle_tick(&mut self, joined: &tokio::sync::watch::Receiver<Vec<usize>>) {
         let now = Instant::now();
         if self.forming
             && !self.quiet
@@ -170,7 +167,9 @@ impl Run {
             };
             if due {
                 self.last_progress = Some(now);
-                self.job.note(self.job.progress(joined)).await;
+                // The list is read only when a line is due (not every tick).
+                let line = self.job.progress(&joined.borrow());
+                self.job.note(line).await;
             }
         }
         if let (Some(t), State::Running) = (self.timeout, &self.job.state) {
