@@ -419,6 +419,15 @@ pub enum Algorithm {
 }
 
 impl Algorithm {
+    /// Every algorithm.
+    pub const ALL: [Algorithm; 5] = [
+        Algorithm::Ring,
+        Algorithm::RecursiveDoubling,
+        Algorithm::Rabenseifner,
+        Algorithm::Binomial,
+        Algorithm::ScatterAllgather,
+    ];
+
     /// The name used in configuration.
     pub fn name(self) -> &'static str {
         match self {
@@ -437,23 +446,36 @@ impl fmt::Display for Algorithm {
     }
 }
 
+/// A name that is not one of [`Algorithm`]'s (from `str::parse`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct UnknownAlgorithm {
+    /// What was given.
+    pub given: String,
+}
+
+impl fmt::Display for UnknownAlgorithm {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let names: Vec<_> = Algorithm::ALL.iter().map(|a| a.name()).collect();
+        write!(
+            f,
+            "unknown algorithm {:?}; expected one of {}",
+            self.given,
+            names.join(", ")
+        )
+    }
+}
+
+impl std::error::Error for UnknownAlgorithm {}
+
 impl FromStr for Algorithm {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Algorithm, String> {
-        let all = [
-            Algorithm::Ring,
-            Algorithm::RecursiveDoubling,
-            Algorithm::Rabenseifner,
-            Algorithm::Binomial,
-            Algorithm::ScatterAllgather,
-        ];
-        all.into_iter().find(|a| a.name() == s).ok_or_else(|| {
-            let names: Vec<_> = all.iter().map(|a| a.name()).collect();
-            format!(
-                "unknown algorithm {s:?}; expected one of {}",
-                names.join(", ")
-            )
-        })
+    type Err = UnknownAlgorithm;
+    fn from_str(s: &str) -> Result<Algorithm, UnknownAlgorithm> {
+        Algorithm::ALL
+            .into_iter()
+            .find(|a| a.name() == s)
+            .ok_or_else(|| UnknownAlgorithm {
+                given: s.to_string(),
+            })
     }
 }
 

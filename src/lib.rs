@@ -47,7 +47,7 @@ pub use comm::{
     init, init_elastic, init_elastic_with, init_elastic_with_config, init_with, init_with_config,
     Communicator, Membership, Rebuilt,
 };
-pub use config::{Algorithm, Config};
+pub use config::{Algorithm, Config, UnknownAlgorithm};
 pub use datatype::{DType, Element, ReduceOp};
 pub use error::{Error, Result};
 pub use transport::PeerPath;

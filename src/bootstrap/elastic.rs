@@ -50,6 +50,58 @@ pub struct Elastic {
     last: Option<EpochInfo>,
 }
 
+/// Why the membership refused a request (sent to the process as text).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Refusal {
+    /// A member asked about an epoch the job is not at.
+    OtherEpoch {
+        /// The member.
+        id: usize,
+        /// The epoch it asked about.
+        asked: u32,
+        /// The job's epoch.
+        current: u32,
+    },
+    /// A process asked as a member of an epoch it is not a member of.
+    NotMember {
+        /// The process's member id.
+        id: usize,
+        /// The epoch.
+        epoch: u32,
+    },
+    /// The job holds its maximum of ranks already.
+    Full {
+        /// Live members.
+        live: usize,
+        /// Processes admitted and waiting for the next epoch.
+        waiting: usize,
+        /// The job's maximum (`rankrun --elastic MIN:MAX`).
+        max: usize,
+    },
+}
+
+impl std::fmt::Display for Refusal {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Refusal::OtherEpoch { id, asked, current } => write!(
+                f,
+                "member {id} asked to leave epoch {asked}, but the job is at epoch {current}"
+            ),
+            Refusal::NotMember { id, epoch } => write!(
+                f,
+                "member {id} asked to leave epoch {epoch}, but it is not a member of that \
+                 epoch (it was admitted later or has left); it cannot take part in this \
+                 checkpoint"
+            ),
+            Refusal::Full { live, waiting, max } => write!(
+                f,
+                "the job already has {live} rank(s) and {waiting} waiting to join, its maximum \
+                 of {max} (rankrun --elastic MIN:MAX); this process was not admitted"
+            ),
+        }
+    }
+}
+
 impl Elastic {
     /// An elastic job of `min..=max` ranks, not formed yet (epoch 1).
     pub fn new(min: usize, max: usize) -> Elastic {
@@ -106,19 +158,16 @@ impl Elastic {
     /// Member `id` reached the membership point of `epoch`: refused with
     /// the reason if the job is elsewhere or `id` is not a member. Then
     /// call [`Elastic::decide`].
-    pub fn request(&mut self, id: usize, epoch: u32) -> Result<(), String> {
+    pub fn request(&mut self, id: usize, epoch: u32) -> Result<(), Refusal> {
         if self.epoch != epoch {
-            return Err(format!(
-                "member {id} asked to leave epoch {epoch}, but the job is at epoch {}",
-                self.epoch
-            ));
+            return Err(Refusal::OtherEpoch {
+                id,
+                asked: epoch,
+                current: self.epoch,
+            });
         }
         if !self.members.contains(&id) {
-            return Err(format!(
-                "member {id} asked to leave epoch {epoch}, but it is not a member of that \
-                 epoch (it was admitted later or has left); it cannot take part in this \
-                 checkpoint"
-            ));
+            return Err(Refusal::NotMember { id, epoch });
         }
         self.requests.insert(id);
         Ok(())
@@ -176,7 +225,7 @@ impl Elastic {
 
     /// A process asks to join: a place is reserved for it, or the reason
     /// it is refused (the job is at its maximum).
-    pub fn reserve(&mut self) -> Result<(), String> {
+    pub fn reserve(&mut self) -> Result<(), Refusal> {
         // Members known to be gone leave at the next epoch: they hold no place.
         let live = self
             .members
@@ -185,13 +234,11 @@ impl Elastic {
             .count();
         let taken = live + self.pending.len() + self.reserved;
         if taken >= self.max {
-            return Err(format!(
-                "the job already has {} rank(s) and {} waiting to join, its maximum of {} \
-                 (rankrun --elastic MIN:MAX); this process was not admitted",
+            return Err(Refusal::Full {
                 live,
-                self.pending.len() + self.reserved,
-                self.max
-            ));
+                waiting: self.pending.len() + self.reserved,
+                max: self.max,
+            });
         }
         self.reserved += 1;
         Ok(())
@@ -296,7 +343,11 @@ mod tests {
     fn joiners_past_the_maximum_and_epochs_below_the_minimum_are_refused() {
         let mut e = formed(2, 2, 3);
         e.reserve().unwrap();
-        assert!(e.reserve().unwrap_err().contains("maximum of 3"));
+        assert!(e
+            .reserve()
+            .unwrap_err()
+            .to_string()
+            .contains("maximum of 3"));
         e.release();
         e.gone(1);
         e.request(0, 1).unwrap();

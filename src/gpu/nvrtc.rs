@@ -153,15 +153,25 @@ pub(crate) struct Nvrtc {
     pub(crate) version: (i32, i32),
 }
 
+/// Why NVRTC could not be loaded, or could not compile (with its log).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct NvrtcError(String);
+
+impl std::fmt::Display for NvrtcError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
 impl Nvrtc {
     /// Load the library at `path` (a path or a bare name for the dynamic
     /// loader) and ask its version.
-    pub(crate) fn open(path: &Path) -> Result<Nvrtc, String> {
+    pub(crate) fn open(path: &Path) -> Result<Nvrtc, NvrtcError> {
         // SAFETY: loading NVRTC runs its initialisers, which only set up
         // the library itself; it is a plain C library with no init-order
         // requirements.
         let lib = unsafe { libloading::Library::new(path.as_os_str()) }
-            .map_err(|e| format!("{}: {e}", path.display()))?;
+            .map_err(|e| NvrtcError(format!("{}: {e}", path.display())))?;
         let mut n = Nvrtc {
             lib,
             path: path.to_path_buf(),
@@ -176,7 +186,10 @@ impl Nvrtc {
             f(&mut major, &mut minor)
         };
         if r != 0 {
-            return Err(format!("{}: nvrtcVersion failed ({r})", path.display()));
+            return Err(NvrtcError(format!(
+                "{}: nvrtcVersion failed ({r})",
+                path.display()
+            )));
         }
         n.version = (major, minor);
         Ok(n)
@@ -184,14 +197,14 @@ impl Nvrtc {
 
     /// # Safety
     /// `T` must be the C signature of the symbol `name`.
-    unsafe fn sym<T: Copy>(&self, name: &[u8]) -> Result<T, String> {
+    unsafe fn sym<T: Copy>(&self, name: &[u8]) -> Result<T, NvrtcError> {
         // SAFETY: the caller names the symbol's true type.
         unsafe { self.lib.get::<T>(name) }.map(|s| *s).map_err(|e| {
-            format!(
+            NvrtcError(format!(
                 "{}: no symbol {}: {e}",
                 self.path.display(),
                 String::from_utf8_lossy(name)
-            )
+            ))
         })
     }
 
@@ -219,7 +232,7 @@ impl Nvrtc {
     /// Compile CUDA C `src` to PTX (for NVRTC's default architecture, which
     /// every newer GPU's driver compiles further). A compile error carries
     /// NVRTC's log.
-    pub(crate) fn compile(&self, src: &str) -> Result<String, String> {
+    pub(crate) fn compile(&self, src: &str) -> Result<String, NvrtcError> {
         type Create = unsafe extern "C" fn(
             *mut Program,
             *const c_char,
@@ -232,7 +245,7 @@ impl Nvrtc {
         type Size = unsafe extern "C" fn(Program, *mut usize) -> NvrtcResult;
         type Get = unsafe extern "C" fn(Program, *mut c_char) -> NvrtcResult;
         type Destroy = unsafe extern "C" fn(*mut Program) -> NvrtcResult;
-        let src = CString::new(src).map_err(|e| format!("kernel source: {e}"))?;
+        let src = CString::new(src).map_err(|e| NvrtcError(format!("kernel source: {e}")))?;
         let name = c"rankmesh_kernels.cu";
         // SAFETY: each symbol is declared with NVRTC's C signature; every
         // pointer passed lives until the call returns; buffers handed to
@@ -256,7 +269,10 @@ impl Nvrtc {
                 std::ptr::null(),
             );
             if r != 0 {
-                return Err(format!("nvrtcCreateProgram: {}", self.error_string(r)));
+                return Err(NvrtcError(format!(
+                    "nvrtcCreateProgram: {}",
+                    self.error_string(r)
+                )));
             }
             let read = |size: Size, get: Get| -> Result<String, NvrtcResult> {
                 let mut n = 0usize;
@@ -276,14 +292,14 @@ impl Nvrtc {
             let r = compile(prog, 0, std::ptr::null());
             let out = if r != 0 {
                 let log = read(log_size, get_log).unwrap_or_default();
-                Err(format!(
+                Err(NvrtcError(format!(
                     "nvrtcCompileProgram: {}: {}",
                     self.error_string(r),
                     log.trim()
-                ))
+                )))
             } else {
                 read(ptx_size, get_ptx)
-                    .map_err(|r| format!("nvrtcGetPTX: {}", self.error_string(r)))
+                    .map_err(|r| NvrtcError(format!("nvrtcGetPTX: {}", self.error_string(r))))
             };
             destroy(&mut prog);
             out
@@ -377,6 +393,6 @@ mod tests {
         let e = Nvrtc::open(Path::new("/nonexistent/libnvrtc.so.99"))
             .err()
             .unwrap();
-        assert!(e.contains("/nonexistent/libnvrtc.so.99"), "{e}");
+        assert!(e.to_string().contains("/nonexistent/libnvrtc.so.99"), "{e}");
     }
 }

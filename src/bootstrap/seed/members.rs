@@ -58,7 +58,7 @@ pub(super) async fn relay(
                             "this job is not elastic (start it with rankrun --elastic MIN:MAX)"
                                 .to_string(),
                         ),
-                        Some(el) => lock(el).request(rank, epoch).err(),
+                        Some(el) => lock(el).request(rank, epoch).err().map(|r| r.to_string()),
                     };
                     match refused {
                         Some(reason) => {
@@ -183,7 +183,7 @@ pub(super) async fn late_join(
             .reject(&conn, &mut send, RejectKind::Membership, reason)
             .await;
     }
-    let full = lock(el).reserve().err();
+    let full = lock(el).reserve().err().map(|r| r.to_string());
     if let Some(reason) = full {
         tracing::warn!(
             "seed: refused a joiner (pid {} on {}): {reason}",

@@ -164,7 +164,7 @@ pub(super) fn load_kernels(ctx: &Arc<CudaContext>) -> Result<Arc<CudaModule>> {
             Err(e) => {
                 // Bare names the loader does not know are the normal case.
                 if path.is_absolute() {
-                    tried.push(e);
+                    tried.push(e.to_string());
                 }
                 continue;
             }

@@ -608,6 +608,6 @@ mod tests {
         }
         // A compile error carries NVRTC's log.
         let e = nvrtc.compile("this is not CUDA").unwrap_err();
-        assert!(e.contains("nvrtcCompileProgram"), "{e}");
+        assert!(e.to_string().contains("nvrtcCompileProgram"), "{e}");
     }
 }
