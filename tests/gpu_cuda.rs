@@ -13,6 +13,7 @@ use rankmesh::gpu::BoxFut;
 use rankmesh::gpu::{Cuda, CudaBuffer, CudaElement, CudaOptions};
 use rankmesh::testing::{run_local, run_local_with};
 use rankmesh::{Algorithm, Config, ReduceOp, Result};
+use std::io::Write as _;
 
 /// Small chunks and a short ring, so small test buffers go through many
 /// chunks and the ring wraps around.
@@ -28,7 +29,11 @@ fn have_gpu() -> bool {
     match gpu() {
         Ok(_) => true,
         Err(e) => {
-            eprintln!("skipping the CUDA tests: {e}");
+            let _ = writeln!(
+                std::io::stderr(),
+                "\n*** SKIPPED: the CUDA tests: {e} (they run on a machine with an NVIDIA GPU: \
+                 scripts/gpu-check.sh) ***\n"
+            );
             false
         }
     }

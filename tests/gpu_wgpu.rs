@@ -13,6 +13,7 @@ use rankmesh::gpu::BoxFut;
 use rankmesh::gpu::{wgpu, DeviceBuffer, Wgpu, WgpuBuffer, WgpuElement, WgpuOptions};
 use rankmesh::testing::{run_local, run_local_with};
 use rankmesh::{Algorithm, Config, ReduceOp, Result};
+use std::io::Write as _;
 
 /// A device with small chunks and a short ring, so that small test
 /// buffers go through many chunks and the ring wraps around.
@@ -33,7 +34,12 @@ async fn have_gpu() -> bool {
             panic!("CI=true but no GPU adapter is usable: {e}")
         }
         Err(e) => {
-            eprintln!("skipping the wgpu tests: {e}");
+            let _ = writeln!(
+                std::io::stderr(),
+                "\n*** SKIPPED: the wgpu tests: no usable GPU adapter ({e}); without a GPU \
+                 install Mesa's software Vulkan driver: apt-get install mesa-vulkan-drivers \
+                 libvulkan1 ***\n"
+            );
             false
         }
     }

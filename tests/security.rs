@@ -10,6 +10,7 @@ use rankmesh::internals::transport::{P2pKey, Transport};
 use rankmesh::internals::wire::control::{self, JoinReply, JoinRequest, PREFIX_LEN};
 use rankmesh::internals::wire::{FrameKind, Header};
 use rankmesh::{Config, Error, PeerPath};
+use std::io::Write as _;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
@@ -907,7 +908,10 @@ async fn half_hellos_from_another_user_are_closed_at_once() {
             std::env::var("CI").map(|v| v != "true").unwrap_or(true),
             "CI=true but not root: cannot run the other-user test"
         );
-        eprintln!("SKIPPED half_hellos_from_another_user_are_closed_at_once: needs root");
+        let _ = writeln!(
+            std::io::stderr(),
+            "\n*** SKIPPED half_hellos_from_another_user_are_closed_at_once: needs root ***\n"
+        );
         return;
     }
     let (_seed, ranks) = form(2).await;

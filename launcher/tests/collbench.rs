@@ -2,6 +2,7 @@
 //! as its own launcher with JSON lines; real processes over loopback.
 
 use std::io::Read;
+use std::io::Write as _;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -255,9 +256,10 @@ fn the_plot_has_axis_titles_with_units_a_legend_entry_per_collective_and_renders
         .output();
     match render {
         Err(e) if std::env::var("CI").as_deref() != Ok("true") => {
-            eprintln!(
-                "skipping the render check: cannot run rsvg-convert ({e}); \
-                 install it with `apt-get install librsvg2-bin`"
+            let _ = writeln!(
+                std::io::stderr(),
+                "\n*** SKIPPED the render check: cannot run rsvg-convert ({e}); install it \
+                 with `apt-get install librsvg2-bin` ***\n"
             );
         }
         Err(e) => panic!("CI=true but rsvg-convert cannot run: {e}"),
@@ -332,7 +334,11 @@ fn on_wgpu_buffers_every_device_collective_is_exact() {
     ]);
     let (code, out, err) = run(cmd);
     if code != 0 && err.contains("GPU error") && std::env::var("CI").as_deref() != Ok("true") {
-        eprintln!("skipping the collbench wgpu test: no usable adapter: {err}");
+        let _ = writeln!(
+            std::io::stderr(),
+            "\n*** SKIPPED the collbench wgpu test: no usable adapter ({err}); without a GPU \
+             install apt-get install mesa-vulkan-drivers libvulkan1 ***\n"
+        );
         return;
     }
     assert_eq!(code, 0, "stdout:\n{out}\nstderr:\n{err}");
@@ -374,9 +380,10 @@ fn the_open_mpi_comparison_prints_one_row_of_ratios_per_size() {
             Ok("true"),
             "CI=true but Open MPI is missing (openmpi-bin, libopenmpi-dev)"
         );
-        eprintln!(
-            "skipping the Open MPI comparison test: install Open MPI with \
-             `apt-get install openmpi-bin libopenmpi-dev`"
+        let _ = writeln!(
+            std::io::stderr(),
+            "\n*** SKIPPED the Open MPI comparison test: install Open MPI with \
+             `apt-get install openmpi-bin libopenmpi-dev` ***\n"
         );
         return;
     }

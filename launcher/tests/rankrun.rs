@@ -5,6 +5,7 @@
 //! (`cargo test --workspace` builds it), else this package's `probe`
 //! example (built by `cargo test` for this package), and `sh -c` scripts.
 
+use std::io::Write as _;
 use std::io::{BufRead, BufReader, Read};
 use std::path::PathBuf;
 use std::process::{Child, Command, Output, Stdio};
@@ -777,7 +778,8 @@ impl Drop for Netns {
 fn four_ranks_across_two_network_namespaces() {
     // SAFETY: geteuid has no preconditions.
     if unsafe { libc::geteuid() } != 0 {
-        eprintln!(
+        let _ = writeln!(
+            std::io::stderr(),
             "\n\n*** SKIPPED four_ranks_across_two_network_namespaces: needs root \
              (ip netns); CI runs it as root ***\n"
         );

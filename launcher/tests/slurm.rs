@@ -4,6 +4,7 @@
 //! `.ci/run` installs slurm-wlm); without Slurm installed the test fails
 //! when `CI=true` and skips otherwise.
 
+use std::io::Write as _;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
@@ -199,7 +200,10 @@ fn check_ring(out: &Output, n: usize) {
 #[test]
 fn rankrun_places_ranks_with_srun_and_srun_alone_can_start_ranks() {
     if !is_root() {
-        eprintln!("\n*** SKIPPED: needs root (runs slurmctld/slurmd); CI runs as root ***\n");
+        let _ = writeln!(
+            std::io::stderr(),
+            "\n*** SKIPPED: needs root (runs slurmctld/slurmd); CI runs as root ***\n"
+        );
         return;
     }
     if !have("slurmctld") || !have("srun") || !have("munged") {
@@ -207,7 +211,10 @@ fn rankrun_places_ranks_with_srun_and_srun_alone_can_start_ranks() {
             std::env::var("CI").is_err(),
             "Slurm is not installed; .ci/run installs slurm-wlm"
         );
-        eprintln!("\n*** SKIPPED: Slurm is not installed (apt-get install slurm-wlm) ***\n");
+        let _ = writeln!(
+            std::io::stderr(),
+            "\n*** SKIPPED: Slurm is not installed (apt-get install slurm-wlm) ***\n"
+        );
         return;
     }
     let cluster = Cluster::start();
