@@ -20,6 +20,9 @@ struct Rank {
     creds: Credentials,
     addr: SocketAddr,
     endpoint: quinn::Endpoint,
+    /// Next point-to-point message number to each rank (one sequence per
+    /// destination, across tags, as the communicator numbers them).
+    next: std::sync::Mutex<std::collections::HashMap<usize, u64>>,
 }
 
 fn cfg() -> Config {
@@ -57,6 +60,7 @@ async fn join_rank_with(spec: JoinSpec, c: Config) -> rankmesh::Result<Rank> {
         creds: joined.creds,
         addr,
         endpoint: ep,
+        next: Default::default(),
     })
 }
 
@@ -86,14 +90,22 @@ fn p2p_header(src: u32, tag: u64, n: u64, len: u64) -> Header {
     h
 }
 
-/// Send one p2p message from `from` to world rank `to` through the transport.
-async fn send(from: &Rank, to: usize, tag: u64, n: u64, data: &[u8]) {
+/// Send one p2p message from `from` to world rank `to` through the
+/// transport, with the sender's next message number to `to`.
+async fn send(from: &Rank, to: usize, tag: u64, data: &[u8]) {
+    let n = {
+        let mut next = from.next.lock().unwrap();
+        let c = next.entry(to).or_insert(0);
+        *c += 1;
+        *c - 1
+    };
     let h = p2p_header(from.creds.rank as u32, tag, n, data.len() as u64);
     from.transport
         .send(
             to,
             h,
             rankmesh::internals::transport::Payload::Borrowed(data),
+            None,
         )
         .await
         .unwrap();
@@ -115,10 +127,10 @@ async fn recv(at: &Rank, src: u32, tag: u64, limit: Duration) -> Option<Vec<u8>>
     Some(out)
 }
 
-/// Send `data` from `ranks[from]` to `ranks[to]` (message number `n` of
-/// `tag`) and check that it arrives intact within 10 s.
-async fn delivered(ranks: &[Rank], from: usize, to: usize, tag: u64, n: u64, data: &[u8]) {
-    send(&ranks[from], to, tag, n, data).await;
+/// Send `data` from `ranks[from]` to `ranks[to]` on `tag` and check that
+/// it arrives intact within 10 s.
+async fn delivered(ranks: &[Rank], from: usize, to: usize, tag: u64, data: &[u8]) {
+    send(&ranks[from], to, tag, data).await;
     let got = recv(&ranks[to], from as u32, tag, Duration::from_secs(10)).await;
     assert_eq!(got.as_deref(), Some(data), "rank {from} -> {to}, tag {tag}");
 }
@@ -263,7 +275,7 @@ async fn nothing_then_real_passes(ranks: &[Rank], from: u32, to: usize, tag: u64
         recv(&ranks[to], from, tag, Duration::from_millis(300)).await,
         None
     );
-    delivered(ranks, from as usize, to, tag, 0, b"real").await;
+    delivered(ranks, from as usize, to, tag, b"real").await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -341,8 +353,8 @@ async fn garbage_datagrams_do_not_disturb_the_job() {
         }
     }
     // The job still works in both directions.
-    delivered(&ranks, 0, 1, 1, 0, b"ping").await;
-    delivered(&ranks, 1, 0, 1, 0, b"pong").await;
+    delivered(&ranks, 0, 1, 1, b"ping").await;
+    delivered(&ranks, 1, 0, 1, b"pong").await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -494,7 +506,7 @@ async fn same_host_connections_without_the_pair_secret_are_refused() {
     let (_seed, ranks) = form_with(2, c).await;
     let job = ranks[0].creds.job_id.clone();
     // The ranks' own traffic takes the same-host channel.
-    delivered(&ranks, 0, 1, 5, 0, b"first").await;
+    delivered(&ranks, 0, 1, 5, b"first").await;
     assert_eq!(ranks[0].transport.path(1), PeerPath::SameHost);
     let j = job.clone();
     tokio::task::spawn_blocking(move || {
@@ -527,7 +539,7 @@ async fn same_host_connections_without_the_pair_secret_are_refused() {
     .unwrap();
     // The impostor's message did not take message number 1 of tag 5: the
     // real one arrives.
-    delivered(&ranks, 0, 1, 5, 1, b"second").await;
+    delivered(&ranks, 0, 1, 5, b"second").await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -617,8 +629,8 @@ async fn a_process_squatting_a_ranks_same_host_name_gets_no_secret() {
     }
     // Rank 0's messages to rank 1 flow (over QUIC: the name is not rank
     // 1's), small and large.
-    delivered(&ranks, 0, 1, 5, 0, b"small").await;
-    delivered(&ranks, 0, 1, 5, 1, &vec![7u8; 200_000]).await;
+    delivered(&ranks, 0, 1, 5, b"small").await;
+    delivered(&ranks, 0, 1, 5, &vec![7u8; 200_000]).await;
     assert_eq!(ranks[0].transport.path(1), PeerPath::Quic);
     let _ = squatter.kill();
     let _ = squatter.wait();
@@ -863,7 +875,7 @@ async fn hellos(job: &str, count: usize, uid: Option<u32>, full: bool) -> (usize
 async fn half_hellos_are_closed_within_the_hello_deadline() {
     let (_seed, ranks) = form(2).await;
     let job = ranks[0].creds.job_id.clone();
-    delivered(&ranks, 0, 1, 9, 0, b"before").await;
+    delivered(&ranks, 0, 1, 9, b"before").await;
     // As many as the rank reads at once (64): later ones wait their turn.
     let (opened, open) = half_hellos(&job, 60, None).await;
     assert_eq!(opened, 60);
@@ -872,7 +884,7 @@ async fn half_hellos_are_closed_within_the_hello_deadline() {
         "{open} of 60 half-hello connections still held after 2 s"
     );
     let big = vec![0x42u8; 4 << 20];
-    delivered(&ranks, 0, 1, 9, 1, &big).await;
+    delivered(&ranks, 0, 1, 9, &big).await;
     assert_eq!(ranks[0].transport.path(1), PeerPath::SameHost);
 }
 
@@ -889,7 +901,7 @@ async fn hellos_with_a_made_up_secret_are_closed_within_the_hello_deadline() {
         open, 0,
         "{open} of 50 connections with a made-up secret still held after 2 s"
     );
-    delivered(&ranks, 0, 1, 12, 0, b"after").await;
+    delivered(&ranks, 0, 1, 12, b"after").await;
     assert_eq!(ranks[0].transport.path(1), PeerPath::SameHost);
 }
 
@@ -918,8 +930,8 @@ async fn half_hellos_from_another_user_are_closed_at_once() {
     let job = ranks[0].creds.job_id.clone();
     let big = vec![0x17u8; 4 << 20];
     let traffic = async {
-        for n in 0..4 {
-            delivered(&ranks, 0, 1, 11, n, &big).await;
+        for _ in 0..4 {
+            delivered(&ranks, 0, 1, 11, &big).await;
         }
     };
     let ((opened, open), ()) = tokio::join!(half_hellos(&job, 1000, Some(65534)), traffic);
@@ -1077,7 +1089,7 @@ async fn a_certificate_from_an_abandoned_join_gives_its_holder_no_identity() {
     }
     for target in [0, 1] {
         nothing_then_real_passes(&ranks, 2, target, 9).await;
-        delivered(&ranks, target, 2, 10, 0, b"for the real rank 2").await;
+        delivered(&ranks, target, 2, 10, b"for the real rank 2").await;
     }
 }
 
@@ -1197,8 +1209,8 @@ async fn clients_that_never_answer_hold_no_state_at_a_rank() {
     let deaf = flood::Deaf::connect(ranks[1].addr, pki::ALPN_PEER, 300);
     tokio::time::sleep(Duration::from_secs(1)).await;
     let held = ranks[1].endpoint.open_connections();
-    delivered(&ranks, 0, 1, 9, 0, b"through the flood").await;
-    delivered(&ranks, 1, 0, 9, 0, b"and back").await;
+    delivered(&ranks, 0, 1, 9, b"through the flood").await;
+    delivered(&ranks, 1, 0, 9, b"and back").await;
     drop(deaf);
     assert!(
         held <= 24,
@@ -1287,6 +1299,7 @@ async fn a_rank_refuses_a_dialled_server_whose_key_is_not_the_pinned_one() {
             1,
             p2p_header(0, 5, 0, 4),
             rankmesh::internals::transport::Payload::Borrowed(b"real"),
+            None,
         )
         .await
         .expect_err("rank 0 sent to a server whose key is not rank 1's");

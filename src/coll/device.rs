@@ -52,7 +52,7 @@ impl Ctx<'_> {
             let dst = self.members[x.peer];
             if snapshot {
                 let data = staged(work, x.range.clone()).await?;
-                let fut = self.transport.send(dst, h, Payload::Owned(data));
+                let fut = self.transport.send(dst, h, Payload::Owned(data), None);
                 sends.push(Some(Box::pin(async move {
                     fut.await.map_err(|failure| ExecError::Peer { failure })
                 })));
@@ -62,7 +62,7 @@ impl Ctx<'_> {
             let produce = work.download(x.range.clone(), tx);
             let send = self
                 .transport
-                .send(dst, h, Payload::Stream { len, chunks: rx });
+                .send(dst, h, Payload::Stream { len, chunks: rx }, None);
             sends.push(Some(Box::pin(async move {
                 let (p, s) = tokio::join!(produce, send);
                 // The device's own failure explains a send cut short.

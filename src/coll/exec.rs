@@ -232,7 +232,7 @@ impl Ctx<'_> {
             .map(|x| {
                 let payload = data(x);
                 let h = self.header(ph.sub, payload.len());
-                let fut = self.transport.send(self.members[x.peer], h, payload);
+                let fut = self.transport.send(self.members[x.peer], h, payload, None);
                 let f: SendFut<'a> =
                     Box::pin(
                         async move { fut.await.map_err(|failure| ExecError::Peer { failure }) },

@@ -249,7 +249,7 @@ impl Communicator {
             .members
             .iter()
             .filter(|&&w| w != me)
-            .map(|&w| t.send(w, h, Payload::Owned(vec![payload.clone()])))
+            .map(|&w| t.send(w, h, Payload::Owned(vec![payload.clone()]), None))
             .collect();
         let all = async {
             for s in sends {

@@ -228,7 +228,9 @@ struct Inner {
     rank: usize,
     /// World rank of each member, in communicator rank order.
     members: Vec<usize>,
-    p2p_next: Mutex<HashMap<(usize, u32), u64>>,
+    /// Next point-to-point message number per destination (one sequence
+    /// across tags: the receiver orders by it).
+    p2p_next: Mutex<HashMap<usize, u64>>,
     /// Sequence number of the next collective.
     coll_seq: AtomicU64,
 }
@@ -536,6 +538,38 @@ mod tests {
             // is one operation ahead when a count is taken.
             assert!(after <= before + 2, "mailbox entries {before} -> {after}");
             assert_eq!(comms, 1, "communicators in the ledger");
+        }
+    }
+
+    /// Messages on distinct tags leave nothing per tag behind, on the
+    /// receiving side (queues) or the sending side (message numbers).
+    #[tokio::test]
+    async fn messages_on_distinct_tags_leave_the_maps_flat() {
+        let got = crate::testing::run_mem(2, |comm| async move {
+            let mb = || comm.inner.world.transport.mailbox().entries();
+            let numbers = || comm.inner.p2p_next.lock().map(|m| m.len()).unwrap_or(0);
+            comm.barrier().await?;
+            let before = (mb(), numbers());
+            let peer = 1 - comm.rank();
+            for tag in 0..2000u32 {
+                let mut got = [0u32];
+                if comm.rank() == 0 {
+                    comm.send(&[tag], peer, tag).await?;
+                    comm.recv(&mut got, peer, tag).await?;
+                } else {
+                    comm.recv(&mut got, peer, tag).await?;
+                    comm.send(&[tag], peer, tag).await?;
+                }
+                assert_eq!(got[0], tag);
+            }
+            comm.barrier().await?;
+            Ok((before, (mb(), numbers())))
+        })
+        .await
+        .unwrap();
+        for ((mb0, n0), (mb1, n1)) in got {
+            assert!(mb1 <= mb0 + 2, "mailbox entries {mb0} -> {mb1}");
+            assert!(n1 <= n0 + 1, "message numbers kept {n0} -> {n1}");
         }
     }
 }

@@ -12,6 +12,7 @@ use crate::datatype::Element;
 use crate::transport::{P2pKey, Payload};
 use crate::wire::{FrameKind, Header};
 use crate::{Error, Result};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 impl Communicator {
@@ -59,16 +60,6 @@ impl Communicator {
                 ),
             });
         }
-        let n = {
-            let mut next = self
-                .inner
-                .p2p_next
-                .lock()
-                .unwrap_or_else(|p| p.into_inner());
-            let c = next.entry((dst, tag)).or_insert(0);
-            *c += 1;
-            *c - 1
-        };
         let mut h = Header::new(
             FrameKind::P2p,
             self.world_rank(self.rank()) as u32,
@@ -77,22 +68,38 @@ impl Communicator {
         );
         h.dtype = T::DTYPE;
         h.seq = tag as u64;
-        h.sub = n;
         h.len = bytes.len() as u64;
         h.total = data.len() as u64;
         let world_dst = self.world_rank(dst);
-        // If this send does not complete (cancelled, timed out, failed), the
-        // receiver is told to skip message number `n`, so that later
-        // messages of this tag are not held behind it.
+        // The message number is taken when the transport commits the header
+        // (after waiting for a stream or slot, if it must), so that this
+        // send, held back, holds back no later message to that rank.
+        let taken = AtomicU64::new(UNNUMBERED);
+        let stamp = || {
+            let mut next = self
+                .inner
+                .p2p_next
+                .lock()
+                .unwrap_or_else(|p| p.into_inner());
+            let c = next.entry(dst).or_insert(0);
+            let n = *c;
+            *c += 1;
+            taken.store(n, Ordering::Release);
+            n
+        };
+        // If this send does not complete (cancelled, timed out, failed)
+        // after it was numbered, the receiver is told to skip its number,
+        // so that later messages to that rank are not held behind it.
         let mut skip = SkipOnDrop {
             world: Some(self.inner.world.clone()),
             dst: world_dst,
             header: h,
+            taken: &taken,
         };
         let res = self
             .bounded(&op, &[dst], async {
                 self.transport()
-                    .send(world_dst, h, Payload::Borrowed(bytes))
+                    .send(world_dst, h, Payload::Borrowed(bytes), Some(&stamp))
                     .await
                     .map_err(|f| self.lost(&op(), f))
             })
@@ -183,24 +190,34 @@ impl Communicator {
     }
 }
 
+/// A message number not taken yet.
+const UNNUMBERED: u64 = u64::MAX;
+
 /// Sends a Skip frame for a point-to-point message whose send did not
-/// complete (see [`Communicator::send`]).
-struct SkipOnDrop {
+/// complete after it was numbered (see [`Communicator::send`]).
+struct SkipOnDrop<'a> {
     world: Option<Arc<World>>,
     dst: usize,
     header: Header,
+    taken: &'a AtomicU64,
 }
 
-impl Drop for SkipOnDrop {
+impl Drop for SkipOnDrop<'_> {
     fn drop(&mut self) {
         let Some(world) = self.world.take() else {
             return;
         };
+        let n = self.taken.load(Ordering::Acquire);
+        if n == UNNUMBERED {
+            // Never numbered: the receiver waits for nothing.
+            return;
+        }
         let Ok(rt) = tokio::runtime::Handle::try_current() else {
             return;
         };
         let mut h = self.header;
         h.kind = FrameKind::Skip;
+        h.sub = n;
         h.len = 0;
         let dst = self.dst;
         let t = world.transport.clone();
@@ -212,7 +229,7 @@ impl Drop for SkipOnDrop {
             async move {
                 let _ = tokio::time::timeout(
                     std::time::Duration::from_secs(10),
-                    t.send(dst, h, Payload::Owned(Vec::new())),
+                    t.send(dst, h, Payload::Owned(Vec::new()), None),
                 )
                 .await;
             },

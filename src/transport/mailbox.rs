@@ -20,7 +20,6 @@ use super::keyhash::HashMap;
 use super::spin::Spin;
 use crate::wire::{FrameKind, Header};
 use slots::CollSlots;
-use std::collections::{BTreeMap, VecDeque};
 use std::sync::atomic::AtomicU64;
 use std::sync::Arc;
 use std::sync::Mutex;
@@ -54,6 +53,7 @@ pub struct P2pKey {
     /// User tag.
     pub tag: u64,
 }
+mod p2p;
 mod slots;
 
 type Reply = oneshot::Sender<Result<Incoming, Failure>>;
@@ -64,52 +64,9 @@ enum Slot {
 }
 
 #[derive(Default)]
-struct P2pQueue {
-    /// Next message number expected from the sender.
-    next: u64,
-    /// Messages in order, ready to hand out.
-    ready: VecDeque<Incoming>,
-    /// Messages that overtook an earlier one in transit (`None`: the sender
-    /// cancelled that message number; it is skipped).
-    early: BTreeMap<u64, Option<Incoming>>,
-    /// Receives waiting, in the order they were posted.
-    waiters: VecDeque<Reply>,
-}
-
-impl P2pQueue {
-    fn dispatch(&mut self) {
-        while !self.ready.is_empty() {
-            let Some(w) = self.waiters.pop_front() else {
-                return;
-            };
-            if w.is_closed() {
-                continue;
-            }
-            if let Some(m) = self.ready.pop_front() {
-                if let Err(Ok(m)) = w.send(Ok(m)) {
-                    self.ready.push_front(m);
-                }
-            }
-        }
-        self.compact();
-    }
-
-    /// An idle queue keeps only its message number: its buffers go, so
-    /// that a tag used once costs a map entry, not a queue's memory.
-    fn compact(&mut self) {
-        if self.ready.is_empty() && self.early.is_empty() && self.waiters.is_empty() {
-            *self = P2pQueue {
-                next: self.next,
-                ..P2pQueue::default()
-            };
-        }
-    }
-}
-
-#[derive(Default)]
 struct State {
     coll: CollSlots,
-    p2p: HashMap<P2pKey, P2pQueue>,
+    p2p: p2p::P2pQueues,
     gone: HashMap<u32, String>,
     /// The job was aborted: by which world rank, and why.
     job_abort: Option<(u32, String)>,
@@ -208,15 +165,7 @@ impl Drop for Pending<'_> {
                     }
                 }
             },
-            Key::P2p(k) => {
-                if let Some(q) = st.p2p.get_mut(k) {
-                    if let Some(m) = got {
-                        q.ready.push_front(m);
-                    }
-                    q.waiters.retain(|w| !w.is_closed());
-                    q.dispatch();
-                }
-            }
+            Key::P2p(k) => st.p2p.cancelled(*k, got),
         }
     }
 }
@@ -338,34 +287,17 @@ impl Mailbox {
                 }
             }
             FrameKind::P2p | FrameKind::Skip => {
-                let key = P2pKey {
-                    src: h.src,
-                    comm_id: h.comm_id,
-                    epoch: h.epoch,
-                    tag: h.seq,
-                };
-                let q = st.p2p.entry(key).or_default();
-                if h.sub < q.next || q.early.contains_key(&h.sub) {
+                // `sub` numbers the sender's messages to this rank on the
+                // communicator, across tags.
+                let m = (h.kind == FrameKind::P2p).then_some(m);
+                if !st.p2p.arrive(h.src, h.comm_id, h.epoch, h.sub, m) {
                     tracing::warn!(
                         src = h.src,
                         tag = h.seq,
                         n = h.sub,
                         "duplicate p2p frame dropped"
                     );
-                    return Ok(());
                 }
-                let m = (h.kind == FrameKind::P2p).then_some(m);
-                if h.sub == q.next {
-                    q.ready.extend(m);
-                    q.next += 1;
-                    while let Some(m) = q.early.remove(&q.next) {
-                        q.ready.extend(m);
-                        q.next += 1;
-                    }
-                } else {
-                    q.early.insert(h.sub, m);
-                }
-                q.dispatch();
             }
             FrameKind::Bye => {}
         }
@@ -464,24 +396,17 @@ impl Mailbox {
     pub async fn recv_p2p(&self, key: P2pKey) -> Result<Incoming, Failure> {
         let rx = {
             let mut st = self.lock();
-            let gone = st.gone.get(&key.src).cloned();
-            let q = st.p2p.entry(key).or_default();
-            if q.waiters.is_empty() {
-                if let Some(m) = q.ready.pop_front() {
-                    q.compact();
-                    return Ok(m);
-                }
+            if let Some(m) = st.p2p.take(&key) {
+                return Ok(m);
             }
             if let Some(f) = st.job_failure() {
                 return Err(f);
             }
-            let q = st.p2p.entry(key).or_default();
-            if let Some(reason) = gone {
-                return Err(Failure::lost(key.src as usize, reason));
+            if let Some(reason) = st.gone.get(&key.src) {
+                return Err(Failure::lost(key.src as usize, reason.clone()));
             }
             let (tx, rx) = oneshot::channel();
-            q.waiters.push_back(tx);
-            q.dispatch();
+            st.p2p.wait(key, tx);
             rx
         };
         self.wait(Key::P2p(key), key.src, rx).await
@@ -539,13 +464,8 @@ impl Mailbox {
         for w in st.coll.take_waiting(|_, _, s| s == src) {
             fail(w);
         }
-        for (k, q) in st.p2p.iter_mut() {
-            if k.src == src {
-                q.dispatch();
-                while let Some(w) = q.waiters.pop_front() {
-                    fail(w);
-                }
-            }
+        for w in st.p2p.take_waiting(|k| k.src == src) {
+            fail(w);
         }
     }
 
@@ -561,10 +481,8 @@ impl Mailbox {
         for w in st.coll.take_waiting(|_, _, _| true) {
             let _ = w.send(Err(f.clone()));
         }
-        for q in st.p2p.values_mut() {
-            while let Some(w) = q.waiters.pop_front() {
-                let _ = w.send(Err(f.clone()));
-            }
+        for w in st.p2p.take_waiting(|_| true) {
+            let _ = w.send(Err(f.clone()));
         }
     }
 
@@ -595,24 +513,16 @@ impl Mailbox {
     pub fn forget_comm(&self, comm_id: u64, epoch: u32) {
         let (coll, p2p) = {
             let mut st = self.lock();
-            let mine = |c: u64, e: u32| c == comm_id && e == epoch;
-            let pk: Vec<P2pKey> = st
-                .p2p
-                .keys()
-                .filter(|k| mine(k.comm_id, k.epoch))
-                .copied()
-                .collect();
             let coll = st.coll.forget_comm(comm_id, epoch);
             st.forgotten.add(comm_id, epoch);
-            let p2p: Vec<P2pQueue> = pk.iter().filter_map(|k| st.p2p.remove(k)).collect();
-            (coll, p2p)
+            (coll, st.p2p.forget_comm(comm_id, epoch))
         };
         // Dropped outside the lock (a message may own a stream).
         drop((coll, p2p));
     }
 
-    /// Entries of the matching maps: collective slots and point-to-point
-    /// queues (for leak tests).
+    /// Entries of the matching maps: collective slots, point-to-point
+    /// queues and senders' message orders (for leak tests).
     pub fn entries(&self) -> usize {
         let st = self.lock();
         st.coll.len() + st.p2p.len()
@@ -621,11 +531,7 @@ impl Mailbox {
     /// Number of messages and waiting receives held (for leak tests).
     pub fn held(&self) -> usize {
         let st = self.lock();
-        st.coll.len()
-            + st.p2p
-                .values()
-                .map(|q| q.ready.len() + q.early.len() + q.waiters.len())
-                .sum::<usize>()
+        st.coll.len() + st.p2p.held()
     }
 }
 

@@ -4,7 +4,7 @@
 //! moves the same frames as the QUIC transport, so the code under test is the
 //! same; only the wire is missing.
 
-use super::{BoxFut, Failure, Incoming, Mailbox, Payload, Transport};
+use super::{BoxFut, Failure, Incoming, Mailbox, Payload, Stamp, Transport};
 use crate::wire::Header;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -56,8 +56,9 @@ impl Transport for MemTransport {
     fn send<'a>(
         &'a self,
         dst: usize,
-        header: Header,
+        mut header: Header,
         payload: Payload<'a>,
+        stamp: Stamp<'a>,
     ) -> BoxFut<'a, Result<(), Failure>> {
         Box::pin(async move {
             let Some(mb) = self.fabric.mailboxes.get(dst) else {
@@ -75,6 +76,9 @@ impl Transport for MemTransport {
                     "this rank's payload producer stopped early",
                 ));
             };
+            if let Some(s) = stamp {
+                header.sub = s();
+            }
             // The receiver refuses what exceeds its allowance for this
             // sender: the sender learns it as a failure of this send.
             mb.deliver(Incoming::from_chunks(header, chunks))

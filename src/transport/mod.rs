@@ -97,6 +97,13 @@ pub enum PeerPath {
     InProcess,
 }
 
+/// Numbers a point-to-point message when the transport commits its header
+/// to the wire, after any wait for a stream or a same-host slot: a send
+/// held back by flow control then holds no number that later messages to
+/// the same rank, on other tags, would wait behind at the receiver (which
+/// restores each sender's numbering order; `mailbox/p2p.rs`).
+pub type Stamp<'a> = Option<&'a (dyn Fn() -> u64 + Send + Sync)>;
+
 /// Moves messages between the ranks of one job.
 pub trait Transport: Send + Sync + 'static {
     /// This rank's world rank.
@@ -107,12 +114,15 @@ pub trait Transport: Send + Sync + 'static {
 
     /// Send one message to world rank `dst`. Completes once the payload is
     /// owned by the transport (it may not have been received yet).
-    /// `header.len` must equal the total payload length.
+    /// `header.len` must equal the total payload length. With a `stamp`,
+    /// `header.sub` is set to what it returns at the moment the header is
+    /// committed to the wire (see [`Stamp`]).
     fn send<'a>(
         &'a self,
         dst: usize,
         header: Header,
         payload: Payload<'a>,
+        stamp: Stamp<'a>,
     ) -> BoxFut<'a, Result<(), Failure>>;
 
     /// Where received messages wait to be matched.

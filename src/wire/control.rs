@@ -18,8 +18,11 @@ use std::net::SocketAddr;
 
 /// Size of the fixed prefix.
 pub const PREFIX_LEN: usize = 32;
-/// Version of the join protocol this build speaks.
-pub const PROTOCOL_VERSION: u32 = 4;
+/// Version of the join protocol this build speaks. It also stands for the
+/// rank-to-rank frame semantics, so that ranks that would misread each
+/// other's frames are refused at join: 5 numbers point-to-point messages
+/// per sender instead of per tag.
+pub const PROTOCOL_VERSION: u32 = 5;
 /// Largest control body accepted (certificates and peer tables fit easily).
 pub const MAX_BODY: usize = 4 << 20;
 const MAGIC: [u8; 8] = *b"RANKMESH";

@@ -172,13 +172,14 @@ async fn a_sender_beyond_its_allowance_is_refused_until_receives_drain_it() {
     assert_eq!(byte(mb.recv_p2p(key(1, 5)).await.unwrap()).await, 12);
     // Empty messages count too (a flood of them is bounded), and so
     // are returned when received.
+    // (Messages are numbered per sender across tags: 0-2 went on tag 5.)
     let mut h = Header::new(FrameKind::P2p, 1, 0, 0);
     h.seq = 6;
-    for n in 0..2 {
+    for n in 3..5 {
         h.sub = n;
         mb.deliver(Incoming::from_chunks(h, Vec::new())).unwrap();
     }
-    h.sub = 2;
+    h.sub = 5;
     assert!(mb.deliver(Incoming::from_chunks(h, Vec::new())).is_err());
     let _ = mb.recv_p2p(key(1, 6)).await.unwrap();
     mb.deliver(Incoming::from_chunks(h, Vec::new())).unwrap();
@@ -320,5 +321,37 @@ async fn frames_of_a_dropped_communicator_are_not_kept() {
     mb.deliver(Incoming::from_chunks(h, vec![Bytes::from(vec![5u8])]))
         .unwrap();
     mb.deliver(p2p(1, 0, 0, 7)).unwrap();
-    assert_eq!(mb.entries(), 2);
+    // Each: the sender's message order and the tag's queue.
+    assert_eq!(mb.entries(), 4);
+}
+
+/// Messages are numbered per sender across tags: one waits only for the
+/// sender's earlier numbers, a skipped number releases those behind it,
+/// and a tag's queue goes once it is drained.
+#[tokio::test]
+async fn one_numbering_across_tags_orders_and_skips() {
+    let mb = Mailbox::new();
+    // Numbers 1 (tag 7) and 2 (tag 5) overtake number 0.
+    mb.deliver(p2p(1, 7, 1, 71)).unwrap();
+    mb.deliver(p2p(1, 5, 2, 52)).unwrap();
+    assert_eq!(mb.held(), 2);
+    {
+        let mut st = mb.lock();
+        assert!(
+            st.p2p.take(&key(1, 7)).is_none(),
+            "delivered ahead of number 0"
+        );
+    }
+    // Number 0 was cancelled by the sender: the others are released.
+    let mut skip = Header::new(FrameKind::Skip, 1, 0, 0);
+    skip.seq = 5;
+    skip.sub = 0;
+    mb.deliver(Incoming::from_chunks(skip, Vec::new())).unwrap();
+    assert_eq!(byte(mb.recv_p2p(key(1, 7)).await.unwrap()).await, 71);
+    assert_eq!(byte(mb.recv_p2p(key(1, 5)).await.unwrap()).await, 52);
+    // A number seen already is a duplicate, whatever its tag.
+    mb.deliver(p2p(1, 9, 1, 99)).unwrap();
+    assert_eq!(mb.held(), 0, "a duplicate number was kept");
+    // Nothing per tag is left: only the sender's order.
+    assert_eq!(mb.entries(), 1);
 }

@@ -18,7 +18,9 @@ pub(crate) mod places;
 mod receive;
 mod send;
 
-use super::{BoxFut, Broken, Failure, Incoming, Mailbox, Payload, Refused, StreamBody, Transport};
+use super::{
+    BoxFut, Broken, Failure, Incoming, Mailbox, Payload, Refused, Stamp, StreamBody, Transport,
+};
 use crate::config::Config;
 use crate::pki::{self, Credentials};
 use crate::wire::control::{KeyPin, PeerInfo};
@@ -440,8 +442,9 @@ impl Transport for QuicTransport {
         dst: usize,
         header: Header,
         payload: Payload<'a>,
+        stamp: Stamp<'a>,
     ) -> BoxFut<'a, std::result::Result<(), Failure>> {
-        Box::pin(self.sh.send(dst, header, payload))
+        Box::pin(self.sh.send(dst, header, payload, stamp))
     }
 
     fn mailbox(&self) -> &Mailbox {

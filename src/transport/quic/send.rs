@@ -73,8 +73,9 @@ impl Shared {
     pub(super) async fn send(
         self: &Arc<Self>,
         dst: usize,
-        header: Header,
+        mut header: Header,
         payload: Payload<'_>,
+        stamp: Stamp<'_>,
     ) -> std::result::Result<(), Failure> {
         if dst >= self.n_peers() {
             return Err(self.failure(
@@ -86,6 +87,9 @@ impl Shared {
             let Some(chunks) = payload.collect().await else {
                 return Err(self.failure(dst, "this rank's payload producer stopped early".into()));
             };
+            if let Some(s) = stamp {
+                header.sub = s();
+            }
             return self
                 .mailbox
                 .deliver(Incoming::from_chunks(header, chunks))
@@ -100,14 +104,17 @@ impl Shared {
         // Fast path: the same-host channel to `dst` is up (it is forgotten
         // with the QUIC connection, so a later send decides again).
         if let Some(tx) = self.link(dst).local.tx() {
-            return self.send_local(dst, &tx, header, payload).await;
+            return self.send_local(dst, &tx, header, payload, stamp).await;
         }
         let conn = self.connection(dst).await?;
         if let Some(tx) = self.local_tx(dst, &conn).await {
-            return self.send_local(dst, &tx, header, payload).await;
+            return self.send_local(dst, &tx, header, payload, stamp).await;
         }
         let lost = |e: &dyn std::fmt::Display| self.send_failure(dst, format!("send failed: {e}"));
         let s = conn.open_uni().await.map_err(|e| lost(&e))?;
+        if let Some(s) = stamp {
+            header.sub = s();
+        }
         let mut guard = ResetOnDrop(Some(s));
         if let Some(s) = guard.0.as_mut() {
             match payload {

@@ -26,7 +26,7 @@ mod receive;
 mod send;
 
 use super::Shared;
-use crate::transport::{Broken, Failure, Incoming, Payload, Refused, StreamBody};
+use crate::transport::{Broken, Failure, Incoming, Payload, Refused, Stamp, StreamBody};
 use crate::wire::hello::{Hello, HelloKind, HELLO_LEN};
 use crate::wire::{FrameKind, Header, HEADER_LEN};
 use bytes::Bytes;

@@ -155,8 +155,9 @@ impl Shared {
         tx: &LocalTx,
         header: Header,
         payload: Payload<'_>,
+        stamp: Stamp<'_>,
     ) -> std::result::Result<(), Failure> {
-        match self.write_local(dst, tx, header, payload).await {
+        match self.write_local(dst, tx, header, payload, stamp).await {
             Ok(()) => Ok(()),
             Err(SendError::Failed(f)) => Err(f),
             Err(SendError::Io(e)) => {
@@ -188,8 +189,9 @@ impl Shared {
         &self,
         dst: usize,
         tx: &LocalTx,
-        header: Header,
+        mut header: Header,
         payload: Payload<'_>,
+        stamp: Stamp<'_>,
     ) -> std::result::Result<(), SendError> {
         let len = payload.len();
         if len <= self.cfg.eager_limit() {
@@ -212,6 +214,12 @@ impl Shared {
                 }
             }
             let w = tx.main.clone().lock_owned().await;
+            // Numbered once this rank holds the channel: the frame then goes
+            // out whole, in number order with the others on it.
+            if let Some(s) = stamp {
+                header.sub = s();
+                frame[..HEADER_LEN].copy_from_slice(&header.encode());
+            }
             let mut fw = FrameWrite {
                 w: Some(w),
                 frame: Bytes::from(frame),
@@ -237,6 +245,9 @@ impl Shared {
                 )
             })?;
         tx.opened.fetch_add(1, Ordering::AcqRel);
+        if let Some(s) = stamp {
+            header.sub = s();
+        }
         let mut head = [0u8; HELLO_LEN + HEADER_LEN];
         head[..HELLO_LEN].copy_from_slice(&tx.message_hello);
         head[HELLO_LEN..].copy_from_slice(&header.encode());
