@@ -11,9 +11,3 @@ pub mod reduce;
 pub mod transport;
 #[path = "wire/mod.rs"]
 pub mod wire;
-
-/// The formation and membership state machines and the rank's side of the
-/// join protocol (for tests and fuzz targets).
-pub mod bootstrap {
-    pub use crate::bootstrap::{elastic, join, random_job_id, state, Joined, Notices, SeedLink};
-}

@@ -3,8 +3,7 @@
 
 mod flood;
 
-use rankmesh::bootstrap::{JobToken, JoinSpec, Seed, SeedConfig};
-use rankmesh::internals::bootstrap::join;
+use rankmesh::bootstrap::{join, JobToken, JoinSpec, Seed, SeedConfig};
 use rankmesh::internals::pki::{self, Credentials, JobCa, RankKey};
 use rankmesh::internals::transport::quic::{endpoint, QuicTransport};
 use rankmesh::internals::transport::{P2pKey, Transport};

@@ -11,24 +11,15 @@
 //!
 //! Must not depend on `coll` or `comm`.
 
-// The public part is what a launcher needs (a seed, its configuration,
-// the job token, where and how to join); the state machines and the
-// rank's side of the protocol are reachable for rankmesh's own tests and
-// fuzz targets through `rankmesh::internals::bootstrap`.
-#[doc(hidden)]
 pub mod elastic;
 mod join;
 mod seed;
-#[doc(hidden)]
 pub mod state;
 mod token;
 
 pub use crate::pki::JobToken;
-pub use join::JoinSpec;
-#[doc(hidden)]
-pub use join::{join, Joined, Notices, SeedLink};
+pub use join::{join, JoinSpec, Joined, Notices, SeedLink};
 pub use seed::{Seed, SeedConfig};
-#[doc(hidden)]
 pub use token::random_job_id;
 
 use crate::wire::control::{self, ControlError, PREFIX_LEN};
