@@ -230,7 +230,7 @@ pub(crate) fn exact_sides<'h>(
 /// Gathers network chunks (of any size) into staging chunks of exactly
 /// `chunk` bytes (the last one shorter) without copying: a staging chunk is
 /// a list of pieces of the received `Bytes`.
-#[cfg_attr(not(any(feature = "wgpu", feature = "cuda")), allow(dead_code))]
+#[cfg_attr(not(feature = "wgpu"), allow(dead_code))] // the wgpu backend's staging
 pub(crate) struct Packer {
     input: mpsc::Receiver<Bytes>,
     pending: Option<Bytes>,
@@ -238,7 +238,7 @@ pub(crate) struct Packer {
     chunk: usize,
 }
 
-#[cfg_attr(not(any(feature = "wgpu", feature = "cuda")), allow(dead_code))]
+#[cfg_attr(not(feature = "wgpu"), allow(dead_code))] // the wgpu backend's staging
 impl Packer {
     /// Pack `total` bytes from `input` into chunks of `chunk` bytes.
     pub(crate) fn new(input: mpsc::Receiver<Bytes>, total: usize, chunk: usize) -> Packer {
@@ -290,7 +290,7 @@ impl Packer {
 }
 
 /// Copy `pieces` one after the other into `dst` (which holds their total).
-#[cfg_attr(not(any(feature = "wgpu", feature = "cuda")), allow(dead_code))]
+#[cfg_attr(not(feature = "wgpu"), allow(dead_code))] // the wgpu backend's staging
 pub(crate) fn concat_into(pieces: &[Bytes], mut write: impl FnMut(usize, &[u8])) {
     let mut at = 0;
     for p in pieces {

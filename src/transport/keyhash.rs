@@ -42,3 +42,13 @@ impl Hasher for KeyHasher {
 
 /// A map with [`KeyHasher`].
 pub(crate) type HashMap<K, V> = std::collections::HashMap<K, V, BuildHasherDefault<KeyHasher>>;
+
+/// Remove the entries whose key `which` selects; their values, to be
+/// dropped by the caller (outside a lock, when a value may own a stream).
+pub(crate) fn remove_where<K, V>(map: &mut HashMap<K, V>, which: impl Fn(&K) -> bool) -> Vec<V>
+where
+    K: std::hash::Hash + Eq + Copy,
+{
+    let keys: Vec<K> = map.keys().filter(|k| which(k)).copied().collect();
+    keys.iter().filter_map(|k| map.remove(k)).collect()
+}

@@ -7,7 +7,7 @@
 //! communicator.
 
 use super::{P2pKey, Reply};
-use crate::transport::keyhash::HashMap;
+use crate::transport::keyhash::{remove_where, HashMap};
 use crate::transport::Incoming;
 use std::collections::{BTreeMap, VecDeque};
 
@@ -183,25 +183,16 @@ impl P2pQueues {
 
     /// Remove everything kept for communicator `comm_id` at `epoch`.
     pub(super) fn forget_comm(&mut self, comm_id: u64, epoch: u32) -> Dropped {
-        let mine = |c: u64, e: u32| c == comm_id && e == epoch;
-        let keys: Vec<P2pKey> = self
-            .queues
-            .keys()
-            .filter(|k| mine(k.comm_id, k.epoch))
-            .copied()
-            .collect();
-        let peers: Vec<Peer> = self
-            .order
-            .keys()
-            .filter(|p| mine(p.comm_id, p.epoch))
-            .copied()
-            .collect();
         (
-            keys.iter().filter_map(|k| self.queues.remove(k)).collect(),
-            peers
-                .iter()
-                .filter_map(|p| self.order.remove(p).map(|o| o.early))
-                .collect(),
+            remove_where(&mut self.queues, |k| {
+                k.comm_id == comm_id && k.epoch == epoch
+            }),
+            remove_where(&mut self.order, |p| {
+                p.comm_id == comm_id && p.epoch == epoch
+            })
+            .into_iter()
+            .map(|o| o.early)
+            .collect(),
         )
     }
 

@@ -3,7 +3,7 @@
 //! own frames, not a scan of every call held.
 
 use super::{CollKey, Reply, Slot};
-use crate::transport::keyhash::HashMap;
+use crate::transport::keyhash::{remove_where, HashMap};
 
 /// One collective call: (communicator, epoch, sequence number).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -103,13 +103,9 @@ impl CollSlots {
 
     /// Remove everything held for communicator `comm_id` at `epoch`.
     pub(super) fn forget_comm(&mut self, comm_id: u64, epoch: u32) -> Vec<CallSlots> {
-        let calls: Vec<Call> = self
-            .calls
-            .keys()
-            .filter(|c| c.comm_id == comm_id && c.epoch == epoch)
-            .copied()
-            .collect();
-        calls.iter().filter_map(|c| self.calls.remove(c)).collect()
+        remove_where(&mut self.calls, |c| {
+            c.comm_id == comm_id && c.epoch == epoch
+        })
     }
 
     /// Slots held (messages and waiting receives).
