@@ -55,45 +55,47 @@ fn main() {
         .build()
         .expect("runtime");
     let rows = rt
-        .block_on(rankmesh::testing::run_mem(2, move |comm| async move {
-            let mut rows = Vec::new();
-            let mut step = |what: String, before: u64, t: Instant| {
-                rows.push((what, before, rss_kib(), t.elapsed().as_secs_f64()));
-            };
-            // Warm-up: the first allocations of every path.
-            for _ in 0..1000 {
-                comm.all_reduce(&mut [1u32], ReduceOp::Sum).await?;
-            }
-            exchange(&comm, 1000, |_| 0).await?;
-            comm.barrier().await?;
+        .block_on(
+            rankmesh::testing::LocalJob::in_memory(2).run(move |comm| async move {
+                let mut rows = Vec::new();
+                let mut step = |what: String, before: u64, t: Instant| {
+                    rows.push((what, before, rss_kib(), t.elapsed().as_secs_f64()));
+                };
+                // Warm-up: the first allocations of every path.
+                for _ in 0..1000 {
+                    comm.all_reduce(&mut [1u32], ReduceOp::Sum).await?;
+                }
+                exchange(&comm, 1000, |_| 0).await?;
+                comm.barrier().await?;
 
-            let (b, t) = (rss_kib(), Instant::now());
-            for _ in 0..allreduces {
-                comm.all_reduce(&mut [1u32], ReduceOp::Sum).await?;
-            }
-            comm.barrier().await?;
-            step(format!("{allreduces} allreduces of 4 B"), b, t);
+                let (b, t) = (rss_kib(), Instant::now());
+                for _ in 0..allreduces {
+                    comm.all_reduce(&mut [1u32], ReduceOp::Sum).await?;
+                }
+                comm.barrier().await?;
+                step(format!("{allreduces} allreduces of 4 B"), b, t);
 
-            let (b, t) = (rss_kib(), Instant::now());
-            exchange(&comm, one_tag, |_| 1).await?;
-            comm.barrier().await?;
-            step(format!("{one_tag} messages on one tag"), b, t);
+                let (b, t) = (rss_kib(), Instant::now());
+                exchange(&comm, one_tag, |_| 1).await?;
+                comm.barrier().await?;
+                step(format!("{one_tag} messages on one tag"), b, t);
 
-            let (b, t) = (rss_kib(), Instant::now());
-            exchange(&comm, tags, |i| 1000 + i as u32).await?;
-            comm.barrier().await?;
-            step(format!("{tags} messages on distinct tags"), b, t);
+                let (b, t) = (rss_kib(), Instant::now());
+                exchange(&comm, tags, |i| 1000 + i as u32).await?;
+                comm.barrier().await?;
+                step(format!("{tags} messages on distinct tags"), b, t);
 
-            let (b, t) = (rss_kib(), Instant::now());
-            for i in 0..splits {
-                let sub = comm.split(0, comm.rank() as u32).await?;
-                exchange(&sub, 1, |_| i as u32).await?;
-                sub.all_reduce(&mut [1u64; 4], ReduceOp::Sum).await?;
-            }
-            comm.barrier().await?;
-            step(format!("{splits} split/use/drop cycles"), b, t);
-            Ok(rows)
-        }))
+                let (b, t) = (rss_kib(), Instant::now());
+                for i in 0..splits {
+                    let sub = comm.split(0, comm.rank() as u32).await?;
+                    exchange(&sub, 1, |_| i as u32).await?;
+                    sub.all_reduce(&mut [1u64; 4], ReduceOp::Sum).await?;
+                }
+                comm.barrier().await?;
+                step(format!("{splits} split/use/drop cycles"), b, t);
+                Ok(rows)
+            }),
+        )
         .expect("run");
     // Both ranks share this process: rank 0's view carries the figures.
     println!("| phase (2 ranks, one process, in-process transport) | RSS before (MiB) | after (MiB) | growth (MiB) | time (s) |");

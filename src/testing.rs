@@ -2,8 +2,9 @@
 //! its own QUIC endpoint on 127.0.0.1 and mutual TLS, as tasks of the
 //! current tokio runtime. For tests, examples and benchmarks.
 //!
-//! [`run_mem`] runs the same program over the in-process transport instead,
-//! for fast deterministic tests of everything above the network.
+//! [`LocalJob`] picks the transport ([`LocalJob::quic`], or
+//! [`LocalJob::in_memory`] for fast deterministic tests of everything above
+//! the network) and the settings; [`run_local`] is its QUIC shorthand.
 
 use crate::bootstrap::{JoinSpec, Seed, SeedConfig};
 use crate::comm::{init_with, Communicator, World};
@@ -20,17 +21,99 @@ use tokio::task::JoinSet;
 /// and return the outputs in rank order. The first rank error (in time)
 /// becomes the error; the other ranks are then stopped. Everything (tasks,
 /// sockets, memory) is torn down before this returns.
+///
+/// Shorthand for `LocalJob::quic(world_size).run(f)`; [`LocalJob`] also
+/// takes a [`Config`] and runs over the in-process transport.
 pub async fn run_local<F, Fut, T>(world_size: usize, f: F) -> Result<Vec<T>>
 where
     F: Fn(Communicator) -> Fut + Send + Sync + 'static,
     Fut: Future<Output = Result<T>> + Send + 'static,
     T: Send + 'static,
 {
-    run_local_with(world_size, Config::default(), f).await
+    LocalJob::quic(world_size).run(f).await
 }
 
-/// [`run_local`] with explicit settings for every rank.
-pub async fn run_local_with<F, Fut, T>(world_size: usize, config: Config, f: F) -> Result<Vec<T>>
+/// How a [`LocalJob`]'s ranks reach each other.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Fabric {
+    /// A real seed, QUIC endpoints on 127.0.0.1, mutual TLS (and the
+    /// same-host channel unless the config turns it off).
+    Quic,
+    /// The in-process transport: no seed, no sockets.
+    InMemory,
+}
+
+/// A whole job inside one process, as tasks of the current tokio runtime:
+/// pick the transport, optionally the settings every rank uses, then
+/// [`run`](LocalJob::run) the rank program.
+///
+/// ```no_run
+/// # async fn demo() -> rankmesh::Result<()> {
+/// use rankmesh::{testing::LocalJob, Config, ReduceOp};
+/// let mut cfg = Config::default();
+/// cfg.set_op_timeout(std::time::Duration::from_secs(5));
+/// let sums = LocalJob::in_memory(4)
+///     .config(cfg)
+///     .run(|comm| async move {
+///         let mut v = [comm.rank() as u64];
+///         comm.allreduce(&mut v, ReduceOp::Sum).await?;
+///         Ok(v[0])
+///     })
+///     .await?;
+/// assert_eq!(sums, vec![6; 4]);
+/// # Ok(()) }
+/// ```
+#[derive(Clone, Debug)]
+pub struct LocalJob {
+    world_size: usize,
+    fabric: Fabric,
+    config: Config,
+}
+
+impl LocalJob {
+    /// `world_size` ranks joined through a real seed over QUIC on loopback,
+    /// with mutual TLS: what [`run_local`] runs.
+    pub fn quic(world_size: usize) -> LocalJob {
+        LocalJob {
+            world_size,
+            fabric: Fabric::Quic,
+            config: Config::default(),
+        }
+    }
+
+    /// `world_size` ranks connected by the in-process transport: everything
+    /// above the network, fast and deterministic (no seed, no sockets).
+    pub fn in_memory(world_size: usize) -> LocalJob {
+        LocalJob {
+            world_size,
+            fabric: Fabric::InMemory,
+            config: Config::default(),
+        }
+    }
+
+    /// The settings every rank uses (default: `Config::default()`; the
+    /// environment's overrides are not read).
+    pub fn config(mut self, config: Config) -> LocalJob {
+        self.config = config;
+        self
+    }
+
+    /// Run `f` on every rank and return the outputs in rank order; errors
+    /// and teardown as [`run_local`].
+    pub async fn run<F, Fut, T>(self, f: F) -> Result<Vec<T>>
+    where
+        F: Fn(Communicator) -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = Result<T>> + Send + 'static,
+        T: Send + 'static,
+    {
+        match self.fabric {
+            Fabric::Quic => run_quic(self.world_size, self.config, f).await,
+            Fabric::InMemory => run_in_memory(self.world_size, self.config, f).await,
+        }
+    }
+}
+
+async fn run_quic<F, Fut, T>(world_size: usize, config: Config, f: F) -> Result<Vec<T>>
 where
     F: Fn(Communicator) -> Fut + Send + Sync + 'static,
     Fut: Future<Output = Result<T>> + Send + 'static,
@@ -66,18 +149,7 @@ where
     result
 }
 
-/// Run `f` on `world_size` ranks connected by the in-process transport.
-pub async fn run_mem<F, Fut, T>(world_size: usize, f: F) -> Result<Vec<T>>
-where
-    F: Fn(Communicator) -> Fut + Send + Sync + 'static,
-    Fut: Future<Output = Result<T>> + Send + 'static,
-    T: Send + 'static,
-{
-    run_mem_with(world_size, Config::default(), f).await
-}
-
-/// [`run_mem`] with explicit settings for every rank.
-pub async fn run_mem_with<F, Fut, T>(world_size: usize, config: Config, f: F) -> Result<Vec<T>>
+async fn run_in_memory<F, Fut, T>(world_size: usize, config: Config, f: F) -> Result<Vec<T>>
 where
     F: Fn(Communicator) -> Fut + Send + Sync + 'static,
     Fut: Future<Output = Result<T>> + Send + 'static,

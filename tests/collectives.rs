@@ -4,7 +4,7 @@
 //! over the same-host channel.
 
 use half::{bf16, f16};
-use rankmesh::testing::{run_local, run_local_with, run_mem};
+use rankmesh::testing::{run_local, LocalJob};
 use rankmesh::{Algorithm, Communicator, Config, Element, Error, ReduceOp, Result};
 use std::fmt::Debug;
 use std::time::{Duration, Instant};
@@ -165,7 +165,8 @@ async fn check_all_types(comm: Communicator, len: usize) -> Result<()> {
 async fn every_collective_type_and_op_on_1_to_9_ranks_in_memory() {
     for p in 1..=9 {
         for len in [0, 1, 37] {
-            run_mem(p, move |comm| check_all_types(comm, len))
+            LocalJob::in_memory(p)
+                .run(move |comm| check_all_types(comm, len))
                 .await
                 .unwrap();
         }
@@ -184,12 +185,14 @@ async fn every_algorithm_forced_on_the_memory_transport() {
         for p in [1, 2, 3, 5, 6, 8] {
             let mut cfg = Config::default();
             cfg.set_algorithm(Some(algo));
-            rankmesh::testing::run_mem_with(p, cfg, |comm| async move {
-                check_type::<f32>(&comm, 101).await?;
-                check_type::<i64>(&comm, 3).await
-            })
-            .await
-            .unwrap();
+            rankmesh::testing::LocalJob::in_memory(p)
+                .config(cfg)
+                .run(|comm| async move {
+                    check_type::<f32>(&comm, 101).await?;
+                    check_type::<i64>(&comm, 3).await
+                })
+                .await
+                .unwrap();
         }
     }
 }
@@ -200,13 +203,15 @@ async fn collectives_over_quic_on_3_5_7_ranks() {
         for p in [3, 5, 7] {
             let mut cfg = Config::default();
             cfg.set_same_host_channel(same_host);
-            run_local_with(p, cfg, |comm| async move {
-                check_type::<f32>(&comm, 1001).await?;
-                check_type::<u8>(&comm, 5).await?;
-                check_type::<bf16>(&comm, 33).await
-            })
-            .await
-            .unwrap();
+            LocalJob::quic(p)
+                .config(cfg)
+                .run(|comm| async move {
+                    check_type::<f32>(&comm, 1001).await?;
+                    check_type::<u8>(&comm, 5).await?;
+                    check_type::<bf16>(&comm, 33).await
+                })
+                .await
+                .unwrap();
         }
     }
 }
@@ -227,16 +232,18 @@ async fn allreduce_is_bitwise_identical_across_ranks_and_large_odd_lengths_are_e
             // 2 ranks over QUIC, 4 over the same-host channel.
             cfg.set_same_host_channel(p == 4);
             let n = if algo == Algorithm::Ring { len } else { 4099 };
-            let out = run_local_with(p, cfg, move |comm| async move {
-                let r = comm.rank();
-                let mut buf: Vec<f32> = (0..n)
-                    .map(|i| ((i * 31 + r * 17) % 1000) as f32 * 0.1 + 1e-3)
-                    .collect();
-                comm.all_reduce(&mut buf, ReduceOp::Sum).await?;
-                Ok(buf)
-            })
-            .await
-            .unwrap();
+            let out = LocalJob::quic(p)
+                .config(cfg)
+                .run(move |comm| async move {
+                    let r = comm.rank();
+                    let mut buf: Vec<f32> = (0..n)
+                        .map(|i| ((i * 31 + r * 17) % 1000) as f32 * 0.1 + 1e-3)
+                        .collect();
+                    comm.all_reduce(&mut buf, ReduceOp::Sum).await?;
+                    Ok(buf)
+                })
+                .await
+                .unwrap();
             for b in &out[1..] {
                 assert!(
                     b.iter()
@@ -377,38 +384,41 @@ async fn mismatched_calls_fail_on_every_rank_naming_both_sides() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_arguments_are_refused_before_anything_is_sent() {
-    run_mem(2, |comm| async move {
-        let mut small = [0u8; 3];
-        let e = comm.all_gather(&[1u8, 2], &mut small).await.unwrap_err();
-        assert!(e.to_string().contains("size * send.len() = 4"), "{e}");
-        let e = comm.broadcast(&mut small, 7).await.unwrap_err();
-        assert!(e.to_string().contains("root 7 is out of range"), "{e}");
-        // Both ranks made the same (refused) calls, so the next call still works.
-        let mut v = [comm.rank() as u8];
-        comm.all_reduce(&mut v, ReduceOp::Sum).await?;
-        assert_eq!(v, [1]);
-        Ok(())
-    })
-    .await
-    .unwrap();
+    LocalJob::in_memory(2)
+        .run(|comm| async move {
+            let mut small = [0u8; 3];
+            let e = comm.all_gather(&[1u8, 2], &mut small).await.unwrap_err();
+            assert!(e.to_string().contains("size * send.len() = 4"), "{e}");
+            let e = comm.broadcast(&mut small, 7).await.unwrap_err();
+            assert!(e.to_string().contains("root 7 is out of range"), "{e}");
+            // Both ranks made the same (refused) calls, so the next call still works.
+            let mut v = [comm.rank() as u8];
+            comm.all_reduce(&mut v, ReduceOp::Sum).await?;
+            assert_eq!(v, [1]);
+            Ok(())
+        })
+        .await
+        .unwrap();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_rank_that_never_calls_is_named_and_nobody_hangs() {
     let mut cfg = Config::default();
     cfg.set_op_timeout(Duration::from_secs(3));
-    let out = run_local_with(3, cfg, |comm| async move {
-        if comm.rank() == 2 {
-            // Never joins the allreduce.
-            tokio::time::sleep(Duration::from_secs(5)).await;
-            return Ok(String::new());
-        }
-        let mut buf = [1.0f32; 8];
-        let e = comm.all_reduce(&mut buf, ReduceOp::Sum).await.unwrap_err();
-        Ok(e.to_string())
-    })
-    .await
-    .unwrap();
+    let out = LocalJob::quic(3)
+        .config(cfg)
+        .run(|comm| async move {
+            if comm.rank() == 2 {
+                // Never joins the allreduce.
+                tokio::time::sleep(Duration::from_secs(5)).await;
+                return Ok(String::new());
+            }
+            let mut buf = [1.0f32; 8];
+            let e = comm.all_reduce(&mut buf, ReduceOp::Sum).await.unwrap_err();
+            Ok(e.to_string())
+        })
+        .await
+        .unwrap();
     for e in &out[..2] {
         assert!(e.contains("rank 2"), "the culprit is not named: {e}");
     }
@@ -419,17 +429,19 @@ async fn a_rank_that_fails_mid_collective_is_named_at_once() {
     let mut cfg = Config::default();
     cfg.set_op_timeout(Duration::from_secs(120));
     let t = Instant::now();
-    let out = run_local_with(4, cfg, |comm| async move {
-        if comm.rank() == 3 {
-            comm.shutdown_after_error().await;
-            return Ok(String::new());
-        }
-        let mut buf = vec![1u64; 100_000];
-        let e = comm.all_reduce(&mut buf, ReduceOp::Sum).await.unwrap_err();
-        Ok(e.to_string())
-    })
-    .await
-    .unwrap();
+    let out = LocalJob::quic(4)
+        .config(cfg)
+        .run(|comm| async move {
+            if comm.rank() == 3 {
+                comm.shutdown_after_error().await;
+                return Ok(String::new());
+            }
+            let mut buf = vec![1u64; 100_000];
+            let e = comm.all_reduce(&mut buf, ReduceOp::Sum).await.unwrap_err();
+            Ok(e.to_string())
+        })
+        .await
+        .unwrap();
     for e in &out[..3] {
         assert!(e.contains("rank 3"), "the failed rank is not named: {e}");
     }

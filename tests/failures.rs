@@ -2,7 +2,7 @@
 //! and a rank that leaves mid-job is named by every survivor quickly, also
 //! by ranks it never exchanged a message with (the seed tells them).
 
-use rankmesh::testing::{run_local_with, run_mem_with};
+use rankmesh::testing::LocalJob;
 use rankmesh::{Config, Error, ReduceOp};
 use std::time::{Duration, Instant};
 
@@ -53,11 +53,11 @@ fn check_aborted(out: &[String], reason: &str) {
 async fn abort_ends_the_job_for_every_rank_with_its_reason() {
     let t = Instant::now();
     let reason = "loss became NaN at step 17";
-    let out = run_local_with(4, patient(), move |comm| {
-        abort_program(comm, reason, Duration::from_millis(300))
-    })
-    .await
-    .unwrap();
+    let out = LocalJob::quic(4)
+        .config(patient())
+        .run(move |comm| abort_program(comm, reason, Duration::from_millis(300)))
+        .await
+        .unwrap();
     check_aborted(&out, reason);
     assert!(t.elapsed() < Duration::from_secs(60));
 }
@@ -67,28 +67,30 @@ async fn an_abort_is_passed_on_by_ranks_that_end_after_it() {
     // The in-process transport has no seed: the abort reaches ranks 1 and 3
     // only because the ranks that end after it pass it on.
     let reason = "out of memory on the loader";
-    let out = run_mem_with(4, patient(), move |comm| {
-        abort_program(comm, reason, Duration::ZERO)
-    })
-    .await
-    .unwrap();
+    let out = LocalJob::in_memory(4)
+        .config(patient())
+        .run(move |comm| abort_program(comm, reason, Duration::ZERO))
+        .await
+        .unwrap();
     check_aborted(&out, reason);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_rank_that_leaves_mid_job_is_named_by_survivors_it_never_talked_to() {
     let t = Instant::now();
-    let out = run_local_with(4, patient(), |comm| async move {
-        if comm.rank() == 3 {
-            // Leaves without taking part (drops its communicator).
-            return Ok(String::new());
-        }
-        let mut v = vec![1u32; 64];
-        let e = comm.all_reduce(&mut v, ReduceOp::Sum).await.unwrap_err();
-        Ok(e.to_string())
-    })
-    .await
-    .unwrap();
+    let out = LocalJob::quic(4)
+        .config(patient())
+        .run(|comm| async move {
+            if comm.rank() == 3 {
+                // Leaves without taking part (drops its communicator).
+                return Ok(String::new());
+            }
+            let mut v = vec![1u32; 64];
+            let e = comm.all_reduce(&mut v, ReduceOp::Sum).await.unwrap_err();
+            Ok(e.to_string())
+        })
+        .await
+        .unwrap();
     for (r, e) in out[..3].iter().enumerate() {
         assert!(e.contains("rank 3"), "rank {r}: {e}");
     }
@@ -129,20 +131,22 @@ async fn a_waiting_collective_warns_naming_the_rank_it_waits_on() {
     cfg.set_hang_warning(Duration::from_millis(200));
     cfg.set_op_timeout(Duration::from_secs(3));
     cfg.set_flight_dir(Some(dir.clone()));
-    let out = run_local_with(2, cfg, |comm| async move {
-        if comm.rank() == 1 {
-            tokio::time::sleep(Duration::from_secs(4)).await;
-            return Ok(String::new());
-        }
-        let mut v = [0u8; 4];
-        Ok(comm
-            .all_reduce(&mut v, ReduceOp::Max)
-            .await
-            .unwrap_err()
-            .to_string())
-    })
-    .await
-    .unwrap();
+    let out = LocalJob::quic(2)
+        .config(cfg)
+        .run(|comm| async move {
+            if comm.rank() == 1 {
+                tokio::time::sleep(Duration::from_secs(4)).await;
+                return Ok(String::new());
+            }
+            let mut v = [0u8; 4];
+            Ok(comm
+                .all_reduce(&mut v, ReduceOp::Max)
+                .await
+                .unwrap_err()
+                .to_string())
+        })
+        .await
+        .unwrap();
     let log = String::from_utf8_lossy(&LOG.lock().unwrap()).to_string();
     assert!(
         log.contains("has waited") && log.contains("on rank 1"),
@@ -176,21 +180,23 @@ async fn a_trace_file_per_rank_records_every_operation() {
     std::fs::create_dir_all(&dir).unwrap();
     let mut cfg = Config::default();
     cfg.set_trace_file(Some(dir.join("trace.json")));
-    run_local_with(3, cfg, |comm| async move {
-        let mut v = vec![1.0f32; 1000];
-        for _ in 0..3 {
-            comm.all_reduce(&mut v, ReduceOp::Sum).await?;
-        }
-        comm.broadcast(&mut v, 2).await?;
-        if comm.rank() == 0 {
-            comm.send(&v[..4], 1, 9).await?;
-        } else if comm.rank() == 1 {
-            comm.recv(&mut v[..4], 0, 9).await?;
-        }
-        comm.finalize().await
-    })
-    .await
-    .unwrap();
+    LocalJob::quic(3)
+        .config(cfg)
+        .run(|comm| async move {
+            let mut v = vec![1.0f32; 1000];
+            for _ in 0..3 {
+                comm.all_reduce(&mut v, ReduceOp::Sum).await?;
+            }
+            comm.broadcast(&mut v, 2).await?;
+            if comm.rank() == 0 {
+                comm.send(&v[..4], 1, 9).await?;
+            } else if comm.rank() == 1 {
+                comm.recv(&mut v[..4], 0, 9).await?;
+            }
+            comm.finalize().await
+        })
+        .await
+        .unwrap();
     for r in 0..3 {
         let t = std::fs::read_to_string(dir.join(format!("trace.rank{r}.json")))
             .unwrap_or_else(|e| panic!("rank {r}'s trace: {e}"));
@@ -288,19 +294,21 @@ fn a_silent_rank_is_detected_within_the_idle_timeout() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_rank_that_refuses_its_arguments_releases_the_others_at_once() {
     let t = Instant::now();
-    let out = run_local_with(2, patient(), |comm| async move {
-        let mine = [comm.rank() as u32; 3];
-        // Rank 1 passes a receive buffer of the wrong length: refused
-        // locally, and rank 0, already waiting for rank 1's block, is told.
-        let mut all = vec![0u32; if comm.rank() == 1 { 5 } else { 6 }];
-        Ok(comm
-            .all_gather(&mine, &mut all)
-            .await
-            .unwrap_err()
-            .to_string())
-    })
-    .await
-    .unwrap();
+    let out = LocalJob::quic(2)
+        .config(patient())
+        .run(|comm| async move {
+            let mine = [comm.rank() as u32; 3];
+            // Rank 1 passes a receive buffer of the wrong length: refused
+            // locally, and rank 0, already waiting for rank 1's block, is told.
+            let mut all = vec![0u32; if comm.rank() == 1 { 5 } else { 6 }];
+            Ok(comm
+                .all_gather(&mine, &mut all)
+                .await
+                .unwrap_err()
+                .to_string())
+        })
+        .await
+        .unwrap();
     assert!(out[1].contains("size * send.len() = 6"), "{}", out[1]);
     assert!(out[0].contains("rank 1"), "{}", out[0]);
     assert!(out[0].contains("size * send.len() = 6"), "{}", out[0]);

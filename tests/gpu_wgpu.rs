@@ -11,7 +11,7 @@ mod gpu_common;
 use gpu_common::{data, grid, same, Dev, Elem};
 use rankmesh::gpu::BoxFut;
 use rankmesh::gpu::{wgpu, DeviceBuffer, Wgpu, WgpuBuffer, WgpuElement, WgpuOptions};
-use rankmesh::testing::{run_local, run_local_with};
+use rankmesh::testing::{run_local, LocalJob};
 use rankmesh::{Algorithm, Config, ReduceOp, Result};
 use std::io::Write as _;
 
@@ -117,13 +117,15 @@ async fn every_algorithm_matches_the_host_path() {
         for p in [3, 4] {
             let mut cfg = Config::default();
             cfg.set_algorithm(Some(alg));
-            run_local_with(p, cfg, |comm| async move {
-                let gpu = gpu().await?;
-                grid::<f32, _>(&comm, &gpu, false).await?;
-                comm.finalize().await
-            })
-            .await
-            .unwrap_or_else(|e| panic!("{alg:?} on {p} ranks: {e}"));
+            LocalJob::quic(p)
+                .config(cfg)
+                .run(|comm| async move {
+                    let gpu = gpu().await?;
+                    grid::<f32, _>(&comm, &gpu, false).await?;
+                    comm.finalize().await
+                })
+                .await
+                .unwrap_or_else(|e| panic!("{alg:?} on {p} ranks: {e}"));
         }
     }
 }

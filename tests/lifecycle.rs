@@ -3,7 +3,7 @@
 //! still read its data. (That nothing leaks across `run_local` calls is in
 //! `lifecycle_leaks.rs`.)
 
-use rankmesh::testing::{run_local, run_local_with};
+use rankmesh::testing::{run_local, LocalJob};
 use rankmesh::{Config, Error};
 use std::time::{Duration, Instant};
 
@@ -35,18 +35,20 @@ async fn peers_waiting_on_a_failed_rank_get_an_error_naming_it() {
     let mut cfg = Config::default();
     cfg.set_op_timeout(Duration::from_secs(60));
     let t = Instant::now();
-    let out = run_local_with(2, cfg, |comm| async move {
-        if comm.rank() == 1 {
-            // Stop after an error: peers must learn at once.
-            comm.shutdown_after_error().await;
-            return Ok(String::new());
-        }
-        let mut b = [0u8; 4];
-        let e = comm.recv(&mut b, 1, 0).await.unwrap_err();
-        Ok(e.to_string())
-    })
-    .await
-    .unwrap();
+    let out = LocalJob::quic(2)
+        .config(cfg)
+        .run(|comm| async move {
+            if comm.rank() == 1 {
+                // Stop after an error: peers must learn at once.
+                comm.shutdown_after_error().await;
+                return Ok(String::new());
+            }
+            let mut b = [0u8; 4];
+            let e = comm.recv(&mut b, 1, 0).await.unwrap_err();
+            Ok(e.to_string())
+        })
+        .await
+        .unwrap();
     assert!(out[0].contains("peer rank 1"), "{}", out[0]);
     assert!(out[0].contains("recv from rank 1"), "{}", out[0]);
     assert!(

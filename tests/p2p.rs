@@ -2,7 +2,7 @@
 //! channel (the default between ranks of one host), and over the in-process
 //! transport: exactness for every size class, ordering, concurrency.
 
-use rankmesh::testing::{run_local, run_local_with, run_mem};
+use rankmesh::testing::{run_local, LocalJob};
 use rankmesh::{Communicator, Config, Error, PeerPath, Result};
 
 /// Settings that keep every message on QUIC (`same_host: false`) or let
@@ -69,13 +69,15 @@ async fn exact_for_every_size_on_2_3_5_ranks() {
             // Around the eager limit (64 KiB): small messages share the
             // main connection, larger ones get their own stream/connection.
             for len in [0usize, 1, 7, 4099, 65_536, 65_537, 300_001] {
-                run_local_with(n, path(same_host), move |c| async move {
-                    all_pairs(c.clone(), len).await?;
-                    check_paths(&c, want);
-                    Ok(())
-                })
-                .await
-                .unwrap();
+                LocalJob::quic(n)
+                    .config(path(same_host))
+                    .run(move |c| async move {
+                        all_pairs(c.clone(), len).await?;
+                        check_paths(&c, want);
+                        Ok(())
+                    })
+                    .await
+                    .unwrap();
             }
         }
     }
@@ -89,25 +91,27 @@ async fn sixty_four_mib_arrives_exactly() {
 }
 
 async fn sixty_four_mib(same_host: bool) {
-    let out = run_local_with(2, path(same_host), |comm| async move {
-        let len = 64 << 20;
-        if comm.rank() == 0 {
-            let data: Vec<u32> = (0..len / 4)
-                .map(|i| (i as u32).wrapping_mul(2_654_435_761))
-                .collect();
-            comm.send(&data, 1, 1).await?;
-            Ok(true)
-        } else {
-            let mut buf = vec![0u32; len / 4];
-            comm.recv(&mut buf, 0, 1).await?;
-            Ok(buf
-                .iter()
-                .enumerate()
-                .all(|(i, &v)| v == (i as u32).wrapping_mul(2_654_435_761)))
-        }
-    })
-    .await
-    .unwrap();
+    let out = LocalJob::quic(2)
+        .config(path(same_host))
+        .run(|comm| async move {
+            let len = 64 << 20;
+            if comm.rank() == 0 {
+                let data: Vec<u32> = (0..len / 4)
+                    .map(|i| (i as u32).wrapping_mul(2_654_435_761))
+                    .collect();
+                comm.send(&data, 1, 1).await?;
+                Ok(true)
+            } else {
+                let mut buf = vec![0u32; len / 4];
+                comm.recv(&mut buf, 0, 1).await?;
+                Ok(buf
+                    .iter()
+                    .enumerate()
+                    .all(|(i, &v)| v == (i as u32).wrapping_mul(2_654_435_761)))
+            }
+        })
+        .await
+        .unwrap();
     assert!(out[1]);
 }
 
@@ -184,7 +188,10 @@ async fn concurrent_sends_keep_per_tag_order() {
 async fn mem_transport_runs_the_same_program() {
     for n in [1, 2, 3, 5] {
         for len in [0usize, 1, 4099] {
-            run_mem(n, move |c| all_pairs(c, len)).await.unwrap();
+            LocalJob::in_memory(n)
+                .run(move |c| all_pairs(c, len))
+                .await
+                .unwrap();
         }
     }
 }
@@ -246,21 +253,23 @@ async fn send_to_self_works() {
 async fn a_message_over_the_limit_is_refused_by_the_sender() {
     let mut cfg = rankmesh::Config::default();
     cfg.set_max_message_bytes(1000);
-    rankmesh::testing::run_local_with(2, cfg, |comm| async move {
-        if comm.rank() == 0 {
-            let e = comm.send(&[0u8; 1001], 1, 0).await.unwrap_err();
-            assert!(e.to_string().contains("set_max_message_bytes"), "{e}");
-            // The connection is intact: a message within the limit works.
-            comm.send(&[7u8; 1000], 1, 0).await?;
-        } else {
-            let mut b = [0u8; 1000];
-            comm.recv(&mut b, 0, 0).await?;
-            assert_eq!(b, [7u8; 1000]);
-        }
-        Ok(())
-    })
-    .await
-    .unwrap();
+    rankmesh::testing::LocalJob::quic(2)
+        .config(cfg)
+        .run(|comm| async move {
+            if comm.rank() == 0 {
+                let e = comm.send(&[0u8; 1001], 1, 0).await.unwrap_err();
+                assert!(e.to_string().contains("set_max_message_bytes"), "{e}");
+                // The connection is intact: a message within the limit works.
+                comm.send(&[7u8; 1000], 1, 0).await?;
+            } else {
+                let mut b = [0u8; 1000];
+                comm.recv(&mut b, 0, 0).await?;
+                assert_eq!(b, [7u8; 1000]);
+            }
+            Ok(())
+        })
+        .await
+        .unwrap();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -271,50 +280,52 @@ async fn a_cancelled_send_does_not_hold_back_later_messages_of_its_tag() {
 }
 
 async fn cancelled_send(same_host: bool) {
-    run_local_with(2, path(same_host), |comm| async move {
-        // A first message: the connection (and its path) is set up.
-        let mut first = [0u8; 4];
-        if comm.rank() == 0 {
-            comm.send(&[1u8; 4], 1, 2).await?;
-        } else {
-            comm.recv(&mut first, 0, 2).await?;
-        }
-        if comm.rank() == 0 {
-            // 64 MiB cannot leave at once while rank 1 reads nothing (flow
-            // control, socket buffers): cancelled mid-way or before it
-            // started.
-            let big = vec![1u8; 64 << 20];
-            let cancelled =
-                tokio::time::timeout(std::time::Duration::ZERO, comm.send(&big, 1, 3)).await;
-            assert!(cancelled.is_err(), "the send was not cancelled");
-            comm.send(&[9u8; 16], 1, 3).await?;
-            comm.send(&[0u8; 1], 1, 4).await?;
-        } else {
-            let mut go = [0u8; 1];
-            comm.recv(&mut go, 0, 4).await?;
-            // The cancelled message is skipped, or (if its header got out)
-            // received as a broken message; either way the next one arrives.
-            let mut b = [0u8; 16];
-            let mut got = false;
-            let mut errors = Vec::new();
-            for _ in 0..2 {
-                match comm.recv(&mut b, 0, 3).await {
-                    Ok(()) => {
-                        got = true;
-                        break;
-                    }
-                    Err(e) => errors.push(e.to_string()),
-                }
+    LocalJob::quic(2)
+        .config(path(same_host))
+        .run(|comm| async move {
+            // A first message: the connection (and its path) is set up.
+            let mut first = [0u8; 4];
+            if comm.rank() == 0 {
+                comm.send(&[1u8; 4], 1, 2).await?;
+            } else {
+                comm.recv(&mut first, 0, 2).await?;
             }
-            assert!(
-                got && b == [9u8; 16],
-                "later message lost: {b:?}; errors: {errors:?}"
-            );
-        }
-        Ok(())
-    })
-    .await
-    .unwrap();
+            if comm.rank() == 0 {
+                // 64 MiB cannot leave at once while rank 1 reads nothing (flow
+                // control, socket buffers): cancelled mid-way or before it
+                // started.
+                let big = vec![1u8; 64 << 20];
+                let cancelled =
+                    tokio::time::timeout(std::time::Duration::ZERO, comm.send(&big, 1, 3)).await;
+                assert!(cancelled.is_err(), "the send was not cancelled");
+                comm.send(&[9u8; 16], 1, 3).await?;
+                comm.send(&[0u8; 1], 1, 4).await?;
+            } else {
+                let mut go = [0u8; 1];
+                comm.recv(&mut go, 0, 4).await?;
+                // The cancelled message is skipped, or (if its header got out)
+                // received as a broken message; either way the next one arrives.
+                let mut b = [0u8; 16];
+                let mut got = false;
+                let mut errors = Vec::new();
+                for _ in 0..2 {
+                    match comm.recv(&mut b, 0, 3).await {
+                        Ok(()) => {
+                            got = true;
+                            break;
+                        }
+                        Err(e) => errors.push(e.to_string()),
+                    }
+                }
+                assert!(
+                    got && b == [9u8; 16],
+                    "later message lost: {b:?}; errors: {errors:?}"
+                );
+            }
+            Ok(())
+        })
+        .await
+        .unwrap();
 }
 
 /// On the same-host channel, each large message the receiver has not taken
@@ -327,37 +338,39 @@ async fn unreceived_large_messages_are_bounded_by_max_streams_on_the_same_host_c
     cfg.set_max_streams(2);
     // Above the eager limit (64 KiB), well below a socket's buffer.
     let len = 100 << 10;
-    run_local_with(2, cfg, move |comm| async move {
-        if comm.rank() == 0 {
-            comm.send(&pattern(len, 1), 1, 1).await?;
-            comm.send(&pattern(len, 2), 1, 2).await?;
-            let data = pattern(len, 3);
-            let third = comm.send(&data, 1, 3);
-            tokio::pin!(third);
-            let early =
-                tokio::time::timeout(std::time::Duration::from_millis(500), &mut third).await;
-            assert!(
-                early.is_err(),
-                "a third unreceived large message was accepted with max_streams = 2"
-            );
-            assert_eq!(comm.path_to(1)?, PeerPath::SameHost);
-            comm.send(&[1u8], 1, 9).await?;
-            tokio::time::timeout(std::time::Duration::from_secs(60), third)
-                .await
-                .expect("the third send never resumed after a receive")?;
-        } else {
-            let mut go = [0u8; 1];
-            comm.recv(&mut go, 0, 9).await?;
-            for tag in 1..=3u32 {
-                let mut buf = vec![0u8; len];
-                comm.recv(&mut buf, 0, tag).await?;
-                assert!(buf == pattern(len, tag as usize), "tag {tag} differs");
+    LocalJob::quic(2)
+        .config(cfg)
+        .run(move |comm| async move {
+            if comm.rank() == 0 {
+                comm.send(&pattern(len, 1), 1, 1).await?;
+                comm.send(&pattern(len, 2), 1, 2).await?;
+                let data = pattern(len, 3);
+                let third = comm.send(&data, 1, 3);
+                tokio::pin!(third);
+                let early =
+                    tokio::time::timeout(std::time::Duration::from_millis(500), &mut third).await;
+                assert!(
+                    early.is_err(),
+                    "a third unreceived large message was accepted with max_streams = 2"
+                );
+                assert_eq!(comm.path_to(1)?, PeerPath::SameHost);
+                comm.send(&[1u8], 1, 9).await?;
+                tokio::time::timeout(std::time::Duration::from_secs(60), third)
+                    .await
+                    .expect("the third send never resumed after a receive")?;
+            } else {
+                let mut go = [0u8; 1];
+                comm.recv(&mut go, 0, 9).await?;
+                for tag in 1..=3u32 {
+                    let mut buf = vec![0u8; len];
+                    comm.recv(&mut buf, 0, tag).await?;
+                    assert!(buf == pattern(len, tag as usize), "tag {tag} differs");
+                }
             }
-        }
-        Ok(())
-    })
-    .await
-    .unwrap();
+            Ok(())
+        })
+        .await
+        .unwrap();
 }
 
 /// A peer that pushes more small messages than the receiver may hold
@@ -404,9 +417,12 @@ async fn a_peer_pushing_beyond_max_unexpected_bytes_is_cut_off_with_a_clear_erro
         cfg.set_max_unexpected_bytes(256 << 10);
         let run = async {
             if transport == "mem" {
-                rankmesh::testing::run_mem_with(2, cfg, program).await
+                rankmesh::testing::LocalJob::in_memory(2)
+                    .config(cfg)
+                    .run(program)
+                    .await
             } else {
-                run_local_with(2, cfg, program).await
+                LocalJob::quic(2).config(cfg).run(program).await
             }
         };
         let out = tokio::time::timeout(std::time::Duration::from_secs(120), run)

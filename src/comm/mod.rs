@@ -455,12 +455,14 @@ mod tests {
         for window in [17, 0].map(std::time::Duration::from_micros) {
             let mut cfg = crate::Config::default();
             cfg.set_spin_wait(window);
-            let got = crate::testing::run_local_with(2, cfg, |comm| async move {
-                comm.barrier().await?;
-                Ok(comm.inner.world.transport.mailbox().spin_wait())
-            })
-            .await
-            .unwrap();
+            let got = crate::testing::LocalJob::quic(2)
+                .config(cfg)
+                .run(|comm| async move {
+                    comm.barrier().await?;
+                    Ok(comm.inner.world.transport.mailbox().spin_wait())
+                })
+                .await
+                .unwrap();
             assert_eq!(got, [window, window]);
         }
     }
@@ -470,33 +472,34 @@ mod tests {
     /// what they held before.
     #[tokio::test]
     async fn split_use_drop_cycles_leave_nothing_behind() {
-        let got = crate::testing::run_mem(2, |comm| async move {
-            comm.barrier().await?;
-            let world = comm.inner.world.clone();
-            let before = (world.transport.mailbox().entries(), world.ledger.comms());
-            for i in 0..200u32 {
-                let sub = comm.split(0, comm.rank() as u32).await?;
-                let peer = 1 - sub.rank();
-                let mut got = [0u32; 4];
-                if sub.rank() == 0 {
-                    sub.send(&[i; 4], peer, i).await?;
-                    sub.recv(&mut got, peer, i).await?;
-                } else {
-                    sub.recv(&mut got, peer, i).await?;
-                    sub.send(&[i; 4], peer, i).await?;
+        let got = crate::testing::LocalJob::in_memory(2)
+            .run(|comm| async move {
+                comm.barrier().await?;
+                let world = comm.inner.world.clone();
+                let before = (world.transport.mailbox().entries(), world.ledger.comms());
+                for i in 0..200u32 {
+                    let sub = comm.split(0, comm.rank() as u32).await?;
+                    let peer = 1 - sub.rank();
+                    let mut got = [0u32; 4];
+                    if sub.rank() == 0 {
+                        sub.send(&[i; 4], peer, i).await?;
+                        sub.recv(&mut got, peer, i).await?;
+                    } else {
+                        sub.recv(&mut got, peer, i).await?;
+                        sub.send(&[i; 4], peer, i).await?;
+                    }
+                    assert_eq!(got, [i; 4]);
+                    let mut v = [1u64; 3];
+                    sub.all_reduce(&mut v, crate::ReduceOp::Sum).await?;
+                    assert_eq!(v, [2; 3]);
+                    sub.barrier().await?;
                 }
-                assert_eq!(got, [i; 4]);
-                let mut v = [1u64; 3];
-                sub.all_reduce(&mut v, crate::ReduceOp::Sum).await?;
-                assert_eq!(v, [2; 3]);
-                sub.barrier().await?;
-            }
-            comm.barrier().await?;
-            let after = (world.transport.mailbox().entries(), world.ledger.comms());
-            Ok((before, after))
-        })
-        .await
-        .unwrap();
+                comm.barrier().await?;
+                let after = (world.transport.mailbox().entries(), world.ledger.comms());
+                Ok((before, after))
+            })
+            .await
+            .unwrap();
         for ((entries_before, comms_before), (entries, comms)) in got {
             // The peer may be one operation ahead when a count is taken (its
             // next frame already here): one entry of slack, not one a cycle.
@@ -511,28 +514,29 @@ mod tests {
     /// found them (one idle queue for the tag), however many there are.
     #[tokio::test]
     async fn many_collectives_and_messages_on_one_tag_leave_the_maps_flat() {
-        let got = crate::testing::run_mem(2, |comm| async move {
-            let mb = || comm.inner.world.transport.mailbox().entries();
-            comm.barrier().await?;
-            let before = mb();
-            let peer = 1 - comm.rank();
-            for i in 0..2000u32 {
-                let mut v = [i];
-                comm.all_reduce(&mut v, crate::ReduceOp::Max).await?;
-                let mut got = [0u32];
-                if comm.rank() == 0 {
-                    comm.send(&[i], peer, 5).await?;
-                    comm.recv(&mut got, peer, 5).await?;
-                } else {
-                    comm.recv(&mut got, peer, 5).await?;
-                    comm.send(&[i], peer, 5).await?;
+        let got = crate::testing::LocalJob::in_memory(2)
+            .run(|comm| async move {
+                let mb = || comm.inner.world.transport.mailbox().entries();
+                comm.barrier().await?;
+                let before = mb();
+                let peer = 1 - comm.rank();
+                for i in 0..2000u32 {
+                    let mut v = [i];
+                    comm.all_reduce(&mut v, crate::ReduceOp::Max).await?;
+                    let mut got = [0u32];
+                    if comm.rank() == 0 {
+                        comm.send(&[i], peer, 5).await?;
+                        comm.recv(&mut got, peer, 5).await?;
+                    } else {
+                        comm.recv(&mut got, peer, 5).await?;
+                        comm.send(&[i], peer, 5).await?;
+                    }
                 }
-            }
-            comm.barrier().await?;
-            Ok((before, mb(), comm.inner.world.ledger.comms()))
-        })
-        .await
-        .unwrap();
+                comm.barrier().await?;
+                Ok((before, mb(), comm.inner.world.ledger.comms()))
+            })
+            .await
+            .unwrap();
         for (before, after, comms) in got {
             // The tag's idle queue, and one entry of slack for a peer that
             // is one operation ahead when a count is taken.
@@ -545,28 +549,29 @@ mod tests {
     /// receiving side (queues) or the sending side (message numbers).
     #[tokio::test]
     async fn messages_on_distinct_tags_leave_the_maps_flat() {
-        let got = crate::testing::run_mem(2, |comm| async move {
-            let mb = || comm.inner.world.transport.mailbox().entries();
-            let numbers = || comm.inner.p2p_next.lock().map(|m| m.len()).unwrap_or(0);
-            comm.barrier().await?;
-            let before = (mb(), numbers());
-            let peer = 1 - comm.rank();
-            for tag in 0..2000u32 {
-                let mut got = [0u32];
-                if comm.rank() == 0 {
-                    comm.send(&[tag], peer, tag).await?;
-                    comm.recv(&mut got, peer, tag).await?;
-                } else {
-                    comm.recv(&mut got, peer, tag).await?;
-                    comm.send(&[tag], peer, tag).await?;
+        let got = crate::testing::LocalJob::in_memory(2)
+            .run(|comm| async move {
+                let mb = || comm.inner.world.transport.mailbox().entries();
+                let numbers = || comm.inner.p2p_next.lock().map(|m| m.len()).unwrap_or(0);
+                comm.barrier().await?;
+                let before = (mb(), numbers());
+                let peer = 1 - comm.rank();
+                for tag in 0..2000u32 {
+                    let mut got = [0u32];
+                    if comm.rank() == 0 {
+                        comm.send(&[tag], peer, tag).await?;
+                        comm.recv(&mut got, peer, tag).await?;
+                    } else {
+                        comm.recv(&mut got, peer, tag).await?;
+                        comm.send(&[tag], peer, tag).await?;
+                    }
+                    assert_eq!(got[0], tag);
                 }
-                assert_eq!(got[0], tag);
-            }
-            comm.barrier().await?;
-            Ok((before, (mb(), numbers())))
-        })
-        .await
-        .unwrap();
+                comm.barrier().await?;
+                Ok((before, (mb(), numbers())))
+            })
+            .await
+            .unwrap();
         for ((mb0, n0), (mb1, n1)) in got {
             assert!(mb1 <= mb0 + 2, "mailbox entries {mb0} -> {mb1}");
             assert!(n1 <= n0 + 1, "message numbers kept {n0} -> {n1}");
