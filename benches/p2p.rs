@@ -13,9 +13,9 @@
 //! (quinn's floor).
 
 use bytes::Bytes;
-use rankmesh::bootstrap::{JoinSpec, Seed, SeedConfig};
 use rankmesh::internals::pki::{self, Credentials, JobCa, RankKey};
 use rankmesh::internals::transport::quic::endpoint;
+use rankmesh::launch::{JoinSpec, Seed, SeedConfig};
 use rankmesh::{Config, Result};
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -74,12 +74,12 @@ fn bench_rankmesh(same_host: bool) -> (f64, f64) {
 async fn rank(spec: JoinSpec, same_host: bool) -> Result<(f64, f64)> {
     let mut cfg = Config::default();
     // RANKMESH_SPIN_US and the other documented overrides apply here too.
-    rankmesh::env::apply_overrides(&mut cfg)?;
+    rankmesh::launch::apply_env_overrides(&mut cfg)?;
     cfg.set_same_host_channel(same_host);
     if std::env::var_os("P2P_NO_RECORDER").is_some() {
         cfg.set_flight_records(0);
     }
-    let comm = rankmesh::init_with(spec, cfg).await?;
+    let comm = rankmesh::launch::init_with(spec, cfg).await?;
     let r = comm.rank();
     let mut small = [0u8; 8];
     let mut lat = Vec::new();

@@ -16,7 +16,7 @@
 #[path = "../tests/flood/mod.rs"]
 mod flood;
 
-use rankmesh::bootstrap::JoinSpec;
+use rankmesh::launch::JoinSpec;
 use rankmesh::Config;
 use std::time::{Duration, Instant};
 
@@ -35,8 +35,8 @@ async fn form(seed: &flood::SeedChild) -> Duration {
     cfg.set_formation_timeout(Duration::from_secs(120));
     let t0 = Instant::now();
     let (a, b) = tokio::join!(
-        rankmesh::init_with(spec(0), cfg.clone()),
-        rankmesh::init_with(spec(1), cfg.clone())
+        rankmesh::launch::init_with(spec(0), cfg.clone()),
+        rankmesh::launch::init_with(spec(1), cfg.clone())
     );
     let took = t0.elapsed();
     let (a, b) = (a.expect("rank 0"), b.expect("rank 1"));

@@ -96,9 +96,9 @@ pub fn init() -> Result<BlockingCommunicator> {
 }
 
 /// Join the job described by `spec` with explicit settings (as
-/// [`crate::init_with`]).
+/// [`crate::launch::init_with`]).
 pub fn init_with(spec: JoinSpec, cfg: Config) -> Result<BlockingCommunicator> {
-    start(move || Box::pin(crate::init_with(spec, cfg)))
+    start(move || Box::pin(crate::comm::init_with(spec, cfg)))
 }
 
 impl BlockingCommunicator {

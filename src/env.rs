@@ -28,25 +28,28 @@ use crate::{Error, Result};
 use std::net::{IpAddr, SocketAddr, ToSocketAddrs};
 use std::time::Duration;
 
-/// What the launcher told this process.
+/// Where and how a process joins a job: the launch contract. `rankrun`
+/// (or Slurm plus two variables) sets it in the environment
+/// ([`JoinSpec::from_env`]); a program that starts its own seed fills it in
+/// (see `rankmesh::launch`).
 #[derive(Clone, Debug)]
-pub struct LaunchEnv {
-    /// Seed address.
+pub struct JoinSpec {
+    /// The seed's address.
     pub seed: SocketAddr,
-    /// Job token.
+    /// The job token.
     pub token: JobToken,
-    /// World size, when given.
-    pub world_size: Option<usize>,
-    /// Requested rank, when given.
-    pub rank: Option<usize>,
-    /// Job id, when given.
+    /// The job id the rank was started for (checked by the seed when set).
     pub job_id: Option<String>,
-    /// Rank on this host, when given.
-    pub local_rank: Option<usize>,
-    /// Ranks on this host, when given.
-    pub local_size: Option<usize>,
-    /// `RANKMESH_JOIN=1`: join a running elastic job (`rankrun --join`).
-    pub join: bool,
+    /// The rank to ask for (`None`: any free rank).
+    pub rank: Option<usize>,
+    /// The world size the rank expects (checked by the seed when set).
+    pub world_size: Option<usize>,
+    /// This host's name, for messages that name the rank.
+    pub host: String,
+    /// Join an elastic job that is already running: the seed admits the
+    /// process at the job's next membership point (`rank` and `world_size`
+    /// are then ignored). `RANKMESH_JOIN=1`, set by `rankrun --join`.
+    pub late: bool,
 }
 
 type Lookup<'a> = &'a dyn Fn(&str) -> Option<String>;
@@ -80,14 +83,15 @@ fn parse_secs(get: Lookup<'_>, key: &str) -> Result<Option<Duration>> {
     }
 }
 
-impl LaunchEnv {
-    /// Read the contract from the process environment.
-    pub fn from_process() -> Result<LaunchEnv> {
+impl JoinSpec {
+    /// Read the launch contract from the process environment (the table in
+    /// this module's documentation); the host name is this machine's.
+    pub fn from_env() -> Result<JoinSpec> {
         Self::from_lookup(&process_env)
     }
 
     /// Read the contract through `get` (tests pass a map).
-    pub fn from_lookup(get: Lookup<'_>) -> Result<LaunchEnv> {
+    pub(crate) fn from_lookup(get: Lookup<'_>) -> Result<JoinSpec> {
         let seed_s = get("RANKMESH_SEED").ok_or_else(|| {
             Error::config(
                 "RANKMESH_SEED is not set: start this program with `rankrun -n N PROGRAM`, \
@@ -123,15 +127,19 @@ impl LaunchEnv {
                 )));
             }
         }
-        Ok(LaunchEnv {
+        // Placement on this host is read where it is used (the GPU index);
+        // checked here so that a malformed value stops the join, not a
+        // later device open.
+        parse_usize(get, &["RANKMESH_LOCAL_RANK", "SLURM_LOCALID"])?;
+        parse_usize(get, &["RANKMESH_LOCAL_SIZE"])?;
+        Ok(JoinSpec {
             seed,
             token,
             world_size,
             rank,
             job_id: get("RANKMESH_JOB_ID"),
-            local_rank: parse_usize(get, &["RANKMESH_LOCAL_RANK", "SLURM_LOCALID"])?,
-            local_size: parse_usize(get, &["RANKMESH_LOCAL_SIZE"])?,
-            join: match get("RANKMESH_JOIN").as_deref().map(str::trim) {
+            host: hostname(),
+            late: match get("RANKMESH_JOIN").as_deref().map(str::trim) {
                 None | Some("0") | Some("false") => false,
                 Some("1") | Some("true") => true,
                 Some(v) => {
@@ -208,10 +216,12 @@ fn apply_overrides_from(cfg: &mut Config, get: Lookup<'_>) -> Result<()> {
 /// Which GPU this process should use: `RANKMESH_GPU_DEVICE` when set,
 /// else its rank on this host (`RANKMESH_LOCAL_RANK`, else
 /// `SLURM_LOCALID`), else 0. Backends take it modulo their device count.
+#[cfg_attr(not(any(feature = "wgpu", feature = "cuda")), allow(dead_code))]
 pub fn gpu_device_index() -> Result<usize> {
     gpu_device_index_from(&process_env)
 }
 
+#[cfg_attr(not(any(feature = "wgpu", feature = "cuda")), allow(dead_code))]
 fn gpu_device_index_from(get: Lookup<'_>) -> Result<usize> {
     Ok(parse_usize(
         get,
@@ -268,7 +278,7 @@ mod tests {
             ("RANKMESH_RANK", "2"),
             ("RANKMESH_JOB_ID", "abc"),
         ]);
-        let e = LaunchEnv::from_lookup(&|k| m.get(k).cloned()).unwrap();
+        let e = JoinSpec::from_lookup(&|k| m.get(k).cloned()).unwrap();
         assert_eq!(e.seed, "127.0.0.1:5000".parse().unwrap());
         assert_eq!(e.token, tok);
         assert_eq!((e.world_size, e.rank), (Some(4), Some(2)));
@@ -285,20 +295,18 @@ mod tests {
             ("SLURM_PROCID", "5"),
             ("SLURM_LOCALID", "1"),
         ]);
-        let e = LaunchEnv::from_lookup(&|k| m.get(k).cloned()).unwrap();
-        assert_eq!(
-            (e.world_size, e.rank, e.local_rank),
-            (Some(8), Some(5), Some(1))
-        );
+        let e = JoinSpec::from_lookup(&|k| m.get(k).cloned()).unwrap();
+        assert_eq!((e.world_size, e.rank), (Some(8), Some(5)));
+        assert_eq!(gpu_device_index_from(&|k| m.get(k).cloned()).unwrap(), 1);
     }
 
     #[test]
     fn missing_or_bad_values_say_what_to_do() {
         let m = env(&[]);
-        let e = LaunchEnv::from_lookup(&|k| m.get(k).cloned()).unwrap_err();
+        let e = JoinSpec::from_lookup(&|k| m.get(k).cloned()).unwrap_err();
         assert!(e.to_string().contains("rankrun"), "{e}");
         let m = env(&[("RANKMESH_SEED", "127.0.0.1:1")]);
-        let e = LaunchEnv::from_lookup(&|k| m.get(k).cloned()).unwrap_err();
+        let e = JoinSpec::from_lookup(&|k| m.get(k).cloned()).unwrap_err();
         assert!(e.to_string().contains("RANKMESH_TOKEN"), "{e}");
         let tok = JobToken::generate().unwrap().to_hex();
         let m = env(&[
@@ -306,7 +314,7 @@ mod tests {
             ("RANKMESH_TOKEN", &tok),
             ("RANKMESH_RANK", "x"),
         ]);
-        let e = LaunchEnv::from_lookup(&|k| m.get(k).cloned()).unwrap_err();
+        let e = JoinSpec::from_lookup(&|k| m.get(k).cloned()).unwrap_err();
         assert!(e.to_string().contains("RANKMESH_RANK"), "{e}");
         let m = env(&[
             ("RANKMESH_SEED", "127.0.0.1:1"),
@@ -314,7 +322,7 @@ mod tests {
             ("RANKMESH_RANK", "4"),
             ("RANKMESH_WORLD_SIZE", "4"),
         ]);
-        assert!(LaunchEnv::from_lookup(&|k| m.get(k).cloned()).is_err());
+        assert!(JoinSpec::from_lookup(&|k| m.get(k).cloned()).is_err());
     }
 
     #[test]

@@ -29,23 +29,23 @@ mod boxfut;
 mod tags;
 
 pub mod blocking;
-pub mod bootstrap;
 mod coll;
 mod comm;
-pub mod config;
-pub mod datatype;
-pub mod env;
+mod config;
+mod datatype;
+mod env;
 mod error;
 pub mod gpu;
+pub mod launch;
 pub mod testing;
 
 #[doc(hidden)]
 pub mod internals;
-pub(crate) use internals::{pki, reduce, transport, wire};
+pub(crate) use internals::{bootstrap, pki, reduce, transport, wire};
 
 pub use comm::{
-    init, init_elastic, init_elastic_with, init_elastic_with_config, init_with, init_with_config,
-    Communicator, Membership, Rebuilt,
+    init, init_elastic, init_elastic_with_config, init_with_config, Communicator, Membership,
+    Rebuilt,
 };
 pub use config::{Algorithm, Config, UnknownAlgorithm};
 pub use datatype::{DType, Element, ReduceOp};

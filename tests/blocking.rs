@@ -1,6 +1,6 @@
 //! The synchronous facade: ranks on plain threads, no async in sight.
 
-use rankmesh::bootstrap::{JoinSpec, Seed, SeedConfig};
+use rankmesh::launch::{JoinSpec, Seed, SeedConfig};
 use rankmesh::{blocking, Config, ReduceOp, Result};
 use std::net::{IpAddr, Ipv4Addr};
 

@@ -129,13 +129,15 @@ async fn wrong_token_and_joiners_beyond_the_maximum_are_refused() {
     let first = first_ranks(&seed, 2).await;
     // A wrong token.
     let mut bad = spec(&seed, None, None);
-    bad.token = rankmesh::bootstrap::JobToken::generate().unwrap();
-    let e = rankmesh::init_elastic_with(bad, cfg()).await.unwrap_err();
+    bad.token = rankmesh::launch::JobToken::generate().unwrap();
+    let e = rankmesh::launch::init_elastic_with(bad, cfg())
+        .await
+        .unwrap_err();
     assert!(matches!(e, Error::Auth { .. }), "{e}");
     // One joiner fits (maximum 3); a second does not.
     let ok = joiners(&seed, 1);
     queued(&seed, 1).await;
-    let e = rankmesh::init_elastic_with(spec(&seed, None, None), cfg())
+    let e = rankmesh::launch::init_elastic_with(spec(&seed, None, None), cfg())
         .await
         .unwrap_err()
         .to_string();

@@ -231,7 +231,7 @@ async fn a_trace_file_per_rank_records_every_operation() {
 /// long before the operation timeout.
 #[test]
 fn a_silent_rank_is_detected_within_the_idle_timeout() {
-    use rankmesh::bootstrap::{JoinSpec, Seed, SeedConfig};
+    use rankmesh::launch::{JoinSpec, Seed, SeedConfig};
     let rt = |threads: usize| {
         tokio::runtime::Builder::new_multi_thread()
             .worker_threads(threads)
@@ -264,7 +264,7 @@ fn a_silent_rank_is_detected_within_the_idle_timeout() {
             .build()
             .unwrap();
         rt.block_on(async move {
-            let comm = rankmesh::init_with(s1, c1).await.unwrap();
+            let comm = rankmesh::launch::init_with(s1, c1).await.unwrap();
             comm.send(&[1u8], 0, 0).await.unwrap();
             // Let the message go out, then freeze this rank's only thread.
             tokio::time::sleep(Duration::from_millis(500)).await;
@@ -275,7 +275,7 @@ fn a_silent_rank_is_detected_within_the_idle_timeout() {
     let t = Instant::now();
     let err = rt(1)
         .block_on(async move {
-            let comm = rankmesh::init_with(s0, c0).await.unwrap();
+            let comm = rankmesh::launch::init_with(s0, c0).await.unwrap();
             let mut b = [0u8; 1];
             comm.recv(&mut b, 1, 0).await.unwrap();
             let e = comm.recv(&mut b, 1, 0).await.unwrap_err();

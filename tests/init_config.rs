@@ -2,7 +2,7 @@
 //! overriding the same settings (as they override the defaults in `init`).
 //! Its own test binary: it sets this process's environment.
 
-use rankmesh::bootstrap::{Seed, SeedConfig};
+use rankmesh::launch::{Seed, SeedConfig};
 use rankmesh::Config;
 use std::time::Duration;
 

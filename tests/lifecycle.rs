@@ -107,7 +107,7 @@ async fn operations_after_finalize_are_errors() {
 /// again (from a fresh UDP port) until the seed answers.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_rank_retries_an_unanswered_seed_handshake_from_a_new_port() {
-    use rankmesh::bootstrap::{JobToken, JoinSpec, Seed, SeedConfig};
+    use rankmesh::launch::{JobToken, JoinSpec, Seed, SeedConfig};
     // Reserve the seed's port with a socket that reads and drops everything.
     let sink = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
     let addr = sink.local_addr().unwrap();
@@ -128,7 +128,7 @@ async fn a_rank_retries_an_unanswered_seed_handshake_from_a_new_port() {
     cfg.set_idle_timeout(Duration::from_millis(700));
     cfg.set_keep_alive(Duration::from_millis(200));
     cfg.set_formation_timeout(Duration::from_secs(60));
-    let rank = tokio::spawn(rankmesh::init_with(spec, cfg));
+    let rank = tokio::spawn(rankmesh::launch::init_with(spec, cfg));
     // The first attempt's packets arrive and get no answer.
     let swallowed = tokio::task::spawn_blocking(move || {
         let (mut n, mut from) = (0, None);

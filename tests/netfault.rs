@@ -5,7 +5,7 @@
 //! rank is a thread that entered its namespace before creating its socket.
 //! Traffic goes only to the addresses the test assigned.
 
-use rankmesh::bootstrap::{JoinSpec, Seed, SeedConfig};
+use rankmesh::launch::{JoinSpec, Seed, SeedConfig};
 use rankmesh::{Config, ReduceOp};
 use std::net::SocketAddr;
 use std::process::Command;
@@ -197,7 +197,7 @@ fn job_on<T: Send + 'static>(
             let body = body.clone();
             h.spawn(r / 2, move || {
                 runtime().block_on(async move {
-                    let comm = rankmesh::init_with(spec, cfg).await.expect("join");
+                    let comm = rankmesh::launch::init_with(spec, cfg).await.expect("join");
                     body(comm).await
                 })
             })

@@ -3,12 +3,13 @@
 
 mod flood;
 
-use rankmesh::bootstrap::{join, JobToken, JoinSpec, Seed, SeedConfig};
+use rankmesh::internals::bootstrap::join;
 use rankmesh::internals::pki::{self, Credentials, JobCa, RankKey};
 use rankmesh::internals::transport::quic::{endpoint, QuicTransport};
 use rankmesh::internals::transport::{P2pKey, Transport};
 use rankmesh::internals::wire::control::{self, JoinReply, JoinRequest, PREFIX_LEN};
 use rankmesh::internals::wire::{FrameKind, Header};
+use rankmesh::launch::{JobToken, JoinSpec, Seed, SeedConfig};
 use rankmesh::{Config, Error, PeerPath};
 use std::io::Write as _;
 use std::net::SocketAddr;
@@ -1101,7 +1102,12 @@ async fn an_elastic_join_abandoned_after_its_certificate_gives_its_holder_no_ide
     sc.set_elastic(1, 4);
     let seed = Seed::start(sc).unwrap();
     let first: Vec<_> = (0..2)
-        .map(|r| tokio::spawn(rankmesh::init_elastic_with(spec(&seed, r, 2), cfg())))
+        .map(|r| {
+            tokio::spawn(rankmesh::launch::init_elastic_with(
+                spec(&seed, r, 2),
+                cfg(),
+            ))
+        })
         .collect();
     let mut comms = Vec::new();
     for h in first {
@@ -1113,7 +1119,7 @@ async fn an_elastic_join_abandoned_after_its_certificate_gives_its_holder_no_ide
     late.late = true;
     let stolen = abandoned_join(late.clone()).await;
     assert_eq!(stolen.id, 2);
-    let joiner = tokio::spawn(rankmesh::init_elastic_with(late, cfg()));
+    let joiner = tokio::spawn(rankmesh::launch::init_elastic_with(late, cfg()));
     for _ in 0..600 {
         if seed.waiting_joiners() >= 1 {
             break;

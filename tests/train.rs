@@ -174,7 +174,7 @@ async fn plot_draws_the_loss_curve_as_svg() {
 /// ranks end with identical parameters, close to an uninterrupted run.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn elastic_training_grows_and_matches_an_uninterrupted_run() {
-    use rankmesh::bootstrap::{JoinSpec, Seed, SeedConfig};
+    use rankmesh::launch::{JoinSpec, Seed, SeedConfig};
     let data = Arc::new(train::load_data());
     let cfg = TrainConfig {
         elastic: true,
@@ -200,7 +200,7 @@ async fn elastic_training_grows_and_matches_an_uninterrupted_run() {
     let start = |rank: Option<usize>| {
         let (data, cfg, spec, mut gate) = (data.clone(), cfg.clone(), spec(rank), gate.clone());
         tokio::spawn(async move {
-            let s = rankmesh::init_elastic_with(spec, rankmesh::Config::default())
+            let s = rankmesh::launch::init_elastic_with(spec, rankmesh::Config::default())
                 .await
                 .expect("join");
             gate.wait_for(|g| *g).await.expect("gate");

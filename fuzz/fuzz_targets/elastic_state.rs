@@ -7,7 +7,7 @@
 //! job's maximum.
 
 use libfuzzer_sys::fuzz_target;
-use rankmesh::bootstrap::elastic::{Decision, Elastic};
+use rankmesh::internals::bootstrap::elastic::{Decision, Elastic};
 use rankmesh::internals::wire::control::{KeyPin, PeerInfo};
 use std::collections::BTreeSet;
 

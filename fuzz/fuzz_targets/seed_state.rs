@@ -6,7 +6,7 @@
 //! stays so.
 
 use libfuzzer_sys::fuzz_target;
-use rankmesh::bootstrap::state::{Decision, JoinInfo, Phase, SeedState};
+use rankmesh::internals::bootstrap::state::{Decision, JoinInfo, Phase, SeedState};
 use rankmesh::internals::wire::control::{KeyPin, PeerInfo};
 use std::time::{Duration, Instant};
 

@@ -6,7 +6,7 @@ use crate::cli::{Mode, Plan, TagMode};
 use crate::output::{self, Sink};
 use crate::place::{self, Placement};
 use crate::spawn;
-use rankmesh::bootstrap::{Seed, SeedConfig};
+use rankmesh::launch::{Seed, SeedConfig};
 use std::ffi::OsString;
 use std::net::SocketAddr;
 use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
@@ -58,7 +58,7 @@ pub(crate) fn join_token(plan: &Plan) -> Result<String, String> {
                 .to_string()
         })?,
     };
-    rankmesh::bootstrap::JobToken::from_hex(raw.trim())
+    rankmesh::launch::JobToken::from_hex(raw.trim())
         .map(|t| t.to_hex())
         .map_err(|e| e.to_string())
 }

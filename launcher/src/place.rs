@@ -88,7 +88,7 @@ pub fn parse_hostfile(text: &str) -> Result<Vec<HostSpec>, String> {
 
 /// This machine's host name.
 pub fn hostname() -> String {
-    rankmesh::env::hostname()
+    rankmesh::launch::hostname()
 }
 
 /// Whether `host` names this machine (started without the launch agent).

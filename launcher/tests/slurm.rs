@@ -242,9 +242,9 @@ fn rankrun_places_ranks_with_srun_and_srun_alone_can_start_ranks() {
         .expect("runtime");
     let seed = rt
         .block_on(async {
-            let mut cfg = rankmesh::bootstrap::SeedConfig::new(2);
+            let mut cfg = rankmesh::launch::SeedConfig::new(2);
             cfg.set_bind("0.0.0.0:0".parse().expect("addr"));
-            rankmesh::bootstrap::Seed::start(cfg)
+            rankmesh::launch::Seed::start(cfg)
         })
         .expect("seed");
     let port = seed.addr().expect("seed addr").port();

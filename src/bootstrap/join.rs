@@ -3,7 +3,7 @@
 use super::token::{Direction, SessionProof};
 use super::{read_msg, write_msg};
 use crate::config::Config;
-use crate::pki::JobToken;
+use crate::env::JoinSpec;
 use crate::pki::{self, Credentials, RankKey};
 use crate::transport::quic::endpoint;
 use crate::wire::control::{
@@ -15,42 +15,6 @@ use rustls::pki_types::CertificateDer;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
-
-/// Where and how to join a job.
-#[derive(Clone, Debug)]
-pub struct JoinSpec {
-    /// The seed's address.
-    pub seed: SocketAddr,
-    /// The job token.
-    pub token: JobToken,
-    /// The job id the rank was started for (checked by the seed when set).
-    pub job_id: Option<String>,
-    /// The rank to ask for (`None`: any free rank).
-    pub rank: Option<usize>,
-    /// The world size the rank expects (checked by the seed when set).
-    pub world_size: Option<usize>,
-    /// This host's name, for messages that name the rank.
-    pub host: String,
-    /// Join an elastic job that is already running: the seed admits the
-    /// process at the job's next membership point (`rank` and `world_size`
-    /// are then ignored).
-    pub late: bool,
-}
-
-impl JoinSpec {
-    /// The join request the launcher's environment describes.
-    pub fn from_launch(launch: &crate::env::LaunchEnv) -> JoinSpec {
-        JoinSpec {
-            seed: launch.seed,
-            token: launch.token.clone(),
-            job_id: launch.job_id.clone(),
-            rank: launch.rank,
-            world_size: launch.world_size,
-            host: crate::env::hostname(),
-            late: launch.join,
-        }
-    }
-}
 
 /// The connection to the seed, held for the job's lifetime: the seed tells
 /// the rank when another rank leaves, and relays a rank's abort to all.

@@ -17,8 +17,9 @@ mod seed;
 pub mod state;
 mod token;
 
+pub use crate::env::JoinSpec;
 pub use crate::pki::JobToken;
-pub use join::{join, JoinSpec, Joined, Notices, SeedLink};
+pub use join::{join, Joined, Notices, SeedLink};
 pub use seed::{Seed, SeedConfig};
 pub use token::random_job_id;
 

@@ -2,9 +2,9 @@
 
 use super::elastic::{enter_admitted, Membership, Rebuilt};
 use super::{Communicator, World};
-use crate::bootstrap::{self, JoinSpec};
+use crate::bootstrap;
 use crate::config::Config;
-use crate::env::{self, LaunchEnv};
+use crate::env::{self, JoinSpec};
 use crate::transport::quic::{endpoint, QuicTransport};
 use crate::Result;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, UdpSocket};
@@ -24,15 +24,15 @@ pub async fn init() -> Result<Communicator> {
 /// operator can tune a job without rebuilding it; settings no variable
 /// names keep `cfg`'s value.
 pub async fn init_with_config(mut cfg: Config) -> Result<Communicator> {
-    let launch = LaunchEnv::from_process()?;
-    if launch.join {
+    let spec = JoinSpec::from_env()?;
+    if spec.late {
         return Err(crate::Error::config(
             "this process was started to join a running elastic job (RANKMESH_JOIN=1, rankrun \
              --join); call rankmesh::init_elastic, which also returns the job's state",
         ));
     }
     env::apply_overrides(&mut cfg)?;
-    init_with(JoinSpec::from_launch(&launch), cfg).await
+    init_with(spec, cfg).await
 }
 
 /// Join an elastic job: for the job's first ranks the same as [`init`]
@@ -46,12 +46,13 @@ pub async fn init_elastic() -> Result<Rebuilt> {
 /// [`init_elastic`] with settings of the program's choosing, with the
 /// precedence of [`init_with_config`].
 pub async fn init_elastic_with_config(mut cfg: Config) -> Result<Rebuilt> {
-    let launch = LaunchEnv::from_process()?;
+    let spec = JoinSpec::from_env()?;
     env::apply_overrides(&mut cfg)?;
-    init_elastic_with(JoinSpec::from_launch(&launch), cfg).await
+    init_elastic_with(spec, cfg).await
 }
 
-/// [`init_elastic`] with explicit settings (`spec.late`: join a running job).
+/// [`init_elastic`] for the job `spec` describes (`spec.late`: join a
+/// running job), with exactly the settings in `cfg`, as [`init_with`].
 pub async fn init_elastic_with(spec: JoinSpec, cfg: Config) -> Result<Rebuilt> {
     cfg.validate()?;
     if !spec.late {
@@ -124,7 +125,10 @@ fn route_ip(seed: SocketAddr) -> IpAddr {
         })
 }
 
-/// Join the job described by `spec` with explicit settings.
+/// Join the job `spec` describes, with exactly the settings in `cfg`: the
+/// environment is read for neither (no `RANKMESH_*` override applies). For
+/// programs that start their own seed; a job started by `rankrun` calls
+/// [`init`] or [`init_with_config`].
 pub async fn init_with(spec: JoinSpec, cfg: Config) -> Result<Communicator> {
     cfg.validate()?;
     let (world, epoch, _) = join_world(spec, cfg).await?;

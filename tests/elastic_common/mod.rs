@@ -3,7 +3,7 @@
 //! process over real QUIC.
 #![allow(dead_code)]
 
-use rankmesh::bootstrap::{JoinSpec, Seed, SeedConfig};
+use rankmesh::launch::{JoinSpec, Seed, SeedConfig};
 use rankmesh::{Communicator, Config, Rebuilt, ReduceOp};
 use std::time::Duration;
 
@@ -36,7 +36,7 @@ pub fn elastic_seed(n: usize, min: usize, max: usize) -> Seed {
 pub async fn first_ranks(seed: &Seed, n: usize) -> Vec<Communicator> {
     let joins: Vec<_> = (0..n)
         .map(|r| {
-            tokio::spawn(rankmesh::init_elastic_with(
+            tokio::spawn(rankmesh::launch::init_elastic_with(
                 spec(seed, Some(r), Some(n)),
                 cfg(),
             ))
@@ -92,7 +92,12 @@ pub async fn checkpoint_all(comms: Vec<Communicator>, state: &[u8]) -> Vec<Rebui
 /// Start `k` joiners; they wait until admitted.
 pub fn joiners(seed: &Seed, k: usize) -> Vec<tokio::task::JoinHandle<rankmesh::Result<Rebuilt>>> {
     (0..k)
-        .map(|_| tokio::spawn(rankmesh::init_elastic_with(spec(seed, None, None), cfg())))
+        .map(|_| {
+            tokio::spawn(rankmesh::launch::init_elastic_with(
+                spec(seed, None, None),
+                cfg(),
+            ))
+        })
         .collect()
 }
 

@@ -210,8 +210,8 @@ pub fn seed_child_main(out: std::ffi::OsString, secs: u64) {
         .build()
         .expect("runtime");
     rt.block_on(async {
-        let seed = rankmesh::bootstrap::Seed::start(rankmesh::bootstrap::SeedConfig::new(2))
-            .expect("seed");
+        let seed =
+            rankmesh::launch::Seed::start(rankmesh::launch::SeedConfig::new(2)).expect("seed");
         let line = format!(
             "{} {} {}",
             seed.addr().expect("address"),
@@ -231,7 +231,7 @@ pub struct SeedChild {
     /// Its address.
     pub addr: SocketAddr,
     /// The job token.
-    pub token: rankmesh::bootstrap::JobToken,
+    pub token: rankmesh::launch::JobToken,
     /// The job id.
     pub job: String,
 }
@@ -268,8 +268,7 @@ impl SeedChild {
         let mut p = line.split(' ');
         SeedChild {
             addr: p.next().and_then(|a| a.parse().ok()).expect("address"),
-            token: rankmesh::bootstrap::JobToken::from_hex(p.next().expect("token"))
-                .expect("token"),
+            token: rankmesh::launch::JobToken::from_hex(p.next().expect("token")).expect("token"),
             job: p.next().expect("job").to_string(),
             proc,
             out,

@@ -22,7 +22,7 @@ mod report;
 use args::{Args, Coll, Dtype};
 use clap::Parser;
 use device::Device;
-use rankmesh::bootstrap::{Seed, SeedConfig};
+use rankmesh::launch::{Seed, SeedConfig};
 use rankmesh::{Communicator, Error, Result};
 use std::io::Write;
 
