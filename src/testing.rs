@@ -56,7 +56,7 @@ enum Fabric {
 ///     .config(cfg)
 ///     .run(|comm| async move {
 ///         let mut v = [comm.rank() as u64];
-///         comm.allreduce(&mut v, ReduceOp::Sum).await?;
+///         comm.all_reduce(&mut v, ReduceOp::Sum).await?;
 ///         Ok(v[0])
 ///     })
 ///     .await?;
