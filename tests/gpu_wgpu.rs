@@ -212,6 +212,70 @@ async fn application_buffers_are_wrapped_and_checked() {
     }
 }
 
+/// What every backend's buffer checks before it moves data: copies between
+/// buffers of another element type, another device or outside either
+/// buffer are refused with what went wrong; duplicates and copies move
+/// exactly the range asked for; a device collective refuses two buffers of
+/// different element types on every rank.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn buffer_copies_are_checked_and_exact() {
+    if !have_gpu().await {
+        return;
+    }
+    let dev = gpu().await.unwrap();
+    let a = WgpuBuffer::<u32>::from_slice(&dev, &[1, 2, 3, 4, 5, 6]).unwrap();
+    let b = WgpuBuffer::<u32>::zeroed(&dev, 4).unwrap();
+    b.copy_from(&a, 2..5, 1).unwrap();
+    assert_eq!(b.to_vec().await.unwrap(), vec![0, 3, 4, 5]);
+    let d = a.duplicate(1..4).unwrap();
+    assert_eq!((d.len(), d.dtype()), (3, a.dtype()));
+    b.copy_from(&*d, 0..3, 0).unwrap();
+    assert_eq!(b.to_vec().await.unwrap(), vec![2, 3, 4, 5]);
+    b.copy_from(&a, 6..6, 4).unwrap();
+
+    let e = b.copy_from(&a, 4..7, 0).unwrap_err().to_string();
+    assert!(e.contains("copy source") && e.contains("4..7"), "{e}");
+    let e = b.copy_from(&a, 0..3, 2).unwrap_err().to_string();
+    assert!(e.contains("copy destination") && e.contains("2..5"), "{e}");
+    let e = a
+        .duplicate(5..8)
+        .err()
+        .expect("duplicate out of range")
+        .to_string();
+    assert!(e.contains("duplicate") && e.contains("5..8"), "{e}");
+    let f = WgpuBuffer::<f32>::zeroed(&dev, 6).unwrap();
+    let e = b.copy_from(&f, 0..2, 0).unwrap_err().to_string();
+    assert!(
+        e.contains("F32") && e.contains("U32") && e.contains("one backend"),
+        "{e}"
+    );
+    let other = Wgpu::new(WgpuOptions::default()).await.unwrap();
+    let c = WgpuBuffer::<u32>::zeroed(&other, 6).unwrap();
+    let e = c.copy_from(&a, 0..2, 0).unwrap_err().to_string();
+    assert!(e.contains("two different wgpu devices"), "{e}");
+
+    let out = run_local(2, |comm| async move {
+        let gpu = gpu().await?;
+        let send = WgpuBuffer::<u32>::zeroed(&gpu, 3)?;
+        let mut recv = WgpuBuffer::<f32>::zeroed(&gpu, 6)?;
+        let e = comm.all_gather_device(&send, &mut recv).await;
+        // The refusal told the peer: the communicator still works.
+        let mut v = [1u32];
+        comm.all_reduce(&mut v, ReduceOp::Sum).await?;
+        Ok((e.err().map(|e| e.to_string()), v[0]))
+    })
+    .await
+    .unwrap();
+    for (r, (e, sum)) in out.into_iter().enumerate() {
+        let e = e.unwrap_or_else(|| panic!("rank {r}: no error"));
+        assert!(
+            e.contains("U32") && e.contains("F32") && e.contains("one type"),
+            "rank {r}: {e}"
+        );
+        assert_eq!(sum, 2, "rank {r}");
+    }
+}
+
 /// Devices are created, used and dropped many times in one process, and
 /// two are held at once (elastic rebuilds and libraries embedding rankmesh
 /// do this). On NVIDIA's Vulkan driver this once killed the process with

@@ -7,6 +7,7 @@
 //! in `abort.rs`, which also tells every other member (an Abort frame for
 //! that sequence number), so nobody waits for it until a timeout.
 
+use super::call::Side;
 use super::recorder::What;
 use super::Communicator;
 use crate::coll::exec::{Ctx, Desc};
@@ -17,6 +18,11 @@ use crate::transport::AbortKind;
 use crate::{Error, Result};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
+
+/// Host memory `work`, read and written in place.
+fn host(work: &mut [u8]) -> Work<'_> {
+    Work::Host { src: None, work }
+}
 
 /// The working memory of one collective call.
 pub(super) enum Work<'a> {
@@ -40,37 +46,29 @@ impl Communicator {
 
     /// Copy `buf` of rank `root` into `buf` of every rank.
     pub async fn broadcast<T: Element>(&self, buf: &mut [T], root: usize) -> Result<()> {
-        let seq = self.next_seq();
-        let mut desc = self.desc(CollKind::Broadcast, T::DTYPE, None, buf.len(), Some(root));
-        self.check_root(seq, &desc, root).await?;
-        let plan = self.broadcast_plan(&mut desc, root);
-        self.run_coll(seq, desc, &plan, None, bytemuck::cast_slice_mut(buf))
+        let call = self.broadcast_call(T::DTYPE, buf.len(), root).await?;
+        self.run_call(call, host(bytemuck::cast_slice_mut(buf)))
             .await
     }
 
     /// Reduce `buf` element-wise over all ranks with `op`; every rank gets
     /// the result, bitwise identical on all ranks.
     pub async fn all_reduce<T: Element>(&self, buf: &mut [T], op: ReduceOp) -> Result<()> {
-        let seq = self.next_seq();
-        let mut desc = self.desc(CollKind::AllReduce, T::DTYPE, Some(op), buf.len(), None);
-        let plan = self.allreduce_plan(&mut desc);
-        self.run_coll(seq, desc, &plan, None, bytemuck::cast_slice_mut(buf))
+        let call = self.all_reduce_call(T::DTYPE, op, buf.len());
+        self.run_call(call, host(bytemuck::cast_slice_mut(buf)))
             .await
     }
 
     /// Reduce `buf` element-wise over all ranks with `op` into `buf` of
     /// `root`. Other ranks' buffers are left unchanged.
     pub async fn reduce<T: Element>(&self, buf: &mut [T], op: ReduceOp, root: usize) -> Result<()> {
-        let seq = self.next_seq();
-        let desc = self.desc(CollKind::Reduce, T::DTYPE, Some(op), buf.len(), Some(root));
-        self.check_root(seq, &desc, root).await?;
-        let plan = plan::reduce(self.rank(), self.size(), buf.len(), root);
+        let call = self.reduce_call(T::DTYPE, op, buf.len(), root).await?;
         if self.rank() == root {
-            self.run_coll(seq, desc, &plan, None, bytemuck::cast_slice_mut(buf))
+            self.run_call(call, host(bytemuck::cast_slice_mut(buf)))
                 .await
         } else {
             let mut acc = buf.to_vec();
-            self.run_coll(seq, desc, &plan, None, bytemuck::cast_slice_mut(&mut acc))
+            self.run_call(call, host(bytemuck::cast_slice_mut(&mut acc)))
                 .await
         }
     }
@@ -78,21 +76,14 @@ impl Communicator {
     /// Gather every rank's `send` into `recv` of every rank, in rank order
     /// (`recv.len() == size * send.len()`).
     pub async fn all_gather<T: Element>(&self, send: &[T], recv: &mut [T]) -> Result<()> {
-        let seq = self.next_seq();
-        let m = send.len();
-        let desc = self.desc(CollKind::AllGather, T::DTYPE, None, m, None);
-        self.check_len(
-            seq,
-            &desc,
-            "recv",
-            recv.len(),
-            self.size() * m,
-            "size * send.len()",
-        )
-        .await?;
-        recv[self.rank() * m..(self.rank() + 1) * m].copy_from_slice(send);
-        let plan = plan::allgather(self.rank(), self.size(), m);
-        self.run_coll(seq, desc, &plan, None, bytemuck::cast_slice_mut(recv))
+        let sides = (
+            Side::new(T::DTYPE, send.len()),
+            Side::new(T::DTYPE, recv.len()),
+        );
+        let call = self.all_gather_call(sides.0, sides.1).await?;
+        let (r, m) = (self.rank(), send.len());
+        recv[r * m..(r + 1) * m].copy_from_slice(send);
+        self.run_call(call, host(bytemuck::cast_slice_mut(recv)))
             .await
     }
 
@@ -104,23 +95,16 @@ impl Communicator {
         recv: &mut [T],
         op: ReduceOp,
     ) -> Result<()> {
-        let seq = self.next_seq();
-        let m = recv.len();
-        let desc = self.desc(CollKind::ReduceScatter, T::DTYPE, Some(op), m, None);
-        self.check_len(
-            seq,
-            &desc,
-            "send",
-            send.len(),
-            self.size() * m,
-            "size * recv.len()",
-        )
-        .await?;
+        let sides = (
+            Side::new(T::DTYPE, send.len()),
+            Side::new(T::DTYPE, recv.len()),
+        );
+        let call = self.reduce_scatter_call(sides.0, sides.1, op).await?;
         let mut work = send.to_vec();
-        let plan = plan::reduce_scatter(self.rank(), self.size(), m);
-        self.run_coll(seq, desc, &plan, None, bytemuck::cast_slice_mut(&mut work))
+        self.run_call(call, host(bytemuck::cast_slice_mut(&mut work)))
             .await?;
-        recv.copy_from_slice(&work[self.rank() * m..(self.rank() + 1) * m]);
+        let (r, m) = (self.rank(), recv.len());
+        recv.copy_from_slice(&work[r * m..(r + 1) * m]);
         Ok(())
     }
 
@@ -227,33 +211,6 @@ impl Communicator {
             .unwrap_or(0);
         let id = mix(mix(self.inner.comm_id ^ 0x5bd1_e995) ^ seq) ^ u64::from(color);
         Ok(self.derive(mix(id).max(1), rank, members))
-    }
-
-    /// The broadcast schedule for `desc` (whose algorithm it sets).
-    pub(super) fn broadcast_plan(&self, desc: &mut Desc, root: usize) -> Schedule {
-        let (a, schedule) = plan::broadcast(
-            &self.model(),
-            self.config().algorithm(),
-            (self.rank(), self.size()),
-            desc.count as usize,
-            desc.dtype.size(),
-            root,
-        );
-        desc.algo = a.name();
-        schedule
-    }
-
-    /// The allreduce schedule for `desc` (whose algorithm it sets).
-    pub(super) fn allreduce_plan(&self, desc: &mut Desc) -> Schedule {
-        let (a, schedule) = plan::allreduce(
-            &self.model(),
-            self.config().algorithm(),
-            (self.rank(), self.size()),
-            desc.count as usize,
-            desc.dtype.size(),
-        );
-        desc.algo = a.name();
-        schedule
     }
 
     pub(super) fn next_seq(&self) -> u64 {

@@ -1,39 +1,34 @@
 //! Collectives on device buffers (see [`crate::gpu`]).
 //!
 //! The same schedules, sequence numbers, descriptors and failure handling
-//! as the host collectives: a device call and a host call with the same
-//! element type and length match each other, so ranks may mix them.
+//! as the host collectives (both are set up in `call.rs`): a device call
+//! and a host call with the same element type and length match each
+//! other, so ranks may mix them.
 
+use super::call::Side;
 use super::coll::Work;
 use super::Communicator;
-use crate::coll::select::plan;
-use crate::coll::CollKind;
 use crate::datatype::ReduceOp;
 use crate::gpu::DeviceBuffer;
-use crate::{Error, Result};
+use crate::Result;
+
+fn side(b: &dyn DeviceBuffer) -> Side {
+    Side::new(b.dtype(), b.len())
+}
 
 impl Communicator {
     /// [`Communicator::all_reduce`] on a device buffer: every rank's `buf`
     /// becomes the element-wise reduction over all ranks, reduced on the
     /// device, bitwise identical on all ranks.
     pub async fn all_reduce_device(&self, buf: &mut dyn DeviceBuffer, op: ReduceOp) -> Result<()> {
-        let seq = self.next_seq();
-        let (dtype, n) = (buf.dtype(), buf.len());
-        let mut desc = self.desc(CollKind::AllReduce, dtype, Some(op), n, None);
-        let plan = self.allreduce_plan(&mut desc);
-        self.run_coll_on(seq, desc, &plan, Work::Device(&*buf))
-            .await
+        let call = self.all_reduce_call(buf.dtype(), op, buf.len());
+        self.run_call(call, Work::Device(&*buf)).await
     }
 
     /// [`Communicator::broadcast`] on a device buffer.
     pub async fn broadcast_device(&self, buf: &mut dyn DeviceBuffer, root: usize) -> Result<()> {
-        let seq = self.next_seq();
-        let (dtype, n) = (buf.dtype(), buf.len());
-        let mut desc = self.desc(CollKind::Broadcast, dtype, None, n, Some(root));
-        self.check_root(seq, &desc, root).await?;
-        let plan = self.broadcast_plan(&mut desc, root);
-        self.run_coll_on(seq, desc, &plan, Work::Device(&*buf))
-            .await
+        let call = self.broadcast_call(buf.dtype(), buf.len(), root).await?;
+        self.run_call(call, Work::Device(&*buf)).await
     }
 
     /// [`Communicator::reduce`] on a device buffer: the result lands in
@@ -45,19 +40,13 @@ impl Communicator {
         op: ReduceOp,
         root: usize,
     ) -> Result<()> {
-        let seq = self.next_seq();
-        let (dtype, n) = (buf.dtype(), buf.len());
-        let desc = self.desc(CollKind::Reduce, dtype, Some(op), n, Some(root));
-        self.check_root(seq, &desc, root).await?;
-        let plan = plan::reduce(self.rank(), self.size(), n, root);
+        let n = buf.len();
+        let call = self.reduce_call(buf.dtype(), op, n, root).await?;
         if self.rank() == root {
-            return self
-                .run_coll_on(seq, desc, &plan, Work::Device(&*buf))
-                .await;
+            return self.run_call(call, Work::Device(&*buf)).await;
         }
-        let scratch = self.refused(seq, buf.duplicate(0..n)).await?;
-        self.run_coll_on(seq, desc, &plan, Work::Device(&*scratch))
-            .await
+        let scratch = self.refused(call.seq, buf.duplicate(0..n)).await?;
+        self.run_call(call, Work::Device(&*scratch)).await
     }
 
     /// [`Communicator::all_gather`] on device buffers of one backend and
@@ -68,24 +57,11 @@ impl Communicator {
         send: &dyn DeviceBuffer,
         recv: &mut dyn DeviceBuffer,
     ) -> Result<()> {
-        let seq = self.next_seq();
-        let m = send.len();
-        let desc = self.desc(CollKind::AllGather, send.dtype(), None, m, None);
-        self.check_dtypes(seq, &desc, send, &*recv).await?;
-        self.check_len(
-            seq,
-            &desc,
-            "recv",
-            recv.len(),
-            self.size() * m,
-            "size * send.len()",
-        )
-        .await?;
-        let r = self.rank();
-        self.refused(seq, recv.copy_from(send, 0..m, r * m)).await?;
-        let plan = plan::allgather(r, self.size(), m);
-        self.run_coll_on(seq, desc, &plan, Work::Device(&*recv))
-            .await
+        let call = self.all_gather_call(side(send), side(&*recv)).await?;
+        let (r, m) = (self.rank(), send.len());
+        self.refused(call.seq, recv.copy_from(send, 0..m, r * m))
+            .await?;
+        self.run_call(call, Work::Device(&*recv)).await
     }
 
     /// [`Communicator::reduce_scatter`] on device buffers of one backend
@@ -97,39 +73,12 @@ impl Communicator {
         recv: &mut dyn DeviceBuffer,
         op: ReduceOp,
     ) -> Result<()> {
-        let seq = self.next_seq();
-        let m = recv.len();
-        let (p, r) = (self.size(), self.rank());
-        let desc = self.desc(CollKind::ReduceScatter, send.dtype(), Some(op), m, None);
-        self.check_dtypes(seq, &desc, send, &*recv).await?;
-        self.check_len(seq, &desc, "send", send.len(), p * m, "size * recv.len()")
+        let call = self
+            .reduce_scatter_call(side(send), side(&*recv), op)
             .await?;
-        let work = self.refused(seq, send.duplicate(0..p * m)).await?;
-        let plan = plan::reduce_scatter(r, p, m);
-        self.run_coll_on(seq, desc, &plan, Work::Device(&*work))
-            .await?;
+        let (p, r, m) = (self.size(), self.rank(), recv.len());
+        let work = self.refused(call.seq, send.duplicate(0..p * m)).await?;
+        self.run_call(call, Work::Device(&*work)).await?;
         recv.copy_from(&*work, r * m..(r + 1) * m, 0)
-    }
-
-    async fn check_dtypes(
-        &self,
-        seq: u64,
-        desc: &crate::coll::exec::Desc,
-        send: &dyn DeviceBuffer,
-        recv: &dyn DeviceBuffer,
-    ) -> Result<()> {
-        if send.dtype() == recv.dtype() {
-            return Ok(());
-        }
-        let e = Err(Error::InvalidArgument {
-            rank: self.rank(),
-            op: self.op_name(seq, desc),
-            detail: format!(
-                "send holds {:?} elements but recv holds {:?}; use buffers of one type",
-                send.dtype(),
-                recv.dtype()
-            ),
-        });
-        self.refused(seq, e).await
     }
 }

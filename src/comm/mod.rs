@@ -6,6 +6,7 @@
 //! errors that name ranks and operations. Must not touch quinn directly.
 
 mod abort;
+mod call;
 mod coll;
 mod device;
 mod elastic;

@@ -15,8 +15,12 @@
 //! - `cuda`: `Cuda` and `CudaBuffer` (cudarc, loaded at run time; kernels
 //!   compiled with NVRTC on first use).
 //!
-//! This module sees only the host types of this crate (`error`,
-//! `datatype`, `reduce`); `coll` drives buffers through the trait alone.
+//! Both backends' buffers get their [`DeviceBuffer`] implementation from
+//! one place (`resident.rs`); a backend supplies only allocation, staging
+//! and on-device copies.
+//!
+//! This module sees only `error`, `datatype`, `boxfut` and `env` (for the
+//! device index); `coll` drives buffers through the trait alone.
 
 pub use crate::boxfut::BoxFut;
 use crate::datatype::{DType, ReduceOp};
@@ -30,6 +34,8 @@ use tokio::sync::mpsc;
 mod cuda_backend;
 #[cfg(feature = "cuda")]
 mod nvrtc;
+#[cfg(any(feature = "wgpu", feature = "cuda"))]
+mod resident;
 #[cfg(feature = "wgpu")]
 mod wgpu_backend;
 
@@ -131,31 +137,6 @@ pub(crate) fn byte_range(
 ) -> Result<Range<usize>> {
     check_range(what, range, len)?;
     Ok(range.start * esz..range.end * esz)
-}
-
-/// `src` as a buffer of the backend type `B`, with `range` of it and
-/// `at..at + range.len()` of `dst` checked: the common part of
-/// [`DeviceBuffer::copy_from`].
-#[cfg_attr(not(any(feature = "wgpu", feature = "cuda")), allow(dead_code))]
-pub(crate) fn copy_source<'a, B: DeviceBuffer + 'static>(
-    dst: &dyn DeviceBuffer,
-    src: &'a dyn DeviceBuffer,
-    range: &Range<usize>,
-    at: usize,
-) -> Result<&'a B> {
-    let Some(b) = src.as_any().downcast_ref::<B>() else {
-        return Err(gpu_err(format!(
-            "cannot copy from a {} buffer of {:?} into a {} buffer of {:?}; use buffers of one \
-             backend and element type",
-            src.describe(),
-            src.dtype(),
-            dst.describe(),
-            dst.dtype()
-        )));
-    };
-    check_range("copy source", range, src.len())?;
-    check_range("copy destination", &(at..at + range.len()), dst.len())?;
-    Ok(b)
 }
 
 /// One planned copy between device memory and a host staging slot: the

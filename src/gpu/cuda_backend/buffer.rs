@@ -2,6 +2,7 @@
 //! in place.
 
 use super::*;
+use std::future::Future;
 
 /// A typed array in CUDA device memory, usable with the `*_device`
 /// collectives of `Communicator`.
@@ -99,59 +100,47 @@ impl<T: CudaElement> CudaBuffer<T> {
     }
 }
 
-impl<T: CudaElement> DeviceBuffer for CudaBuffer<T> {
-    fn dtype(&self) -> DType {
-        T::DTYPE
-    }
+impl<T: CudaElement> Resident for CudaBuffer<T> {
+    const BACKEND: &'static str = "CUDA";
+    const DTYPE: DType = T::DTYPE;
 
-    fn len(&self) -> usize {
+    fn elements(&self) -> usize {
         self.len
     }
 
-    fn describe(&self) -> String {
-        self.cuda.shared.name.clone()
+    fn device_name(&self) -> &str {
+        &self.cuda.shared.name
     }
 
-    fn download(&self, range: Range<usize>, out: mpsc::Sender<Bytes>) -> BoxFut<'_, Result<()>> {
-        Box::pin(async move {
-            let bytes = byte_range("download", &range, self.len, std::mem::size_of::<T>())?;
-            self.cuda.shared.download(&self.slice, bytes, out).await
-        })
+    fn same_device(&self, other: &Self) -> bool {
+        Arc::ptr_eq(&self.cuda.shared, &other.cuda.shared)
     }
 
-    fn upload(
+    fn zeroed_like(&self, len: usize) -> Result<Self> {
+        CudaBuffer::zeroed(&self.cuda, len)
+    }
+
+    fn download_bytes(
         &self,
-        range: Range<usize>,
+        bytes: Range<usize>,
+        out: mpsc::Sender<Bytes>,
+    ) -> impl Future<Output = Result<()>> + Send + '_ {
+        self.cuda.shared.download(&self.slice, bytes, out)
+    }
+
+    fn upload_bytes(
+        &self,
+        bytes: Range<usize>,
         op: Option<ReduceOp>,
         input: mpsc::Receiver<Bytes>,
-    ) -> BoxFut<'_, Result<()>> {
-        Box::pin(async move {
-            let bytes = byte_range("upload", &range, self.len, std::mem::size_of::<T>())?;
-            self.cuda.shared.upload(&self.slice, bytes, op, input).await
-        })
+    ) -> impl Future<Output = Result<()>> + Send + '_ {
+        self.cuda.shared.upload(&self.slice, bytes, op, input)
     }
 
-    fn duplicate(&self, range: Range<usize>) -> Result<Box<dyn DeviceBuffer>> {
-        check_range("duplicate", &range, self.len)?;
-        let copy = CudaBuffer::<T>::zeroed(&self.cuda, range.len())?;
-        copy.copy_from(self, range, 0)?;
-        Ok(Box::new(copy))
-    }
-
-    fn copy_from(&self, src: &dyn DeviceBuffer, range: Range<usize>, at: usize) -> Result<()> {
-        let src = copy_source::<CudaBuffer<T>>(self, src, &range, at)?;
-        if !Arc::ptr_eq(&src.cuda.shared, &self.cuda.shared) {
-            return Err(gpu_err(
-                "cannot copy between buffers of two different CUDA devices",
-            ));
-        }
+    fn copy_on_device(&self, src: &Self, range: Range<usize>, at: usize) -> Result<()> {
         self.cuda
             .shared
             .copy(&self.slice, at, &src.slice, range.start, range.len())
-    }
-
-    fn as_any(&self) -> &dyn Any {
-        self
     }
 }
 

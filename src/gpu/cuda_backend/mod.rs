@@ -22,11 +22,8 @@ use kernels::{kernel_name, load_kernels};
 use staging::{DownSlot, StagedChunk, UpSlot};
 
 use super::nvrtc::{candidates, Nvrtc};
-use super::{
-    byte_range, check_range, copy_source, exact_sides, gpu_err, staging_plan, DeviceBuffer,
-    StagedCopy,
-};
-use crate::boxfut::BoxFut;
+use super::resident::Resident;
+use super::{check_range, exact_sides, gpu_err, staging_plan, StagedCopy};
 use crate::datatype::{DType, Element, ReduceOp};
 use crate::Result;
 use bytes::Bytes;
@@ -35,7 +32,6 @@ use cudarc::driver::{
     CudaContext, CudaEvent, CudaFunction, CudaModule, CudaSlice, CudaStream, CudaView, DevicePtr,
     DeviceRepr, LaunchConfig, PinnedHostSlice, PushKernelArg, ValidAsZeroBits,
 };
-use std::any::Any;
 use std::collections::VecDeque;
 use std::ops::Range;
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock};

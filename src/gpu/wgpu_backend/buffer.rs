@@ -2,6 +2,7 @@
 //! read and write in place.
 
 use super::*;
+use std::future::Future;
 
 /// A typed array in a wgpu buffer, usable with the `*_device`
 /// collectives of `Communicator`.
@@ -166,60 +167,48 @@ impl<T: WgpuElement> WgpuBuffer<T> {
     }
 }
 
-impl<T: WgpuElement> DeviceBuffer for WgpuBuffer<T> {
-    fn dtype(&self) -> DType {
-        T::DTYPE
-    }
+impl<T: WgpuElement> Resident for WgpuBuffer<T> {
+    const BACKEND: &'static str = "wgpu";
+    const DTYPE: DType = T::DTYPE;
 
-    fn len(&self) -> usize {
+    fn elements(&self) -> usize {
         self.len
     }
 
-    fn describe(&self) -> String {
-        self.gpu.shared.name.clone()
+    fn device_name(&self) -> &str {
+        &self.gpu.shared.name
     }
 
-    fn download(&self, range: Range<usize>, out: mpsc::Sender<Bytes>) -> BoxFut<'_, Result<()>> {
-        Box::pin(async move {
-            let b = byte_range("download", &range, self.len, std::mem::size_of::<T>())?;
-            let bytes = b.start as u64..b.end as u64;
-            self.gpu.shared.download(&self.buffer, bytes, out).await
-        })
+    fn same_device(&self, other: &Self) -> bool {
+        Arc::ptr_eq(&self.gpu.shared, &other.gpu.shared)
     }
 
-    fn upload(
+    fn zeroed_like(&self, len: usize) -> Result<Self> {
+        WgpuBuffer::zeroed(&self.gpu, len)
+    }
+
+    fn download_bytes(
         &self,
-        range: Range<usize>,
+        bytes: Range<usize>,
+        out: mpsc::Sender<Bytes>,
+    ) -> impl Future<Output = Result<()>> + Send + '_ {
+        let bytes = bytes.start as u64..bytes.end as u64;
+        self.gpu.shared.download(&self.buffer, bytes, out)
+    }
+
+    fn upload_bytes(
+        &self,
+        bytes: Range<usize>,
         op: Option<ReduceOp>,
         input: mpsc::Receiver<Bytes>,
-    ) -> BoxFut<'_, Result<()>> {
-        Box::pin(async move {
-            let b = byte_range("upload", &range, self.len, std::mem::size_of::<T>())?;
-            let bytes = b.start as u64..b.end as u64;
-            self.gpu
-                .shared
-                .upload(&self.buffer, T::DTYPE, bytes, op, input)
-                .await
-        })
+    ) -> impl Future<Output = Result<()>> + Send + '_ {
+        let bytes = bytes.start as u64..bytes.end as u64;
+        self.gpu
+            .shared
+            .upload(&self.buffer, T::DTYPE, bytes, op, input)
     }
 
-    fn duplicate(&self, range: Range<usize>) -> Result<Box<dyn DeviceBuffer>> {
-        check_range("duplicate", &range, self.len)?;
-        let copy = WgpuBuffer::<T>::zeroed(&self.gpu, range.len())?;
-        copy.copy_from(self, range, 0)?;
-        Ok(Box::new(copy))
-    }
-
-    fn copy_from(&self, src: &dyn DeviceBuffer, range: Range<usize>, at: usize) -> Result<()> {
-        let src = copy_source::<WgpuBuffer<T>>(self, src, &range, at)?;
-        if !Arc::ptr_eq(&src.gpu.shared, &self.gpu.shared) {
-            return Err(gpu_err(
-                "cannot copy between buffers of two different wgpu devices",
-            ));
-        }
-        if range.is_empty() {
-            return Ok(());
-        }
+    fn copy_on_device(&self, src: &Self, range: Range<usize>, at: usize) -> Result<()> {
         let sh = &self.gpu.shared;
         let esz = std::mem::size_of::<T>() as u64;
         let mut enc = sh.device.create_command_encoder(&Default::default());
@@ -261,10 +250,6 @@ impl<T: WgpuElement> DeviceBuffer for WgpuBuffer<T> {
         }
         sh.queue.submit([enc.finish()]);
         sh.check()
-    }
-
-    fn as_any(&self) -> &dyn Any {
-        self
     }
 }
 

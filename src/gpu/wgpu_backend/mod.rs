@@ -16,12 +16,11 @@ pub use buffer::WgpuBuffer;
 use poller::Poller;
 use shaders::{reduce_shader, wgsl_type};
 
-use super::{byte_range, check_range, concat_into, copy_source, gpu_err, DeviceBuffer, Packer};
-use crate::boxfut::BoxFut;
+use super::resident::Resident;
+use super::{check_range, concat_into, gpu_err, Packer};
 use crate::datatype::{DType, Element, ReduceOp};
 use crate::Result;
 use bytes::Bytes;
-use std::any::Any;
 use std::collections::{HashMap, VecDeque};
 use std::marker::PhantomData;
 use std::num::NonZeroU64;
