@@ -140,10 +140,7 @@ pub async fn join(
                     "the seed at {seed} did not answer the handshake; trying again from a new port"
                 );
                 if let Ok(local) = endpoint.local_addr() {
-                    let fresh = endpoint::socket(SocketAddr::new(local.ip(), 0), cfg)?;
-                    endpoint.rebind(fresh).map_err(|e| {
-                        Error::transport(None, format!("cannot switch to a new UDP port: {e}"))
-                    })?;
+                    endpoint::rebind(endpoint, SocketAddr::new(local.ip(), 0), cfg)?;
                 }
             }
             // The seed refuses connections while too many others have not

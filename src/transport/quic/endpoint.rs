@@ -19,7 +19,14 @@ pub fn bind(addr: SocketAddr, cfg: &Config) -> Result<quinn::Endpoint> {
     ep_cfg
         .max_udp_payload_size(cfg.mtu_upper_bound())
         .map_err(|e| Error::config(format!("MTU upper bound: {e}")))?;
-    quinn::Endpoint::new(ep_cfg, None, std_sock, Arc::new(quinn::TokioRuntime)).map_err(|e| {
+    let runtime: Arc<dyn quinn::Runtime> = Arc::new(quinn::TokioRuntime);
+    let sock = wrap(&*runtime, std_sock, cfg).map_err(|e| {
+        Error::transport(
+            None,
+            format!("cannot start endpoint on UDP socket on {addr}: {e}"),
+        )
+    })?;
+    quinn::Endpoint::new_with_abstract_socket(ep_cfg, None, sock, runtime).map_err(|e| {
         Error::transport(
             None,
             format!("cannot start endpoint on UDP socket on {addr}: {e}"),
@@ -29,7 +36,7 @@ pub fn bind(addr: SocketAddr, cfg: &Config) -> Result<quinn::Endpoint> {
 
 /// A UDP socket bound to `addr`, with the configured buffer sizes, for an
 /// endpoint (or for [`quinn::Endpoint::rebind`]).
-pub fn socket(addr: SocketAddr, cfg: &Config) -> Result<std::net::UdpSocket> {
+fn socket(addr: SocketAddr, cfg: &Config) -> Result<std::net::UdpSocket> {
     let io = |what: &str, e: std::io::Error| {
         Error::transport(None, format!("cannot {what} UDP socket on {addr}: {e}"))
     };
@@ -41,6 +48,30 @@ pub fn socket(addr: SocketAddr, cfg: &Config) -> Result<std::net::UdpSocket> {
     sock.set_nonblocking(true).map_err(|e| io("configure", e))?;
     sock.bind(&addr.into()).map_err(|e| io("bind", e))?;
     Ok(sock.into())
+}
+
+/// Move `endpoint` to a fresh UDP socket on `addr`, set up as [`bind`]
+/// sets up the first.
+pub fn rebind(endpoint: &quinn::Endpoint, addr: SocketAddr, cfg: &Config) -> Result<()> {
+    let io = |e: std::io::Error| {
+        Error::transport(
+            None,
+            format!("cannot move the endpoint to a new UDP socket: {e}"),
+        )
+    };
+    let sock = wrap(&quinn::TokioRuntime, socket(addr, cfg)?, cfg).map_err(io)?;
+    endpoint.rebind_abstract(sock).map_err(io)
+}
+
+/// `sock` as the runtime's quinn socket, with segmentation-offload batches
+/// capped for datagrams of up to `cfg`'s MTU upper bound (see [`Batches`]).
+fn wrap(
+    runtime: &dyn quinn::Runtime,
+    sock: std::net::UdpSocket,
+    cfg: &Config,
+) -> std::io::Result<Arc<dyn quinn::AsyncUdpSocket>> {
+    let inner = runtime.wrap_udp_socket(sock)?;
+    Ok(Batches::wrap(inner, usize::from(cfg.mtu_upper_bound())))
 }
 
 /// quinn transport settings for rank-to-rank connections.
@@ -93,4 +124,155 @@ fn liveness(cfg: &Config) -> Result<TransportConfig> {
     t.max_idle_timeout(Some(idle));
     t.keep_alive_interval(Some(cfg.keep_alive()));
     Ok(t)
+}
+
+/// What one `sendmsg` with UDP segmentation offload may carry: the kernel
+/// refuses a batch whose datagrams add up to more than an IP packet's 64 KiB
+/// (less the headers), and quinn-udp drops a refused batch without a word
+/// (it takes EMSGSIZE for a failed MTU probe). Kept under that with room
+/// for IPv6 and UDP headers.
+const GSO_BATCH_BYTES: usize = 65_000;
+
+/// A rank's UDP socket as quinn sees it, with batches of segmentation
+/// offload capped so that a batch of full-size datagrams stays within
+/// [`GSO_BATCH_BYTES`]. quinn batches up to 10 datagrams: at an MTU above
+/// about 6,500 bytes (jumbo frames, loopback) whole batches were lost and
+/// the path fell back to 1,200-byte packets.
+#[derive(Debug)]
+struct Batches {
+    inner: Arc<dyn quinn::AsyncUdpSocket>,
+    max_segments: usize,
+}
+
+impl Batches {
+    /// `inner`, sending batches of at most as many datagrams of `payload`
+    /// bytes (the largest the endpoint sends) as fit in one offload.
+    fn wrap(
+        inner: Arc<dyn quinn::AsyncUdpSocket>,
+        payload: usize,
+    ) -> Arc<dyn quinn::AsyncUdpSocket> {
+        let max_segments = inner
+            .max_transmit_segments()
+            .min(GSO_BATCH_BYTES / payload.max(1))
+            .max(1);
+        Arc::new(Batches {
+            inner,
+            max_segments,
+        })
+    }
+}
+
+impl quinn::AsyncUdpSocket for Batches {
+    fn create_io_poller(self: Arc<Self>) -> std::pin::Pin<Box<dyn quinn::UdpPoller>> {
+        self.inner.clone().create_io_poller()
+    }
+
+    fn try_send(&self, transmit: &quinn::udp::Transmit<'_>) -> std::io::Result<()> {
+        self.inner.try_send(transmit)
+    }
+
+    fn poll_recv(
+        &self,
+        cx: &mut std::task::Context<'_>,
+        bufs: &mut [std::io::IoSliceMut<'_>],
+        meta: &mut [quinn::udp::RecvMeta],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        self.inner.poll_recv(cx, bufs, meta)
+    }
+
+    fn local_addr(&self) -> std::io::Result<SocketAddr> {
+        self.inner.local_addr()
+    }
+
+    fn max_transmit_segments(&self) -> usize {
+        self.max_segments
+    }
+
+    fn max_receive_segments(&self) -> usize {
+        self.inner.max_receive_segments()
+    }
+
+    fn may_fragment(&self) -> bool {
+        self.inner.may_fragment()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::pki::{self, Credentials, JobCa, RankKey};
+    use std::time::Duration;
+
+    fn creds(ca: &JobCa, rank: usize) -> Credentials {
+        let key = RankKey::generate().unwrap();
+        let cert = ca.sign_rank(&key.csr_der().unwrap(), rank).unwrap();
+        Credentials::new("mtu", rank, ca.cert_der(), cert, &key).unwrap()
+    }
+
+    /// Bulk data over loopback with path-MTU discovery allowed up to
+    /// 16,000 bytes: discovery reaches it and nothing is lost. quinn batches
+    /// up to 10 datagrams per offloaded send; uncapped, a batch of 16,000-byte
+    /// datagrams exceeded the kernel's 64 KiB per send and was dropped whole,
+    /// so packets were lost and the path fell back to 1,200 bytes.
+    #[tokio::test(flavor = "current_thread")]
+    async fn large_mtus_lose_no_offloaded_batches() {
+        let mut cfg = Config::default();
+        cfg.set_mtu_upper_bound(16_000);
+        let ca = JobCa::new("mtu", Duration::from_secs(600)).unwrap();
+        let tc = transport_config(&cfg).unwrap();
+        let server_tls = pki::peer_server_config(&creds(&ca, 1)).unwrap();
+        let mut server = quinn::ServerConfig::with_crypto(Arc::new(
+            quinn::crypto::rustls::QuicServerConfig::try_from(server_tls).unwrap(),
+        ));
+        server.transport_config(tc.clone());
+        let client_tls = pki::peer_client_config(&creds(&ca, 0)).unwrap();
+        let mut client = quinn::ClientConfig::new(Arc::new(
+            quinn::crypto::rustls::QuicClientConfig::try_from(client_tls).unwrap(),
+        ));
+        client.transport_config(tc);
+        let lo: SocketAddr = "127.0.0.1:0".parse().unwrap();
+        let (a, b) = (bind(lo, &cfg).unwrap(), bind(lo, &cfg).unwrap());
+        b.set_server_config(Some(server));
+        let to = b.local_addr().unwrap();
+        let reader = tokio::spawn(async move {
+            let conn = b.accept().await.unwrap().await.unwrap();
+            let mut got = 0usize;
+            while let Ok(mut s) = conn.accept_uni().await {
+                while let Ok(Some(c)) = s.read_chunk(usize::MAX, true).await {
+                    got += c.bytes.len();
+                }
+            }
+            got
+        });
+        let conn = a
+            .connect_with(client, to, &pki::rank_dns_name("mtu", 1))
+            .unwrap()
+            .await
+            .unwrap();
+        // Send until discovery has had time to climb (a hang guard, not a
+        // speed limit: on loopback it takes a few round trips).
+        let chunk = bytes::Bytes::from(vec![7u8; 1 << 20]);
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+        let mut sent = 0usize;
+        while sent < (64 << 20)
+            || (conn.stats().path.current_mtu < 16_000 && tokio::time::Instant::now() < deadline)
+        {
+            let mut s = conn.open_uni().await.unwrap();
+            for _ in 0..4 {
+                s.write_chunk(chunk.clone()).await.unwrap();
+            }
+            s.finish().unwrap();
+            sent += 4 * chunk.len();
+        }
+        let stats = conn.stats();
+        conn.close(0u32.into(), b"done");
+        a.wait_idle().await;
+        let _ = reader.await;
+        assert_eq!(
+            stats.path.lost_packets, 0,
+            "packets lost on loopback: {:?}",
+            stats.path
+        );
+        assert_eq!(stats.path.current_mtu, 16_000, "{:?}", stats.path);
+    }
 }
