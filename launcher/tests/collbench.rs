@@ -435,3 +435,83 @@ fn the_open_mpi_comparison_prints_one_row_of_ratios_per_size() {
     );
     let _ = std::fs::remove_dir_all(&tmp);
 }
+
+/// scripts/veth-bench.sh: each rank in a network namespace of its own,
+/// both systems, one table; the namespaces are gone afterwards. Needs root,
+/// iproute2 and Open MPI (`.ci/run` runs as root and installs them).
+#[test]
+fn the_veth_comparison_runs_both_systems_across_namespaces_and_cleans_up() {
+    let have = |c: &str| {
+        Command::new("sh")
+            .args(["-c", &format!("command -v {c}.openmpi || command -v {c}")])
+            .output()
+            .is_ok_and(|o| o.status.success())
+    };
+    // SAFETY: geteuid has no preconditions.
+    let root = unsafe { libc::geteuid() } == 0;
+    if !(root && have("ip") && have("mpicc") && have("mpirun")) {
+        assert_ne!(
+            std::env::var("CI").as_deref(),
+            Ok("true"),
+            "CI=true but the veth comparison cannot run: needs root, ip (iproute2) and Open MPI"
+        );
+        let _ = writeln!(
+            std::io::stderr(),
+            "\n*** SKIPPED the veth comparison test: needs root, iproute2 and Open MPI \
+             (`apt-get install iproute2 openmpi-bin libopenmpi-dev`) ***\n"
+        );
+        return;
+    }
+    let namespaces = || {
+        let out = Command::new("ip").args(["netns", "list"]).output();
+        out.map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+            .unwrap_or_default()
+    };
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/../scripts/veth-bench.sh");
+    let mut cmd = Command::new("bash");
+    cmd.env_remove("RANKMESH_SEED")
+        .env("COLLBENCH", env!("CARGO_BIN_EXE_collbench"))
+        .env("RANKRUN", env!("CARGO_BIN_EXE_rankrun"))
+        .args([
+            script,
+            "--np",
+            "2",
+            "--mtu",
+            "9000",
+            "--rounds",
+            "1",
+            "--coll",
+            "allreduce,barrier",
+            "-b",
+            "64",
+            "-e",
+            "4K",
+            "-f",
+            "64",
+            "-n",
+            "3",
+            "-w",
+            "1",
+            "--batches",
+            "1",
+        ]);
+    let (code, out, err) = run(cmd);
+    assert_eq!(code, 0, "stdout:\n{out}\nstderr:\n{err}");
+    assert!(
+        out.contains("one network namespace each, veth at MTU 9000"),
+        "{out}"
+    );
+    let rows = rows(&out);
+    // 64 B and 4 KiB allreduce, one barrier row; both systems' times.
+    assert_eq!(rows.len(), 3, "{out}");
+    for r in &rows {
+        assert_eq!(r.len(), 7, "{r:?}");
+        let t: Vec<f64> = r[2..4].iter().map(|v| v.parse().expect("time")).collect();
+        assert!(t[0] > 0.0 && t[1] > 0.0, "both times: {r:?}");
+    }
+    let left = namespaces();
+    assert!(
+        !left.lines().any(|l| l.starts_with("rmvb")),
+        "namespaces left behind: {left}"
+    );
+}

@@ -1,0 +1,163 @@
+#!/usr/bin/env bash
+# rankmesh's cross-host path against Open MPI over TCP, with every rank on a
+# "host" of its own: one network namespace per rank, each joined to a
+# bridge by a veth pair at the given MTU. Same collectives, same sizes,
+# same measurement, interleaved rounds; one table.
+#
+#   sudo scripts/veth-bench.sh [--np N] [--mtu M] [--rounds R] [--coll LIST]
+#                              [-b MIN] [-e MAX] [-f F] [-n ITERS] [-w WARMUP]
+#                              [--batches B]
+#
+# Defaults: --np 4 --mtu 9000 --rounds 3 --coll allreduce,barrier -b 4
+# -e 64M -f 16 -n 0 -w 2 --batches 3. rankmesh runs under rankrun with
+# `ip netns exec` as its launch agent (QUIC between namespaces: the
+# same-host channel needs one namespace); Open MPI runs under mpirun with
+# an rsh agent that enters the rank's namespace, TCP only (`--mca btl
+# tcp,self`). The namespaces, veth pairs and bridge are created here and
+# removed on exit. Needs root, iproute2, Open MPI (openmpi-bin,
+# libopenmpi-dev) and a C compiler; collbench and rankrun are taken from
+# $COLLBENCH and $RANKRUN, else built in release from this checkout;
+# $MPIRUN_FLAGS are added to mpirun's command line.
+set -euo pipefail
+
+np=4 mtu=9000 rounds=3 colls=allreduce,barrier
+lo=4 hi=64M f=16 iters=0 warmup=2 batches=3
+die() { echo "veth-bench: $*" >&2; exit 2; }
+while [ $# -gt 0 ]; do
+  [ $# -ge 2 ] || die "$1 needs a value (see the top of $0)"
+  case $1 in
+    --np) np=$2 ;;
+    --mtu) mtu=$2 ;;
+    --rounds) rounds=$2 ;;
+    --coll) colls=$2 ;;
+    -b) lo=$2 ;;
+    -e) hi=$2 ;;
+    -f) f=$2 ;;
+    -n) iters=$2 ;;
+    -w) warmup=$2 ;;
+    --batches) batches=$2 ;;
+    *) die "unknown option $1 (see the top of $0)" ;;
+  esac
+  shift 2
+done
+for v in "$np" "$mtu" "$rounds" "$f" "$iters" "$warmup" "$batches"; do
+  [[ $v =~ ^[0-9]+$ ]] || die "$v is not a whole number"
+done
+[ "$np" -ge 2 ] && [ "$np" -le 64 ] || die "--np must be 2 to 64"
+[ "$mtu" -ge 1280 ] && [ "$mtu" -le 65535 ] || die "--mtu must be 1280 to 65535"
+[ "$(id -u)" = 0 ] || die "needs root (it creates network namespaces)"
+command -v ip >/dev/null || die "needs ip (Debian: apt-get install iproute2)"
+bytes() { # 64M -> 67108864 (K, M, G: powers of 1024)
+  local n=${1%[KkMmGg]} m=1
+  case $1 in *[Kk]) m=1024 ;; *[Mm]) m=1048576 ;; *[Gg]) m=1073741824 ;; esac
+  [[ $n =~ ^[0-9]+$ ]] || die "$1 is not a size"
+  echo $((n * m))
+}
+lo=$(bytes "$lo") hi=$(bytes "$hi")
+
+here=$(cd "$(dirname "$0")" && pwd)
+mpicc=$(command -v mpicc.openmpi || command -v mpicc || true)
+mpirun=$(command -v mpirun.openmpi || command -v mpirun || true)
+[ -n "$mpicc" ] && [ -n "$mpirun" ] ||
+  die "Open MPI is missing (Debian: apt-get install openmpi-bin libopenmpi-dev)"
+work=$(mktemp -d)
+mpibench=$work/mpi_collbench
+"$mpicc" -O2 -o "$mpibench" "$here/mpi_collbench.c"
+if [ -z "${COLLBENCH:-}" ] || [ -z "${RANKRUN:-}" ]; then
+  (cd "$here/.." && cargo build --release --quiet -p rankmesh-launcher)
+  dir=$(cd "$here/.." && cargo metadata --format-version 1 --no-deps |
+    sed -n 's/.*"target_directory":"\([^"]*\)".*/\1/p')/release
+fi
+cb=${COLLBENCH:-$dir/collbench}
+rr=${RANKRUN:-$dir/rankrun}
+[ -x "$cb" ] && [ -x "$rr" ] || die "collbench or rankrun not found ($cb, $rr)"
+
+# The namespaces: rmvb<pid>h (the bridge) and rmvb<pid>-<i> (rank i, address
+# 10.231.<pid % 250>.<i + 1>).
+tag=rmvb$$
+net=10.231.$(($$ % 250))
+hub=${tag}h
+ns() { echo "$tag-$1"; }
+cleanup() {
+  for i in $(seq 0 $((np - 1))); do ip netns del "$(ns "$i")" 2>/dev/null || true; done
+  ip netns del "$hub" 2>/dev/null || true
+  rm -rf "$work"
+}
+trap cleanup EXIT
+ip netns add "$hub"
+ip -n "$hub" link add br0 type bridge
+ip -n "$hub" link set br0 mtu "$mtu" up
+hosts=() mpihosts=$work/hosts
+: >"$mpihosts"
+for i in $(seq 0 $((np - 1))); do
+  n=$(ns "$i")
+  ip netns add "$n"
+  ip link add "v$tag$i" type veth peer name "p$tag$i"
+  ip link set "v$tag$i" netns "$n"
+  ip link set "p$tag$i" netns "$hub"
+  ip -n "$n" link set "v$tag$i" name eth0
+  ip -n "$n" link set eth0 mtu "$mtu"
+  ip -n "$n" addr add "$net.$((i + 1))/24" dev eth0
+  ip -n "$n" link set eth0 up
+  ip -n "$n" link set lo up
+  ip -n "$hub" link set "p$tag$i" mtu "$mtu" master br0 up
+  hosts+=("$n:1")
+  echo "$net.$((i + 1)) slots=1" >>"$mpihosts"
+done
+# Open MPI's rsh agent: enter the namespace that owns the address.
+cat >"$work/agent" <<EOF
+#!/bin/sh
+host=\$1; shift
+exec ip netns exec "$tag-\$(( \${host##*.} - 1 ))" sh -c "\$*"
+EOF
+chmod +x "$work/agent"
+IFS=, hostlist="${hosts[*]}"
+unset IFS
+
+yield=()
+[ "$np" -gt "$(nproc)" ] && yield=(--mca mpi_yield_when_idle 1)
+rows=$work/rows
+: >"$rows"
+keep() { awk -v who="$1" '{ sub(/^\[[^]]*\] /, "") } $1 !~ /^#/ && NF == 10 && $1 ~ /^[0-9]+$/ { print who, $10, $1, $6, $8 }'; }
+for r in $(seq 1 "$rounds"); do
+  echo "veth-bench: round $r of $rounds: rankmesh, then Open MPI ($np namespaces, MTU $mtu)" >&2
+  ip netns exec "$(ns 0)" "$rr" --host "$hostlist" --launch-agent 'ip netns exec {host} sh -c' \
+    --seed-addr "$net.1" -x RANKMESH_SAME_HOST=0 \
+    "$cb" --coll "$colls" -b "$lo" -e "$hi" -f "$f" -n "$iters" -w "$warmup" \
+    --batches "$batches" -c 1 >"$rows.cb" 2>"$rows.cberr" ||
+    { cat "$rows.cb" "$rows.cberr" >&2; die "the rankmesh run failed (its output is above)"; }
+  keep rankmesh <"$rows.cb" >>"$rows"
+  # --bind-to none: each daemon sees a "host" of its own and would pin its
+  # rank to core 0, so that all ranks shared one core (rankrun pins nothing).
+  # For the same reason Open MPI cannot tell that more ranks than cores
+  # share this machine; it is told (as it tells itself when oversubscribed
+  # on one host), or its ranks spin through each other's time slices.
+  ip netns exec "$(ns 0)" "$mpirun" --allow-run-as-root --hostfile "$mpihosts" -np "$np" --bind-to none \
+    "${yield[@]}" \
+    --mca plm_rsh_agent "$work/agent" --mca pml ob1 --mca btl tcp,self \
+    --mca btl_tcp_if_include "$net.0/24" --mca oob_tcp_if_include "$net.0/24" \
+    ${MPIRUN_FLAGS:-} "$mpibench" "$colls" "$lo" "$hi" "$f" "$iters" "$warmup" "$batches" >"$rows.mpi" 2>"$rows.mpierr" ||
+    { cat "$rows.mpi" "$rows.mpierr" >&2; die "the Open MPI run failed (its output is above)"; }
+  keep openmpi <"$rows.mpi" >>"$rows"
+done
+
+echo "# rankmesh (QUIC) against Open MPI (TCP): $np ranks, one network namespace each, veth at MTU $mtu, $(nproc) cores"
+echo "# median of $rounds interleaved rounds; speed = Open MPI's time / rankmesh's (above 1: rankmesh is faster)"
+awk -v order="$colls" '
+  function median(s,   a, n, i, j, t) {
+    n = split(s, a, " ")
+    for (i = 2; i <= n; i++) { t = a[i]; for (j = i - 1; j >= 1 && a[j] + 0 > t + 0; j--) a[j + 1] = a[j]; a[j + 1] = t }
+    return a[int((n + 1) / 2)]
+  }
+  { k = $2 SUBSEP $3; t[$1, k] = t[$1, k] " " $4; b[$1, k] = b[$1, k] " " $5; if (!(k in seen)) { seen[k] = 1; keys[++nk] = k } }
+  END {
+    printf "# %-13s %11s %13s %13s %12s %12s %7s\n", "coll", "size(B)", "rankmesh(us)", "openmpi(us)", "rm busbw", "mpi busbw", "speed"
+    n = split(order, cs, ",")
+    for (c = 1; c <= n; c++) for (i = 1; i <= nk; i++) {
+      split(keys[i], kk, SUBSEP); if (kk[1] != cs[c]) continue
+      if (!(("rankmesh", keys[i]) in t) || !(("openmpi", keys[i]) in t)) continue
+      rt = median(t["rankmesh", keys[i]]); mt = median(t["openmpi", keys[i]])
+      printf "  %-13s %11s %13.2f %13.2f %12.3f %12.3f %7.2f\n", kk[1], kk[2], rt, mt,
+        median(b["rankmesh", keys[i]]), median(b["openmpi", keys[i]]), (rt > 0 ? mt / rt : 0)
+    }
+  }' "$rows"
