@@ -13,7 +13,8 @@ use ring::aead::{Aad, LessSafeKey, Nonce, UnboundKey, AES_128_GCM, AES_256_GCM};
 use std::time::Instant;
 
 /// UDP payloads of QUIC packets at the path MTUs that matter: 1200 (QUIC's
-/// minimum), 1500 and 9000 Ethernet, and rankmesh's default upper bound 4000.
+/// minimum), 1500 and 9000 Ethernet, and 4000 (rankmesh's default bound for
+/// path-MTU discovery).
 const PAYLOADS: [(usize, &str); 4] = [
     (1200 - 28, "MTU 1200"),
     (1500 - 28, "MTU 1500"),

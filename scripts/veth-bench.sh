@@ -11,7 +11,8 @@
 # Defaults: --np 4 --mtu 9000 --rounds 3 --coll allreduce,barrier -b 4
 # -e 64M -f 16 -n 0 -w 2 --batches 3. rankmesh runs under rankrun with
 # `ip netns exec` as its launch agent (QUIC between namespaces: the
-# same-host channel needs one namespace); Open MPI runs under mpirun with
+# same-host channel needs one namespace), its path-MTU discovery allowed
+# up to the link's MTU (RANKMESH_MTU); Open MPI runs under mpirun with
 # an rsh agent that enters the rank's namespace, TCP only (`--mca btl
 # tcp,self`). The namespaces, veth pairs and bridge are created here and
 # removed on exit. Needs root, iproute2, Open MPI (openmpi-bin,
@@ -51,16 +52,32 @@ bytes() { # 64M -> 67108864 (K, M, G: powers of 1024)
   local n=${1%[KkMmGg]} m=1
   case $1 in *[Kk]) m=1024 ;; *[Mm]) m=1048576 ;; *[Gg]) m=1073741824 ;; esac
   [[ $n =~ ^[0-9]+$ ]] || die "$1 is not a size"
-  echo $((n * m))
+  echo $((10#$n * m))
 }
-lo=$(bytes "$lo") hi=$(bytes "$hi")
+lo=$(bytes "$lo")
+hi=$(bytes "$hi")
 
 here=$(cd "$(dirname "$0")" && pwd)
 mpicc=$(command -v mpicc.openmpi || command -v mpicc || true)
 mpirun=$(command -v mpirun.openmpi || command -v mpirun || true)
 [ -n "$mpicc" ] && [ -n "$mpirun" ] ||
   die "Open MPI is missing (Debian: apt-get install openmpi-bin libopenmpi-dev)"
+# The namespaces: rmvb<pid>h (the bridge) and rmvb<pid>-<i> (rank i, address
+# 10.231.<pid % 250>.<i + 1>); all of it goes on exit, whatever happens.
+tag=rmvb$$
+net=10.231.$(($$ % 250))
+hub=${tag}h
+ns() { echo "$tag-$1"; }
 work=$(mktemp -d)
+cleanup() {
+  for i in $(seq 0 $((np - 1))); do
+    ip netns del "$(ns "$i")" 2>/dev/null || true
+    ip link del "v${tag}x$i" 2>/dev/null || true
+  done
+  ip netns del "$hub" 2>/dev/null || true
+  rm -rf "$work"
+}
+trap cleanup EXIT
 mpibench=$work/mpi_collbench
 "$mpicc" -O2 -o "$mpibench" "$here/mpi_collbench.c"
 if [ -z "${COLLBENCH:-}" ] || [ -z "${RANKRUN:-}" ]; then
@@ -72,18 +89,6 @@ cb=${COLLBENCH:-$dir/collbench}
 rr=${RANKRUN:-$dir/rankrun}
 [ -x "$cb" ] && [ -x "$rr" ] || die "collbench or rankrun not found ($cb, $rr)"
 
-# The namespaces: rmvb<pid>h (the bridge) and rmvb<pid>-<i> (rank i, address
-# 10.231.<pid % 250>.<i + 1>).
-tag=rmvb$$
-net=10.231.$(($$ % 250))
-hub=${tag}h
-ns() { echo "$tag-$1"; }
-cleanup() {
-  for i in $(seq 0 $((np - 1))); do ip netns del "$(ns "$i")" 2>/dev/null || true; done
-  ip netns del "$hub" 2>/dev/null || true
-  rm -rf "$work"
-}
-trap cleanup EXIT
 ip netns add "$hub"
 ip -n "$hub" link add br0 type bridge
 ip -n "$hub" link set br0 mtu "$mtu" up
@@ -92,15 +97,15 @@ hosts=() mpihosts=$work/hosts
 for i in $(seq 0 $((np - 1))); do
   n=$(ns "$i")
   ip netns add "$n"
-  ip link add "v$tag$i" type veth peer name "p$tag$i"
-  ip link set "v$tag$i" netns "$n"
-  ip link set "p$tag$i" netns "$hub"
-  ip -n "$n" link set "v$tag$i" name eth0
+  ip link add "v${tag}x$i" type veth peer name "p${tag}x$i"
+  ip link set "v${tag}x$i" netns "$n"
+  ip link set "p${tag}x$i" netns "$hub"
+  ip -n "$n" link set "v${tag}x$i" name eth0
   ip -n "$n" link set eth0 mtu "$mtu"
   ip -n "$n" addr add "$net.$((i + 1))/24" dev eth0
   ip -n "$n" link set eth0 up
   ip -n "$n" link set lo up
-  ip -n "$hub" link set "p$tag$i" mtu "$mtu" master br0 up
+  ip -n "$hub" link set "p${tag}x$i" mtu "$mtu" master br0 up
   hosts+=("$n:1")
   echo "$net.$((i + 1)) slots=1" >>"$mpihosts"
 done
@@ -114,6 +119,10 @@ chmod +x "$work/agent"
 IFS=, hostlist="${hosts[*]}"
 unset IFS
 
+# rankmesh's path-MTU discovery may go up to the link's MTU (less IPv6 and
+# UDP headers); its default bound is 4000.
+qmtu=$((mtu - 48 > 65000 ? 65000 : mtu - 48))
+[ "$qmtu" -ge 1200 ] || qmtu=1200
 yield=()
 [ "$np" -gt "$(nproc)" ] && yield=(--mca mpi_yield_when_idle 1)
 rows=$work/rows
@@ -122,7 +131,7 @@ keep() { awk -v who="$1" '{ sub(/^\[[^]]*\] /, "") } $1 !~ /^#/ && NF == 10 && $
 for r in $(seq 1 "$rounds"); do
   echo "veth-bench: round $r of $rounds: rankmesh, then Open MPI ($np namespaces, MTU $mtu)" >&2
   ip netns exec "$(ns 0)" "$rr" --host "$hostlist" --launch-agent 'ip netns exec {host} sh -c' \
-    --seed-addr "$net.1" -x RANKMESH_SAME_HOST=0 \
+    --seed-addr "$net.1" -x RANKMESH_SAME_HOST=0 -x RANKMESH_MTU="$qmtu" \
     "$cb" --coll "$colls" -b "$lo" -e "$hi" -f "$f" -n "$iters" -w "$warmup" \
     --batches "$batches" -c 1 >"$rows.cb" 2>"$rows.cberr" ||
     { cat "$rows.cb" "$rows.cberr" >&2; die "the rankmesh run failed (its output is above)"; }

@@ -15,7 +15,8 @@
 //! Optional overrides of [`Config`] fields: `RANKMESH_OP_TIMEOUT`,
 //! `RANKMESH_FORMATION_TIMEOUT`, `RANKMESH_IDLE_TIMEOUT` (seconds, decimals
 //! allowed), `RANKMESH_SPIN_US` (whole microseconds a receive polls before
-//! sleeping; `0`: never), `RANKMESH_BIND` (IP address to bind) and
+//! sleeping; `0`: never), `RANKMESH_MTU` (bytes: the largest UDP payload
+//! path-MTU discovery may try), `RANKMESH_BIND` (IP address to bind) and
 //! `RANKMESH_SAME_HOST` (`0`: QUIC even between ranks on one host).
 //! `RANKMESH_ALGORITHM` forces a collective algorithm. `RANKMESH_GPU_DEVICE`
 //! picks the GPU of a process (default: its local rank). `RANKMESH_TRACE`
@@ -177,6 +178,20 @@ fn apply_overrides_from(cfg: &mut Config, get: Lookup<'_>) -> Result<()> {
             ))
         })?;
         cfg.set_spin_wait(Duration::from_micros(us));
+    }
+    if let Some(v) = get("RANKMESH_MTU") {
+        let bytes = v
+            .trim()
+            .parse::<u16>()
+            .ok()
+            .filter(|b| (1200..=65_000).contains(b))
+            .ok_or_else(|| {
+                Error::config(format!(
+                    "RANKMESH_MTU={v:?}: expected the largest UDP payload path-MTU discovery may \
+                     try, 1200 to 65000 bytes (8952 for 9000-byte jumbo frames)"
+                ))
+            })?;
+        cfg.set_mtu_upper_bound(bytes);
     }
     if let Some(ip) = get("RANKMESH_BIND") {
         let ip: IpAddr = ip
@@ -354,5 +369,14 @@ mod tests {
         let m = env(&[("RANKMESH_SPIN_US", "120")]);
         apply_overrides_from(&mut c, &|k| m.get(k).cloned()).unwrap();
         assert_eq!(c.spin_wait(), Duration::from_micros(120));
+        let m = env(&[("RANKMESH_MTU", "8952")]);
+        apply_overrides_from(&mut c, &|k| m.get(k).cloned()).unwrap();
+        assert_eq!(c.mtu_upper_bound(), 8952);
+        for bad in ["900", "70000", "9k"] {
+            let m = env(&[("RANKMESH_MTU", bad)]);
+            let e = apply_overrides_from(&mut c, &|k| m.get(k).cloned()).unwrap_err();
+            assert!(e.to_string().contains("RANKMESH_MTU"), "{e}");
+        }
+        assert_eq!(c.mtu_upper_bound(), 8952);
     }
 }

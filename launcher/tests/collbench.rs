@@ -467,6 +467,7 @@ fn the_veth_comparison_runs_both_systems_across_namespaces_and_cleans_up() {
         out.map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
             .unwrap_or_default()
     };
+    let before = namespaces();
     let script = concat!(env!("CARGO_MANIFEST_DIR"), "/../scripts/veth-bench.sh");
     let mut cmd = Command::new("bash");
     cmd.env_remove("RANKMESH_SEED")
@@ -509,9 +510,12 @@ fn the_veth_comparison_runs_both_systems_across_namespaces_and_cleans_up() {
         let t: Vec<f64> = r[2..4].iter().map(|v| v.parse().expect("time")).collect();
         assert!(t[0] > 0.0 && t[1] > 0.0, "both times: {r:?}");
     }
-    let left = namespaces();
-    assert!(
-        !left.lines().any(|l| l.starts_with("rmvb")),
-        "namespaces left behind: {left}"
-    );
+    // Only namespaces this run made count (an earlier run killed with
+    // SIGKILL may have left its own).
+    let after = namespaces();
+    let new: Vec<&str> = after
+        .lines()
+        .filter(|l| l.starts_with("rmvb") && !before.lines().any(|b| b == *l))
+        .collect();
+    assert!(new.is_empty(), "namespaces left behind: {new:?}");
 }

@@ -21,6 +21,8 @@ use tokio::sync::mpsc;
 pub trait Resident: Send + Sync + Sized + 'static {
     /// The backend's name in messages ("CUDA", "wgpu").
     const BACKEND: &'static str;
+    /// The backend's device type, for messages ("Cuda", "Wgpu").
+    const BACKEND_TYPE: &'static str;
     /// The element type.
     const DTYPE: DType;
 
@@ -90,7 +92,9 @@ impl<B: Resident> DeviceBuffer for B {
     fn duplicate(&self, range: Range<usize>) -> Result<Box<dyn DeviceBuffer>> {
         check_range("duplicate", &range, self.elements())?;
         let copy = self.zeroed_like(range.len())?;
-        copy.copy_on_device(self, range, 0)?;
+        if !range.is_empty() {
+            copy.copy_on_device(self, range, 0)?;
+        }
         Ok(Box::new(copy))
     }
 
@@ -109,10 +113,10 @@ impl<B: Resident> DeviceBuffer for B {
         check_range("copy destination", &(at..at + range.len()), self.elements())?;
         if !same.same_device(self) {
             return Err(gpu_err(format!(
-                "cannot copy between buffers of two different {} devices ({} and {})",
+                "cannot copy between buffers of two different {} devices (each `{}::new` \
+                 opens a device of its own; use buffers of one)",
                 B::BACKEND,
-                same.device_name(),
-                self.device_name()
+                B::BACKEND_TYPE
             )));
         }
         if range.is_empty() {

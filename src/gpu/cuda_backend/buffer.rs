@@ -102,6 +102,7 @@ impl<T: CudaElement> CudaBuffer<T> {
 
 impl<T: CudaElement> Resident for CudaBuffer<T> {
     const BACKEND: &'static str = "CUDA";
+    const BACKEND_TYPE: &'static str = "Cuda";
     const DTYPE: DType = T::DTYPE;
 
     fn elements(&self) -> usize {

@@ -169,6 +169,7 @@ impl<T: WgpuElement> WgpuBuffer<T> {
 
 impl<T: WgpuElement> Resident for WgpuBuffer<T> {
     const BACKEND: &'static str = "wgpu";
+    const BACKEND_TYPE: &'static str = "Wgpu";
     const DTYPE: DType = T::DTYPE;
 
     fn elements(&self) -> usize {
