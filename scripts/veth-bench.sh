@@ -120,7 +120,7 @@ IFS=, hostlist="${hosts[*]}"
 unset IFS
 
 # rankmesh's path-MTU discovery may go up to the link's MTU (less IPv6 and
-# UDP headers); its default bound is 4000.
+# UDP headers); its default bound is 8952.
 qmtu=$((mtu - 48 > 65000 ? 65000 : mtu - 48))
 [ "$qmtu" -ge 1200 ] || qmtu=1200
 yield=()

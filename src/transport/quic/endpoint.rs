@@ -86,7 +86,22 @@ pub fn transport_config(cfg: &Config) -> Result<Arc<TransportConfig>> {
     mtu.upper_bound(cfg.mtu_upper_bound());
     t.mtu_discovery_config(Some(mtu));
     t.enable_segmentation_offload(true);
+    // Ten full-size packets in the first window, as TCP starts with ten
+    // segments of its MSS. quinn's default (12,000 bytes, ten of QUIC's
+    // minimum 1,200-byte packets) holds one jumbo packet: with
+    // discovery probes in flight, a new connection's last small message
+    // (a rank's Bye) could wait seconds to be sent.
+    let mut cubic = quinn::congestion::CubicConfig::default();
+    cubic.initial_window(initial_window(cfg));
+    t.congestion_controller_factory(Arc::new(cubic));
     Ok(Arc::new(t))
+}
+
+/// The congestion window a connection starts with: ten packets of the
+/// largest size path-MTU discovery may reach, and never below RFC 9002's
+/// 14,720 bytes.
+fn initial_window(cfg: &Config) -> u64 {
+    (10 * u64::from(cfg.mtu_upper_bound())).max(14_720)
 }
 
 /// Receive window (per stream and per connection) of the seed's side of a
@@ -230,7 +245,8 @@ mod tests {
     }
 
     /// Bulk data over loopback with path-MTU discovery allowed up to
-    /// 16,000 bytes: discovery reaches it and stays there. quinn batches up
+    /// 16,000 bytes: the first window holds ten such packets, and discovery
+    /// reaches the bound and stays there. quinn batches up
     /// to 10 datagrams per offloaded send; sent whole, a batch of
     /// 16,000-byte datagrams exceeded the kernel's 64 KiB per send and was
     /// dropped, so packets were lost and the path fell back to 1,200 bytes.
@@ -269,6 +285,12 @@ mod tests {
             .unwrap()
             .await
             .unwrap();
+        // The first window holds ten packets of the largest size.
+        assert!(
+            conn.stats().path.cwnd >= 10 * 16_000,
+            "{:?}",
+            conn.stats().path
+        );
         // Send until discovery has had time to climb (a hang guard, not a
         // speed limit: on loopback it takes a few round trips).
         let chunk = bytes::Bytes::from(vec![7u8; 1 << 20]);
