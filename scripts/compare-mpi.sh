@@ -46,13 +46,11 @@ for v in "$np" "$rounds" "$f" "$iters" "$warmup" "$batches"; do
   [[ $v =~ ^[0-9]+$ ]] || die "$v is not a whole number"
 done
 [ "$rounds" -ge 1 ] && [ "$np" -ge 1 ] || die "--np and --rounds must be at least 1"
-bytes() { # 64M -> 67108864 (K, M, G: powers of 1024)
-  local n=${1%[KkMmGg]} m=1
-  case $1 in *[Kk]) m=1024 ;; *[Mm]) m=1048576 ;; *[Gg]) m=1073741824 ;; esac
-  [[ $n =~ ^[0-9]+$ ]] || die "$1 is not a size"
-  echo $((n * m))
-}
-lo=$(bytes "$lo") hi=$(bytes "$hi")
+here=$(cd "$(dirname "$0")" && pwd)
+# shellcheck source=bench-common.sh
+. "$here/bench-common.sh"
+lo=$(bytes "$lo")
+hi=$(bytes "$hi")
 IFS=, read -r -a list <<<"$colls"
 for c in "${list[@]}"; do
   case $c in
@@ -75,7 +73,6 @@ if [ -z "$mpicc" ] || [ -z "$mpirun" ]; then
     die "Open MPI is missing: install it (Debian: sudo apt-get install openmpi-bin libopenmpi-dev)"
   fi
 fi
-here=$(cd "$(dirname "$0")" && pwd)
 cache=${TMPDIR:-/tmp}/rankmesh-compare-mpi-$(id -u)
 mkdir -p "$cache"
 mpibench=$cache/mpi_collbench
@@ -106,8 +103,6 @@ fi
 rows=$cache/rows.$$
 trap 'rm -f "$rows" "$rows".*' EXIT
 : >"$rows"
-# table rows: size count type redop root time algbw busbw #wrong coll
-keep() { awk -v who="$1" '$1 !~ /^#/ && NF == 10 && $1 ~ /^[0-9]+$/ { print who, $10, $1, $6, $8 }'; }
 for r in $(seq 1 "$rounds"); do
   echo "compare-mpi: round $r of $rounds: collbench, then Open MPI ($np ranks, $transport)" >&2
   env "${rmenv[@]}" "$cb" --np "$np" --coll "$colls" -b "$lo" -e "$hi" -f "$f" -n "$iters" \
@@ -122,21 +117,4 @@ done
 
 echo "# collbench against Open MPI on $(hostname): $np ranks, $transport, float sum, $(nproc) cores"
 echo "# median of $rounds interleaved rounds; speed = Open MPI's time / rankmesh's (above 1: rankmesh is faster)"
-awk -v order="$colls" '
-  function median(s,   a, n, i, j, t) {
-    n = split(s, a, " ")
-    for (i = 2; i <= n; i++) { t = a[i]; for (j = i - 1; j >= 1 && a[j] + 0 > t + 0; j--) a[j + 1] = a[j]; a[j + 1] = t }
-    return a[int((n + 1) / 2)]
-  }
-  { k = $2 SUBSEP $3; t[$1, k] = t[$1, k] " " $4; b[$1, k] = b[$1, k] " " $5; if (!(k in seen)) { seen[k] = 1; keys[++nk] = k } }
-  END {
-    printf "# %-13s %11s %13s %13s %12s %12s %7s\n", "coll", "size(B)", "rankmesh(us)", "openmpi(us)", "rm busbw", "mpi busbw", "speed"
-    n = split(order, cs, ",")
-    for (c = 1; c <= n; c++) for (i = 1; i <= nk; i++) {
-      split(keys[i], kk, SUBSEP); if (kk[1] != cs[c]) continue
-      if (!(("rankmesh", keys[i]) in t) || !(("openmpi", keys[i]) in t)) continue
-      rt = median(t["rankmesh", keys[i]]); mt = median(t["openmpi", keys[i]])
-      printf "  %-13s %11s %13.2f %13.2f %12.3f %12.3f %7.2f\n", kk[1], kk[2], rt, mt,
-        median(b["rankmesh", keys[i]]), median(b["openmpi", keys[i]]), (rt > 0 ? mt / rt : 0)
-    }
-  }' "$rows"
+ratio_table "$colls" "$rows"

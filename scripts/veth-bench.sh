@@ -48,16 +48,12 @@ done
 [ "$mtu" -ge 1280 ] && [ "$mtu" -le 65535 ] || die "--mtu must be 1280 to 65535"
 [ "$(id -u)" = 0 ] || die "needs root (it creates network namespaces)"
 command -v ip >/dev/null || die "needs ip (Debian: apt-get install iproute2)"
-bytes() { # 64M -> 67108864 (K, M, G: powers of 1024)
-  local n=${1%[KkMmGg]} m=1
-  case $1 in *[Kk]) m=1024 ;; *[Mm]) m=1048576 ;; *[Gg]) m=1073741824 ;; esac
-  [[ $n =~ ^[0-9]+$ ]] || die "$1 is not a size"
-  echo $((10#$n * m))
-}
+here=$(cd "$(dirname "$0")" && pwd)
+# shellcheck source=bench-common.sh
+. "$here/bench-common.sh"
 lo=$(bytes "$lo")
 hi=$(bytes "$hi")
 
-here=$(cd "$(dirname "$0")" && pwd)
 mpicc=$(command -v mpicc.openmpi || command -v mpicc || true)
 mpirun=$(command -v mpirun.openmpi || command -v mpirun || true)
 [ -n "$mpicc" ] && [ -n "$mpirun" ] ||
@@ -127,7 +123,6 @@ yield=()
 [ "$np" -gt "$(nproc)" ] && yield=(--mca mpi_yield_when_idle 1)
 rows=$work/rows
 : >"$rows"
-keep() { awk -v who="$1" '{ sub(/^\[[^]]*\] /, "") } $1 !~ /^#/ && NF == 10 && $1 ~ /^[0-9]+$/ { print who, $10, $1, $6, $8 }'; }
 for r in $(seq 1 "$rounds"); do
   echo "veth-bench: round $r of $rounds: rankmesh, then Open MPI ($np namespaces, MTU $mtu)" >&2
   ip netns exec "$(ns 0)" "$rr" --host "$hostlist" --launch-agent 'ip netns exec {host} sh -c' \
@@ -152,21 +147,4 @@ done
 
 echo "# rankmesh (QUIC) against Open MPI (TCP): $np ranks, one network namespace each, veth at MTU $mtu, $(nproc) cores"
 echo "# median of $rounds interleaved rounds; speed = Open MPI's time / rankmesh's (above 1: rankmesh is faster)"
-awk -v order="$colls" '
-  function median(s,   a, n, i, j, t) {
-    n = split(s, a, " ")
-    for (i = 2; i <= n; i++) { t = a[i]; for (j = i - 1; j >= 1 && a[j] + 0 > t + 0; j--) a[j + 1] = a[j]; a[j + 1] = t }
-    return a[int((n + 1) / 2)]
-  }
-  { k = $2 SUBSEP $3; t[$1, k] = t[$1, k] " " $4; b[$1, k] = b[$1, k] " " $5; if (!(k in seen)) { seen[k] = 1; keys[++nk] = k } }
-  END {
-    printf "# %-13s %11s %13s %13s %12s %12s %7s\n", "coll", "size(B)", "rankmesh(us)", "openmpi(us)", "rm busbw", "mpi busbw", "speed"
-    n = split(order, cs, ",")
-    for (c = 1; c <= n; c++) for (i = 1; i <= nk; i++) {
-      split(keys[i], kk, SUBSEP); if (kk[1] != cs[c]) continue
-      if (!(("rankmesh", keys[i]) in t) || !(("openmpi", keys[i]) in t)) continue
-      rt = median(t["rankmesh", keys[i]]); mt = median(t["openmpi", keys[i]])
-      printf "  %-13s %11s %13.2f %13.2f %12.3f %12.3f %7.2f\n", kk[1], kk[2], rt, mt,
-        median(b["rankmesh", keys[i]]), median(b["openmpi", keys[i]]), (rt > 0 ? mt / rt : 0)
-    }
-  }' "$rows"
+ratio_table "$colls" "$rows"

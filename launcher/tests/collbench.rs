@@ -364,16 +364,21 @@ fn on_cuda_without_a_driver_it_says_so() {
     }
 }
 
+/// Whether `cmd` (or Debian's `cmd.openmpi`) is on PATH.
+fn have(cmd: &str) -> bool {
+    Command::new("sh")
+        .args([
+            "-c",
+            &format!("command -v {cmd}.openmpi || command -v {cmd}"),
+        ])
+        .output()
+        .is_ok_and(|o| o.status.success())
+}
+
 /// scripts/compare-mpi.sh: both systems, one table of ratios. Needs Open
 /// MPI (`.ci/run` installs it; elsewhere the test says what to install).
 #[test]
 fn the_open_mpi_comparison_prints_one_row_of_ratios_per_size() {
-    let have = |c: &str| {
-        Command::new("sh")
-            .args(["-c", &format!("command -v {c}.openmpi || command -v {c}")])
-            .output()
-            .is_ok_and(|o| o.status.success())
-    };
     if !(have("mpicc") && have("mpirun")) {
         assert_ne!(
             std::env::var("CI").as_deref(),
@@ -441,12 +446,6 @@ fn the_open_mpi_comparison_prints_one_row_of_ratios_per_size() {
 /// iproute2 and Open MPI (`.ci/run` runs as root and installs them).
 #[test]
 fn the_veth_comparison_runs_both_systems_across_namespaces_and_cleans_up() {
-    let have = |c: &str| {
-        Command::new("sh")
-            .args(["-c", &format!("command -v {c}.openmpi || command -v {c}")])
-            .output()
-            .is_ok_and(|o| o.status.success())
-    };
     // SAFETY: geteuid has no preconditions.
     let root = unsafe { libc::geteuid() } == 0;
     if !(root && have("ip") && have("mpicc") && have("mpirun")) {

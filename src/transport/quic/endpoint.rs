@@ -19,23 +19,19 @@ pub fn bind(addr: SocketAddr, cfg: &Config) -> Result<quinn::Endpoint> {
     ep_cfg
         .max_udp_payload_size(cfg.mtu_upper_bound())
         .map_err(|e| Error::config(format!("MTU upper bound: {e}")))?;
+    let fail = |e: std::io::Error| {
+        Error::transport(
+            None,
+            format!("cannot start endpoint on UDP socket on {addr}: {e}"),
+        )
+    };
     let runtime: Arc<dyn quinn::Runtime> = Arc::new(quinn::TokioRuntime);
-    let sock = wrap(&*runtime, std_sock).map_err(|e| {
-        Error::transport(
-            None,
-            format!("cannot start endpoint on UDP socket on {addr}: {e}"),
-        )
-    })?;
-    quinn::Endpoint::new_with_abstract_socket(ep_cfg, None, sock, runtime).map_err(|e| {
-        Error::transport(
-            None,
-            format!("cannot start endpoint on UDP socket on {addr}: {e}"),
-        )
-    })
+    let sock = wrap(&*runtime, std_sock).map_err(fail)?;
+    quinn::Endpoint::new_with_abstract_socket(ep_cfg, None, sock, runtime).map_err(fail)
 }
 
-/// A UDP socket bound to `addr`, with the configured buffer sizes, for an
-/// endpoint (or for [`quinn::Endpoint::rebind`]).
+/// A UDP socket bound to `addr`, with the configured buffer sizes, for
+/// [`bind`] or [`rebind`].
 fn socket(addr: SocketAddr, cfg: &Config) -> Result<std::net::UdpSocket> {
     let io = |what: &str, e: std::io::Error| {
         Error::transport(None, format!("cannot {what} UDP socket on {addr}: {e}"))
