@@ -11,7 +11,7 @@
 //! | 4      | 1    | dtype   | element type tag ([`DType`])                         |
 //! | 5      | 1    | op      | reduce op tag, 0 when none                           |
 //! | 6      | 1    | coll    | collective kind tag, 0 for point-to-point            |
-//! | 7      | 1    | flags   | reserved, must be 0                                  |
+//! | 7      | 1    | stripes | parts the payload is striped into, 0 when it is not  |
 //! | 8      | 4    | src     | sender's world rank                                  |
 //! | 12     | 4    | epoch   | membership epoch of the communicator                 |
 //! | 16     | 8    | comm_id | communicator id                                      |
@@ -20,7 +20,11 @@
 //! | 40     | 8    | len     | payload bytes that follow                            |
 //! | 48     | 8    | total   | element count of the whole collective buffer         |
 //! | 56     | 4    | root    | collective root, `u32::MAX` when none                |
-//! | 60     | 4    | reserved| must be 0                                            |
+//! | 60     | 4    | stripe  | the sender's number of a striped message, else 0     |
+//!
+//! A striped message (see `wire::stripe`) carries its first part after the
+//! header; the other parts travel on streams of their own, each behind a
+//! [`crate::wire::stripe::StripeHeader`] naming `stripe`.
 
 use crate::datatype::DType;
 use std::fmt;
@@ -28,7 +32,7 @@ use std::fmt;
 /// Size of the encoded header in bytes.
 pub const HEADER_LEN: usize = 64;
 /// Frame format version this build speaks.
-pub const FRAME_VERSION: u8 = 1;
+pub const FRAME_VERSION: u8 = 2;
 const MAGIC: [u8; 2] = *b"RM";
 
 crate::tags::u8_enum! {
@@ -77,6 +81,11 @@ pub struct Header {
     pub total: u64,
     /// Collective root (`u32::MAX` = none).
     pub root: u32,
+    /// Parts the payload is striped into across connections (0: not
+    /// striped; never 1).
+    pub stripes: u8,
+    /// The sender's number of this striped message (0 when not striped).
+    pub stripe: u32,
 }
 
 impl Header {
@@ -95,6 +104,8 @@ impl Header {
             len: 0,
             total: 0,
             root: u32::MAX,
+            stripes: 0,
+            stripe: 0,
         }
     }
 
@@ -115,6 +126,8 @@ impl Header {
         b[40..48].copy_from_slice(&self.len.to_le_bytes());
         b[48..56].copy_from_slice(&self.total.to_le_bytes());
         b[56..60].copy_from_slice(&self.root.to_le_bytes());
+        b[7] = self.stripes;
+        b[60..64].copy_from_slice(&self.stripe.to_le_bytes());
         b
     }
 
@@ -138,7 +151,9 @@ impl Header {
         }
         let kind = FrameKind::try_from(buf[3]).map_err(WireError::Kind)?;
         let dtype = DType::try_from(buf[4]).map_err(WireError::DType)?;
-        if buf[7] != 0 || buf[60..64] != [0; 4] {
+        // A message is striped into two parts or more, and only a striped
+        // message has a stripe number.
+        if buf[7] == 1 || (buf[7] == 0 && buf[60..64] != [0; 4]) {
             return Err(WireError::Reserved);
         }
         let u32_at = |o: usize| u32::from_le_bytes([buf[o], buf[o + 1], buf[o + 2], buf[o + 3]]);
@@ -160,6 +175,8 @@ impl Header {
             len: u64_at(40),
             total: u64_at(48),
             root: u32_at(56),
+            stripes: buf[7],
+            stripe: u32_at(60),
         })
     }
 }
@@ -205,7 +222,10 @@ impl fmt::Display for WireError {
             ),
             WireError::Kind(k) => write!(f, "unknown frame kind {k}"),
             WireError::DType(d) => write!(f, "unknown element type tag {d}"),
-            WireError::Reserved => write!(f, "reserved header bytes are not zero"),
+            WireError::Reserved => write!(
+                f,
+                "inconsistent striping fields (one part, or a stripe number without parts)"
+            ),
         }
     }
 }
@@ -230,6 +250,8 @@ mod tests {
             len: 1 << 40,
             total: 12345,
             root: 2,
+            stripes: 4,
+            stripe: 77,
         }
     }
 
@@ -269,17 +291,23 @@ mod tests {
         let mut b = enc;
         b[2] = 9;
         let e = Header::decode(&b).unwrap_err();
-        assert_eq!(e, WireError::Version { ours: 1, theirs: 9 });
-        assert!(e.to_string().contains("v1") && e.to_string().contains("v9"));
+        assert_eq!(e, WireError::Version { ours: 2, theirs: 9 });
+        assert!(e.to_string().contains("v2") && e.to_string().contains("v9"));
         let mut b = enc;
         b[3] = 0;
         assert_eq!(Header::decode(&b), Err(WireError::Kind(0)));
         let mut b = enc;
         b[4] = 77;
         assert_eq!(Header::decode(&b), Err(WireError::DType(77)));
+        // One part is no striping; a stripe number needs parts.
         let mut b = enc;
-        b[62] = 1;
+        b[7] = 1;
         assert_eq!(Header::decode(&b), Err(WireError::Reserved));
+        let mut b = enc;
+        b[7] = 0;
+        assert_eq!(Header::decode(&b), Err(WireError::Reserved));
+        b[60..64].fill(0);
+        assert_eq!(Header::decode(&b).map(|h| h.stripes), Ok(0));
     }
 
     #[test]

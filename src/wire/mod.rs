@@ -10,6 +10,7 @@ pub mod coll;
 pub mod control;
 pub mod frame;
 pub mod hello;
+pub mod stripe;
 
 pub use coll::{CollDesc, CollKind, ABORT_FAILED, ABORT_MISMATCH};
 pub use frame::{FrameKind, Header, WireError, HEADER_LEN};
