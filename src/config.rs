@@ -28,6 +28,7 @@ pub struct Config {
     stream_receive_window: u32,
     send_window: u64,
     max_streams: u32,
+    transport_threads: Option<usize>,
     max_unexpected_bytes: u64,
     spin_wait: Duration,
     bind_ip: Option<IpAddr>,
@@ -36,6 +37,9 @@ pub struct Config {
     flight_dir: Option<PathBuf>,
     trace_file: Option<PathBuf>,
 }
+
+/// The most [`Config::set_transport_threads`] accepted.
+pub const MAX_TRANSPORT_THREADS: usize = 16;
 
 /// The longest [`Config::set_spin_wait`] accepted.
 const MAX_SPIN_WAIT: Duration = Duration::from_secs(1);
@@ -57,6 +61,7 @@ impl Default for Config {
             stream_receive_window: 2 << 20,
             send_window: 16 << 20,
             max_streams: 1024,
+            transport_threads: None,
             max_unexpected_bytes: 1 << 30,
             spin_wait: Duration::from_micros(50),
             bind_ip: None,
@@ -242,6 +247,28 @@ impl Config {
         self.max_streams
     }
 
+    /// Threads that carry this rank's QUIC traffic: each of the `n - 1`
+    /// beyond the caller's own drives an endpoint of its own (a UDP socket
+    /// and one connection to each peer it sends large messages to), and a
+    /// message of at least two eager limits to a peer across hosts is
+    /// striped into up to `n` parts sent and received at once, so that
+    /// several cores encrypt and decrypt it. Small messages, and all
+    /// traffic on the same-host channel, stay on the caller's thread (no
+    /// hand-off between threads). `1`: everything on the caller's thread.
+    /// `None` (the default): the cores available to this process divided
+    /// by the ranks on its host (`RANKMESH_LOCAL_SIZE`), from 1 to 4. At
+    /// most 16. Each extra thread holds a UDP socket with
+    /// [`Config::set_socket_buffer_bytes`] of buffers and one more QUIC
+    /// connection per peer. `RANKMESH_TRANSPORT_THREADS` overrides it.
+    pub fn set_transport_threads(&mut self, n: Option<usize>) -> &mut Self {
+        self.transport_threads = n;
+        self
+    }
+    /// See [`Config::set_transport_threads`]; `None`: chosen at start.
+    pub fn transport_threads(&self) -> Option<usize> {
+        self.transport_threads
+    }
+
     /// Most bytes of one peer's messages (those up to the eager limit, which
     /// are read as they arrive; each counts its payload plus 256 bytes) held
     /// in memory before this rank receives them. A peer that pushes more is
@@ -388,6 +415,14 @@ impl Config {
             return Err(crate::Error::config(
                 "max_streams, stream_receive_window and send_window must be greater than zero",
             ));
+        }
+        if let Some(n) = self.transport_threads {
+            if !(1..=MAX_TRANSPORT_THREADS).contains(&n) {
+                return Err(crate::Error::config(format!(
+                    "transport_threads {n}: expected 1 to {MAX_TRANSPORT_THREADS} \
+                     (1: all traffic on the caller's thread)"
+                )));
+            }
         }
         if self.max_unexpected_bytes < self.eager_limit as u64 {
             return Err(crate::Error::config(format!(

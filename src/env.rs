@@ -17,7 +17,8 @@
 //! allowed), `RANKMESH_SPIN_US` (whole microseconds a receive polls before
 //! sleeping; `0`: never), `RANKMESH_MTU` (bytes: the largest UDP payload
 //! path-MTU discovery may try), `RANKMESH_BIND` (IP address to bind) and
-//! `RANKMESH_SAME_HOST` (`0`: QUIC even between ranks on one host).
+//! `RANKMESH_SAME_HOST` (`0`: QUIC even between ranks on one host),
+//! `RANKMESH_TRANSPORT_THREADS` (`1` to `16`, or `auto`).
 //! `RANKMESH_ALGORITHM` forces a collective algorithm. `RANKMESH_GPU_DEVICE`
 //! picks the GPU of a process (default: its local rank). `RANKMESH_TRACE`
 //! (a file: Chrome/Perfetto trace per rank) and `RANKMESH_FLIGHT_DIR` (where
@@ -153,6 +154,37 @@ impl JoinSpec {
     }
 }
 
+/// Most transport threads chosen when the configuration leaves it open.
+const AUTO_TRANSPORT_THREADS: usize = 4;
+
+/// The transport threads of a rank whose [`Config::transport_threads`] is
+/// open: the cores available to the process divided by the ranks on its
+/// host (`RANKMESH_LOCAL_SIZE`, else 1), from 1 to 4.
+pub(crate) fn default_transport_threads() -> usize {
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let local = std::env::var("RANKMESH_LOCAL_SIZE")
+        .ok()
+        .and_then(|v| v.trim().parse::<usize>().ok());
+    threads_for(cores, local)
+}
+
+/// Apply the data-path overrides only (`RANKMESH_TRANSPORT_THREADS`,
+/// `RANKMESH_SAME_HOST`) from the process environment: a test harness that
+/// otherwise runs exactly the configuration it is given can so be rerun on
+/// another path.
+pub(crate) fn apply_data_path_overrides(cfg: &mut Config) -> Result<()> {
+    apply_overrides_from(cfg, &|k| {
+        matches!(k, "RANKMESH_TRANSPORT_THREADS" | "RANKMESH_SAME_HOST")
+            .then(|| process_env(k))
+            .flatten()
+    })
+}
+
+pub(crate) fn threads_for(cores: usize, local_size: Option<usize>) -> usize {
+    let local = local_size.filter(|&n| n > 0).unwrap_or(1);
+    (cores / local).clamp(1, AUTO_TRANSPORT_THREADS)
+}
+
 /// Apply `RANKMESH_*` overrides from the process environment to `cfg`.
 pub fn apply_overrides(cfg: &mut Config) -> Result<()> {
     apply_overrides_from(cfg, &process_env)
@@ -205,6 +237,24 @@ fn apply_overrides_from(cfg: &mut Config, get: Lookup<'_>) -> Result<()> {
     }
     if let Some(d) = get("RANKMESH_FLIGHT_DIR") {
         cfg.set_flight_dir(Some(d.into()));
+    }
+    if let Some(v) = get("RANKMESH_TRANSPORT_THREADS") {
+        let n = match v.trim() {
+            "auto" => None,
+            t => Some(
+                t.parse::<usize>()
+                    .ok()
+                    .filter(|n| (1..=crate::config::MAX_TRANSPORT_THREADS).contains(n))
+                    .ok_or_else(|| {
+                        Error::config(format!(
+                            "RANKMESH_TRANSPORT_THREADS={v:?}: expected 1 to {} (threads carrying \
+                             this rank's QUIC traffic; 1: the caller's only) or auto",
+                            crate::config::MAX_TRANSPORT_THREADS
+                        ))
+                    })?,
+            ),
+        };
+        cfg.set_transport_threads(n);
     }
     if let Some(v) = get("RANKMESH_SAME_HOST") {
         let on = match v.trim() {
@@ -378,5 +428,27 @@ mod tests {
             assert!(e.to_string().contains("RANKMESH_MTU"), "{e}");
         }
         assert_eq!(c.mtu_upper_bound(), 8952);
+        let m = env(&[("RANKMESH_TRANSPORT_THREADS", "4")]);
+        apply_overrides_from(&mut c, &|k| m.get(k).cloned()).unwrap();
+        assert_eq!(c.transport_threads(), Some(4));
+        for bad in ["0", "17", "many"] {
+            let m = env(&[("RANKMESH_TRANSPORT_THREADS", bad)]);
+            let e = apply_overrides_from(&mut c, &|k| m.get(k).cloned()).unwrap_err();
+            assert!(e.to_string().contains("RANKMESH_TRANSPORT_THREADS"), "{e}");
+        }
+        assert_eq!(c.transport_threads(), Some(4));
+        let m = env(&[("RANKMESH_TRANSPORT_THREADS", "auto")]);
+        apply_overrides_from(&mut c, &|k| m.get(k).cloned()).unwrap();
+        assert_eq!(c.transport_threads(), None);
+    }
+
+    #[test]
+    fn transport_threads_default_to_the_cores_per_local_rank() {
+        assert_eq!(threads_for(16, None), 4);
+        assert_eq!(threads_for(16, Some(8)), 2);
+        assert_eq!(threads_for(16, Some(16)), 1);
+        assert_eq!(threads_for(2, Some(4)), 1);
+        assert_eq!(threads_for(2, Some(0)), 2);
+        assert_eq!(threads_for(12, Some(4)), 3);
     }
 }

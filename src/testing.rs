@@ -72,7 +72,11 @@ pub struct LocalJob {
 
 impl LocalJob {
     /// `world_size` ranks joined through a real seed over QUIC on loopback,
-    /// with mutual TLS: what [`run_local`] runs.
+    /// with mutual TLS: what [`run_local`] runs. The configuration is used
+    /// as given, except that `RANKMESH_TRANSPORT_THREADS` and
+    /// `RANKMESH_SAME_HOST` in the environment override it (so a test suite
+    /// can be rerun on striped QUIC), and transport threads left open are
+    /// the process's cores divided by `world_size`.
     pub fn quic(world_size: usize) -> LocalJob {
         LocalJob {
             world_size,
@@ -133,6 +137,12 @@ where
     };
     let mut cfg = config;
     cfg.set_bind_ip(Some(IpAddr::V4(Ipv4Addr::LOCALHOST)));
+    crate::env::apply_data_path_overrides(&mut cfg)?;
+    if cfg.transport_threads().is_none() {
+        // The ranks share this process's cores.
+        let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+        cfg.set_transport_threads(Some(crate::env::threads_for(cores, Some(world_size))));
+    }
     let f = Arc::new(f);
     let result = drive(world_size, move |rank| {
         let mut spec = spec.clone();

@@ -191,6 +191,13 @@ fn job_on<T: Send + 'static>(
                 late: false,
             };
             let mut cfg = cfg.clone();
+            // CI reruns these tests with RANKMESH_TRANSPORT_THREADS=4; a
+            // test that sets the threads itself keeps its number.
+            let threads = cfg.transport_threads();
+            rankmesh::launch::apply_env_overrides(&mut cfg).expect("RANKMESH_* settings");
+            if threads.is_some() {
+                cfg.set_transport_threads(threads);
+            }
             if let Some(ips) = bind {
                 cfg.set_bind_ip(Some(ips[r / 2].parse().expect("bind ip")));
             }
@@ -359,7 +366,26 @@ fn allreduce_survives_a_2_second_burst_of_30_percent_loss() {
 /// kernel has no `tc netem`.) Stops on drop.
 struct Wire {
     stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
-    relay: Option<std::thread::JoinHandle<(u64, u64, u64)>>,
+    relay: Option<std::thread::JoinHandle<Relayed>>,
+}
+
+/// What a [`Wire`] relayed.
+#[derive(Default)]
+struct Relayed {
+    seen: u64,
+    dropped: u64,
+    held: u64,
+    /// UDP packets by (side they came from, source port).
+    by_port: std::collections::HashMap<(usize, u16), u64>,
+}
+
+/// The source port of an IPv4 UDP packet.
+fn udp_source_port(pkt: &[u8]) -> Option<u16> {
+    let ihl = usize::from(*pkt.first()? & 0x0f) * 4;
+    if pkt.first()? >> 4 != 4 || *pkt.get(9)? != 17 {
+        return None;
+    }
+    Some(u16::from_be_bytes([*pkt.get(ihl)?, *pkt.get(ihl + 1)?]))
 }
 
 /// `ifreq` as TUNSETIFF reads it: name, flags, and the rest of the union.
@@ -421,8 +447,11 @@ impl Wire {
         loss_pct: u64,
     ) -> Wire {
         use std::os::fd::AsRawFd;
+        // Unique per wire: tests of this file run at once.
+        static WIRES: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
         let id = std::process::id() % 10_000;
-        let names = [format!("tA{id}"), format!("tB{id}")];
+        let w = WIRES.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let names = [format!("tA{id}x{w}"), format!("tB{id}x{w}")];
         let fds: Vec<std::os::fd::OwnedFd> = (0..2)
             .map(|i| {
                 let n = names[i].clone();
@@ -465,6 +494,7 @@ impl Wire {
             type Held = Reverse<(Instant, u64, usize, Vec<u8>)>;
             let mut queue: BinaryHeap<Held> = BinaryHeap::new();
             let (mut n, mut dropped, mut held) = (0u64, 0u64, 0u64);
+            let mut by_port = std::collections::HashMap::new();
             let mut buf = vec![0u8; 65536];
             while !halt.load(std::sync::atomic::Ordering::Relaxed) {
                 let now = Instant::now();
@@ -503,6 +533,9 @@ impl Wire {
                             break;
                         }
                         n += 1;
+                        if let Some(port) = udp_source_port(&buf[..got as usize]) {
+                            *by_port.entry((from, port)).or_insert(0u64) += 1;
+                        }
                         if rnd() % 100 < loss_pct {
                             dropped += 1;
                             continue;
@@ -516,7 +549,12 @@ impl Wire {
                     }
                 }
             }
-            (n, dropped, held)
+            Relayed {
+                seen: n,
+                dropped,
+                held,
+                by_port,
+            }
         });
         Wire {
             stop,
@@ -524,8 +562,8 @@ impl Wire {
         }
     }
 
-    /// Stop relaying: (packets seen, dropped, held back).
-    fn finish(mut self) -> (u64, u64, u64) {
+    /// Stop relaying: what was relayed.
+    fn finish(mut self) -> Relayed {
         self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
         self.relay
             .take()
@@ -569,7 +607,12 @@ fn allreduce_is_exact_with_20ms_delay_1_percent_reordering_and_1_percent_loss() 
             wrong
         })
     });
-    let (seen, dropped, held) = wire.finish();
+    let Relayed {
+        seen,
+        dropped,
+        held,
+        ..
+    } = wire.finish();
     assert_eq!(out, vec![0, 0, 0, 0], "wrong elements per rank");
     // The faults really happened on the ranks' traffic.
     assert!(
@@ -577,6 +620,87 @@ fn allreduce_is_exact_with_20ms_delay_1_percent_reordering_and_1_percent_loss() 
         "relay saw {seen} packets, dropped {dropped}, reordered {held}"
     );
     eprintln!("relay: {seen} packets, {dropped} dropped, {held} reordered");
+}
+
+fn pattern(len: usize, seed: usize) -> Vec<u8> {
+    (0..len)
+        .map(|i| (i.wrapping_mul(2_654_435_761).wrapping_add(seed) >> 8) as u8)
+        .collect()
+}
+
+/// With four transport threads per rank, large messages between the
+/// hosts are striped across four connections each, over a link that delays
+/// every packet, holds 5% back so later ones overtake them and drops 2%:
+/// a sequence of point-to-point messages arrives exact and in order, the
+/// allreduces are exact, and the relay saw the striping (each rank of host
+/// A sent from its main endpoint and its three lanes).
+#[test]
+fn striped_messages_arrive_exact_and_in_order_over_a_lossy_reordering_link() {
+    if !can_run("ip netns, /dev/net/tun", &["ip"]) {
+        return;
+    }
+    let h = Hosts::new(6);
+    let ips = ["10.215.6.1", "10.215.6.2"];
+    let wire = Wire::new(
+        &h,
+        ips,
+        Duration::from_millis(2),
+        Duration::from_millis(3),
+        5,
+        2,
+    );
+    let mut cfg = Config::default();
+    cfg.set_op_timeout(Duration::from_secs(120));
+    cfg.set_transport_threads(Some(4));
+    let out = job_on(&h, cfg, Some(ips), |comm| {
+        Box::pin(async move {
+            let r = comm.rank();
+            let sizes = [200_000usize, 262_145, 1 << 20, 777_777];
+            let mut wrong = 0;
+            // Ranks 0 and 1 (host A) send to 2 and 3 (host B), in order on
+            // one tag (a message out of order would not fit its receive).
+            for (i, &n) in sizes.iter().enumerate() {
+                if r < 2 {
+                    let data = pattern(n, i + 10 * r);
+                    comm.send(&data, r + 2, 5).await.expect("send");
+                } else {
+                    let mut got = vec![0u8; n];
+                    comm.recv(&mut got, r - 2, 5).await.expect("recv");
+                    wrong += usize::from(got != pattern(n, i + 10 * (r - 2)));
+                }
+            }
+            wrong += exact_allreduces(&comm, 5, "allreduce over striped QUIC").await;
+            comm.finalize().await.expect("finalize");
+            wrong
+        })
+    });
+    let relayed = wire.finish();
+    eprintln!(
+        "relayed UDP packets by (side, source port): {:?}",
+        relayed.by_port
+    );
+    assert_eq!(
+        out,
+        vec![0, 0, 0, 0],
+        "wrong messages and elements per rank"
+    );
+    assert!(
+        relayed.dropped > 0 && relayed.held > 0,
+        "relay saw {} packets, dropped {}, reordered {}",
+        relayed.seen,
+        relayed.dropped,
+        relayed.held
+    );
+    let busy = relayed
+        .by_port
+        .iter()
+        .filter(|((side, _), n)| *side == 0 && **n >= 500)
+        .count();
+    assert!(
+        busy >= 8,
+        "host A sent from {busy} busy UDP ports, not 2 ranks x 4 endpoints: {:?}",
+        relayed.by_port
+    );
 }
 
 #[test]

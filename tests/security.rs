@@ -5,7 +5,7 @@ mod flood;
 
 use rankmesh::internals::bootstrap::join;
 use rankmesh::internals::pki::{self, Credentials, JobCa, RankKey};
-use rankmesh::internals::transport::quic::{endpoint, QuicTransport};
+use rankmesh::internals::transport::quic::{endpoint, Lanes, QuicTransport};
 use rankmesh::internals::transport::{P2pKey, Transport};
 use rankmesh::internals::wire::control::{self, JoinReply, JoinRequest, PREFIX_LEN};
 use rankmesh::internals::wire::{FrameKind, Header};
@@ -52,10 +52,11 @@ async fn join_rank_with(spec: JoinSpec, c: Config) -> rankmesh::Result<Rank> {
     let ep = endpoint::bind("127.0.0.1:0".parse().unwrap(), &c)?;
     let addr = ep.local_addr().unwrap();
     let joined = join(&ep, &spec, &c, |cr| {
-        QuicTransport::accept_peers(&ep, cr, &c)
+        QuicTransport::accept_peers(&ep, &Lanes::none(), cr, &c)
     })
     .await?;
-    let transport = QuicTransport::start(ep.clone(), &joined.creds, joined.peers, &c)?;
+    let transport =
+        QuicTransport::start(ep.clone(), Lanes::none(), &joined.creds, joined.peers, &c)?;
     Ok(Rank {
         transport,
         creds: joined.creds,
@@ -429,6 +430,7 @@ async fn protocol_version_mismatch_names_both_versions() {
         requested_rank: None,
         world_size: None,
         listen: "127.0.0.1:1".parse().unwrap(),
+        lanes: Vec::new(),
         host: "future".into(),
         pid: 1,
         csr_der: vec![],
@@ -1279,13 +1281,13 @@ async fn a_rank_refuses_a_dialled_server_whose_key_is_not_the_pinned_one() {
     let ep0 = endpoint::bind("127.0.0.1:0".parse().unwrap(), &c).unwrap();
     let rank0 = async {
         let joined = join(&ep0, &spec(&seed, 0, 2), &c, |cr| {
-            QuicTransport::accept_peers(&ep0, cr, &c)
+            QuicTransport::accept_peers(&ep0, &Lanes::none(), cr, &c)
         })
         .await
         .unwrap();
         let mut peers = joined.peers;
         peers[1].addr = impostor_addr;
-        QuicTransport::start(ep0.clone(), &joined.creds, peers, &c).unwrap()
+        QuicTransport::start(ep0.clone(), Lanes::none(), &joined.creds, peers, &c).unwrap()
     };
     let rank1 = async {
         for _ in 0..100 {

@@ -307,6 +307,7 @@ mod tests {
     fn peer(i: usize) -> PeerInfo {
         PeerInfo {
             addr: ([127, 0, 0, 1], 1000 + i as u16).into(),
+            lanes: Vec::new(),
             host: "h".into(),
             pid: i as u32,
             key: KeyPin::Pinned([i as u8; 32]),

@@ -108,6 +108,19 @@ pub async fn join(
     cfg: &Config,
     admitted: impl FnOnce(&Credentials) -> Result<()>,
 ) -> Result<Joined> {
+    join_with_lanes(endpoint, &[], spec, cfg, admitted).await
+}
+
+/// [`join`], telling the seed the ports of the rank's transport-thread
+/// endpoints (`lanes`, on the IP of `endpoint`), which the peer table
+/// passes on.
+pub async fn join_with_lanes(
+    endpoint: &quinn::Endpoint,
+    lanes: &[u16],
+    spec: &JoinSpec,
+    cfg: &Config,
+    admitted: impl FnOnce(&Credentials) -> Result<()>,
+) -> Result<Joined> {
     let seed = spec.seed;
     let deadline = cfg.formation_timeout();
     let unreachable = |e: String| {
@@ -159,7 +172,16 @@ pub async fn join(
             Ok(Err(e)) => return Err(unreachable(e.to_string())),
         }
     };
-    let result = exchange(&conn, endpoint, spec, deadline, cfg.op_timeout(), admitted).await;
+    let result = exchange(
+        &conn,
+        endpoint,
+        lanes,
+        spec,
+        deadline,
+        cfg.op_timeout(),
+        admitted,
+    )
+    .await;
     if result.is_err() {
         conn.close(
             quinn::VarInt::from_u32(super::close::FAILED),
@@ -172,6 +194,7 @@ pub async fn join(
 async fn exchange(
     conn: &quinn::Connection,
     endpoint: &quinn::Endpoint,
+    lanes: &[u16],
     spec: &JoinSpec,
     deadline: Duration,
     cfg_admission: Duration,
@@ -188,6 +211,7 @@ async fn exchange(
         requested_rank: spec.rank.filter(|_| !spec.late).map(|r| r as u32),
         world_size: spec.world_size.filter(|_| !spec.late).map(|w| w as u32),
         listen,
+        lanes: lanes.to_vec(),
         host: spec.host.clone(),
         pid: std::process::id(),
         csr_der: key.csr_der()?,

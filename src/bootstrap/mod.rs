@@ -19,7 +19,7 @@ mod token;
 
 pub use crate::env::JoinSpec;
 pub use crate::pki::JobToken;
-pub use join::{join, Joined, Notices, SeedLink};
+pub use join::{join, join_with_lanes, Joined, Notices, SeedLink};
 pub use seed::{Seed, SeedConfig};
 pub use token::random_job_id;
 

@@ -214,6 +214,7 @@ mod tests {
             world_size: Some(3),
             peer: PeerInfo {
                 addr: format!("127.0.0.1:{port}").parse().unwrap(),
+                lanes: Vec::new(),
                 host: "h".into(),
                 pid: port as u32,
                 key: KeyPin::Pending,

@@ -20,7 +20,6 @@ use std::future::Future;
 use std::ops::Range;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::task::Poll;
 
 /// What every rank must agree on for one collective call.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -349,23 +348,6 @@ pub(super) type SendFut<'a> = Pin<Box<dyn Future<Output = Result<(), ExecError>>
 
 /// Drive all sends concurrently; the first error wins (the others are
 /// dropped, which resets their streams).
-pub(super) async fn join_all(mut futs: Vec<Option<SendFut<'_>>>) -> Result<(), ExecError> {
-    std::future::poll_fn(|cx| {
-        let mut pending = false;
-        for slot in futs.iter_mut() {
-            if let Some(f) = slot {
-                match f.as_mut().poll(cx) {
-                    Poll::Ready(Ok(())) => *slot = None,
-                    Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
-                    Poll::Pending => pending = true,
-                }
-            }
-        }
-        if pending {
-            Poll::Pending
-        } else {
-            Poll::Ready(Ok(()))
-        }
-    })
-    .await
+pub(super) async fn join_all(futs: Vec<Option<SendFut<'_>>>) -> Result<(), ExecError> {
+    crate::boxfut::try_join_all(futs).await
 }

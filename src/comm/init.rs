@@ -5,7 +5,7 @@ use super::{Communicator, World};
 use crate::bootstrap;
 use crate::config::Config;
 use crate::env::{self, JoinSpec};
-use crate::transport::quic::{endpoint, QuicTransport};
+use crate::transport::quic::{endpoint, Lanes, QuicTransport};
 use crate::Result;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, UdpSocket};
 use std::sync::Arc;
@@ -91,13 +91,17 @@ async fn join_world(
     let usr1 = sigusr1();
     let ip = cfg.bind_ip().unwrap_or_else(|| route_ip(spec.seed));
     let ep = endpoint::bind(SocketAddr::new(ip, 0), &cfg)?;
-    let joined = bootstrap::join(&ep, &spec, &cfg, |creds| {
-        QuicTransport::accept_peers(&ep, creds, &cfg)
+    let threads = cfg
+        .transport_threads()
+        .unwrap_or_else(env::default_transport_threads);
+    let lanes = Lanes::start(ip, &cfg, threads)?;
+    let joined = bootstrap::join_with_lanes(&ep, &lanes.ports()?, &spec, &cfg, |creds| {
+        QuicTransport::accept_peers(&ep, &lanes, creds, &cfg)
     })
     .await?;
     let job_id = joined.creds.job_id.clone();
     let epoch = joined.epoch;
-    let transport = QuicTransport::start(ep, &joined.creds, joined.peers, &cfg)?;
+    let transport = QuicTransport::start(ep, lanes, &joined.creds, joined.peers, &cfg)?;
     let world = Arc::new(World::new(
         Arc::new(transport),
         cfg,

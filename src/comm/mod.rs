@@ -443,6 +443,9 @@ impl Communicator {
 }
 
 #[cfg(test)]
+mod striping_tests;
+
+#[cfg(test)]
 mod tests {
     #[test]
     fn communicator_is_clone_send_sync() {

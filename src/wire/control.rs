@@ -21,8 +21,9 @@ pub const PREFIX_LEN: usize = 32;
 /// Version of the join protocol this build speaks. It also stands for the
 /// rank-to-rank frame semantics, so that ranks that would misread each
 /// other's frames are refused at join: 5 numbers point-to-point messages
-/// per sender instead of per tag.
-pub const PROTOCOL_VERSION: u32 = 5;
+/// per sender instead of per tag; 6 adds the transport threads' ports to
+/// the join request and the peer table, and striped frames.
+pub const PROTOCOL_VERSION: u32 = 6;
 /// Largest control body accepted (certificates and peer tables fit easily).
 pub const MAX_BODY: usize = 4 << 20;
 const MAGIC: [u8; 8] = *b"RANKMESH";
@@ -170,6 +171,9 @@ pub struct JoinRequest {
     pub world_size: Option<u32>,
     /// Address its own endpoint listens on for peer connections.
     pub listen: SocketAddr,
+    /// UDP ports, on the IP of `listen`, of its transport threads' own
+    /// endpoints (empty: one transport thread).
+    pub lanes: Vec<u16>,
     /// Host name, for messages that name the rank.
     pub host: String,
     /// Process id, for messages that name the rank.
@@ -234,6 +238,9 @@ pub struct Ready {
 pub struct PeerInfo {
     /// Address of the peer's endpoint.
     pub addr: SocketAddr,
+    /// Ports, on the IP of `addr`, of the endpoints of the peer's extra
+    /// transport threads (large messages are striped across them).
+    pub lanes: Vec<u16>,
     /// Host name.
     pub host: String,
     /// Process id.
@@ -340,6 +347,7 @@ mod tests {
             requested_rank: Some(3),
             world_size: Some(4),
             listen: "127.0.0.1:4000".parse().unwrap(),
+            lanes: vec![4001, 4002],
             host: "node1".into(),
             pid: 42,
             csr_der: vec![1, 2, 3],
@@ -354,6 +362,7 @@ mod tests {
             epoch: 1,
             peers: vec![PeerInfo {
                 addr: "10.0.0.1:1".parse().unwrap(),
+                lanes: Vec::new(),
                 host: "h".into(),
                 pid: 1,
                 key: KeyPin::Pinned([3; 32]),

@@ -187,6 +187,7 @@ async fn handle(inner: Arc<Inner>, incoming: quinn::Incoming, unproven: Place) -
         world_size: req.world_size.map(|w| w as usize),
         peer: PeerInfo {
             addr: req.listen,
+            lanes: req.lanes.clone(),
             host: req.host.clone(),
             pid: req.pid,
             // Pinned once the rank is ready with the certificate issued below.

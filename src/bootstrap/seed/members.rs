@@ -168,6 +168,7 @@ pub(super) async fn late_join(
     }
     let peer = PeerInfo {
         addr: req.listen,
+        lanes: req.lanes.clone(),
         host: req.host.clone(),
         pid: req.pid,
         // Pinned once the joiner is ready with the certificate issued below:

@@ -71,6 +71,20 @@ impl Shared {
     }
 
     async fn accept_one(self: Arc<Self>, incoming: quinn::Incoming, place: places::Place) {
+        if let Some((rank, conn)) = self.handshake(incoming, place).await {
+            self.register(rank, &conn);
+            self.serve(rank, conn).await;
+        }
+    }
+
+    /// Complete an incoming connection's handshake (holding `place` until
+    /// then) and check its certificate: the peer's rank and the
+    /// connection, or `None` when it was refused.
+    pub(super) async fn handshake(
+        &self,
+        incoming: quinn::Incoming,
+        place: places::Place,
+    ) -> Option<(usize, quinn::Connection)> {
         let from = incoming.remote_address();
         let limit = HANDSHAKE_DEADLINE.min(self.cfg.formation_timeout());
         let conn = match tokio::time::timeout(limit, incoming).await {
@@ -78,11 +92,11 @@ impl Shared {
             Ok(Err(e)) => {
                 tracing::debug!(rank = self.rank, %from, "refused a connection: {e}");
                 place.failed(format!("{from}: {e}"));
-                return;
+                return None;
             }
             Err(_) => {
                 place.failed(format!("{from}: no handshake within {limit:?}"));
-                return;
+                return None;
             }
         };
         drop(place);
@@ -94,7 +108,7 @@ impl Shared {
                     VarInt::from_u32(CODE_AUTH),
                     b"certificate names no peer rank",
                 );
-                return;
+                return None;
             }
         };
         // Nothing from the connection is read, and its same-host secret is
@@ -102,10 +116,9 @@ impl Shared {
         if let Err((e, why)) = self.check_key(rank, &pin).await {
             tracing::warn!(rank = self.rank, %from, "refused a connection claiming rank {rank}: {e}");
             conn.close(VarInt::from_u32(CODE_AUTH), why);
-            return;
+            return None;
         }
-        self.register(rank, &conn);
-        self.serve(rank, conn).await;
+        Some((rank, conn))
     }
 
     /// The peer's leaf certificate (already verified against the job CA).

@@ -1,4 +1,4 @@
-//! The UDP socket and quinn settings of a rank's single endpoint.
+//! The UDP socket and quinn settings of a rank's endpoints.
 
 use crate::config::Config;
 use crate::{Error, Result};
@@ -11,6 +11,16 @@ use std::sync::Arc;
 /// quinn endpoint (client-capable; the server side is enabled once the rank
 /// has its certificate).
 pub fn bind(addr: SocketAddr, cfg: &Config) -> Result<quinn::Endpoint> {
+    bind_on(addr, cfg, Arc::new(quinn::TokioRuntime))
+}
+
+/// [`bind`], with the endpoint's tasks (its driver, its connections'
+/// drivers) spawned by `runtime`.
+pub(super) fn bind_on(
+    addr: SocketAddr,
+    cfg: &Config,
+    runtime: Arc<dyn quinn::Runtime>,
+) -> Result<quinn::Endpoint> {
     let std_sock = socket(addr, cfg)?;
     // quinn caps the UDP payload it accepts (and so the path MTU it can
     // discover) at 1472 bytes unless told otherwise; raise the cap to the
@@ -25,7 +35,6 @@ pub fn bind(addr: SocketAddr, cfg: &Config) -> Result<quinn::Endpoint> {
             format!("cannot start endpoint on UDP socket on {addr}: {e}"),
         )
     };
-    let runtime: Arc<dyn quinn::Runtime> = Arc::new(quinn::TokioRuntime);
     let sock = wrap(&*runtime, std_sock).map_err(fail)?;
     quinn::Endpoint::new_with_abstract_socket(ep_cfg, None, sock, runtime).map_err(fail)
 }

@@ -13,10 +13,14 @@
 
 mod accept;
 pub mod endpoint;
+mod lanes;
 mod local;
 pub(crate) mod places;
 mod receive;
 mod send;
+mod stripe;
+
+pub use lanes::Lanes;
 
 use super::{
     BoxFut, Broken, Failure, Incoming, Mailbox, Payload, Refused, Stamp, StreamBody, Transport,
@@ -76,6 +80,11 @@ struct Link {
     /// Connections with the peer that ended and whose end is still being
     /// reported (the mailbox is told once the peer's data is all in).
     ending: std::sync::atomic::AtomicUsize,
+    /// This rank's lane connections to the peer, by lane (1 or more).
+    lanes_out: Mutex<std::collections::HashMap<usize, quinn::Connection>>,
+    lane_dial: tokio::sync::Mutex<()>,
+    /// The number of the next message striped to the peer.
+    next_stripe: std::sync::atomic::AtomicU32,
 }
 
 impl Link {
@@ -86,6 +95,9 @@ impl Link {
             done: tokio::sync::watch::channel(false).0,
             local: local::LocalLink::new(),
             ending: std::sync::atomic::AtomicUsize::new(0),
+            lanes_out: Mutex::new(std::collections::HashMap::new()),
+            lane_dial: tokio::sync::Mutex::new(()),
+            next_stripe: std::sync::atomic::AtomicU32::new(0),
         }
     }
 }
@@ -116,11 +128,19 @@ struct Shared {
     /// (anyone who reaches the port can start one; only a certificate of
     /// the job CA completes it).
     handshakes: places::Places,
+    /// This rank's transport threads beyond the caller's (see `lanes`).
+    lanes: Vec<lanes::Lane>,
+    /// Tasks on the lanes' threads.
+    lane_tasks: Mutex<JoinSet<()>>,
+    /// Where parts of striped messages meet their headers.
+    rdv: Arc<stripe::Rendezvous>,
 }
 
 /// The QUIC transport of one rank.
 pub struct QuicTransport {
     sh: Arc<Shared>,
+    /// Stops the lanes' threads when the transport is dropped.
+    _lanes: Lanes,
 }
 
 fn quic_err(what: &str, e: impl std::fmt::Display) -> Error {
@@ -133,6 +153,7 @@ impl QuicTransport {
     /// endpoint's queue.
     pub fn accept_peers(
         endpoint: &quinn::Endpoint,
+        lanes: &Lanes,
         creds: &Credentials,
         cfg: &Config,
     ) -> Result<()> {
@@ -140,6 +161,9 @@ impl QuicTransport {
             .map_err(|e| quic_err("QUIC server TLS", e))?;
         let mut server = quinn::ServerConfig::with_crypto(Arc::new(server_tls));
         server.transport_config(endpoint::transport_config(cfg)?);
+        for l in lanes.lanes() {
+            l.endpoint.set_server_config(Some(server.clone()));
+        }
         endpoint.set_server_config(Some(server));
         Ok(())
     }
@@ -149,6 +173,7 @@ impl QuicTransport {
     /// the peer table.
     pub fn start(
         endpoint: quinn::Endpoint,
+        lanes: Lanes,
         creds: &Credentials,
         peers: Vec<PeerInfo>,
         cfg: &Config,
@@ -176,11 +201,26 @@ impl QuicTransport {
                 accept::MAX_HANDSHAKES,
                 accept::MAX_HANDSHAKES_PER_SOURCE,
             ),
+            lanes: lanes.lanes().to_vec(),
+            lane_tasks: Mutex::new(JoinSet::new()),
+            rdv: Arc::default(),
         });
         let acc = sh.clone();
         sh.spawn(async move { acc.accept_loop().await });
+        for (i, lane) in sh.lanes.iter().enumerate() {
+            let acc = sh.clone();
+            sh.spawn_on_lane(lane, async move { acc.lane_accept_loop(i + 1).await });
+        }
         sh.start_local();
-        Ok(QuicTransport { sh })
+        Ok(QuicTransport { sh, _lanes: lanes })
+    }
+
+    /// Lane connections this rank dialled to `rank` (0 before it striped
+    /// a message to it).
+    pub fn lane_connections(&self, rank: usize) -> usize {
+        let link = self.sh.link(rank);
+        let g = link.lanes_out.lock().unwrap_or_else(|p| p.into_inner());
+        g.len()
     }
 
     /// The local address of this rank's endpoint.
@@ -194,8 +234,7 @@ impl Drop for QuicTransport {
         // Without an explicit shutdown, close at once so no task or socket outlives us.
         if !self.sh.closing.swap(true, Ordering::AcqRel) {
             self.sh
-                .endpoint
-                .close(VarInt::from_u32(CODE_BYE), b"rank dropped its transport");
+                .close_endpoints(VarInt::from_u32(CODE_BYE), b"rank dropped its transport");
         }
         self.sh.abort_tasks();
     }
@@ -209,9 +248,19 @@ impl Shared {
     }
 
     fn abort_tasks(&self) {
-        let mut tasks = self.tasks.lock().unwrap_or_else(|p| p.into_inner());
-        tasks.abort_all();
-        while tasks.try_join_next().is_some() {}
+        for set in [&self.tasks, &self.lane_tasks] {
+            let mut tasks = set.lock().unwrap_or_else(|p| p.into_inner());
+            tasks.abort_all();
+            while tasks.try_join_next().is_some() {}
+        }
+    }
+
+    /// Close the main endpoint and the lanes' with `code` and `why`.
+    fn close_endpoints(&self, code: VarInt, why: &[u8]) {
+        for l in &self.lanes {
+            l.endpoint.close(code, why);
+        }
+        self.endpoint.close(code, why);
     }
 
     /// Number of entries in the peer table.
@@ -374,7 +423,7 @@ impl Shared {
             None if graceful => (CODE_BYE, b"finalized".to_vec()),
             None => (CODE_ABORT, b"rank stopped after an error".to_vec()),
         };
-        self.endpoint.close(VarInt::from_u32(code), &why);
+        self.close_endpoints(VarInt::from_u32(code), &why);
         self.close_local();
         let _ = tokio::time::timeout(Duration::from_millis(100), self.endpoint.wait_idle()).await;
         tracing::debug!(rank = self.rank, "shutdown: endpoint idle");

@@ -159,6 +159,7 @@ impl Shared {
             other => format!("connection lost: {other}"),
         };
         tracing::debug!(rank = self.rank, peer = rank, "peer gone: {reason}");
+        self.rdv.forget(rank);
         // What a peer that closed sent over the same-host channel before is
         // still in this rank's socket buffers: let it reach the mailbox
         // first. (A silent peer's channel has nothing more to give.)
@@ -199,6 +200,31 @@ impl Shared {
                 h.len,
                 self.cfg.max_message_bytes()
             ));
+        }
+        if h.stripes != 0 {
+            // Only a message the sender streams can be striped, and only
+            // across as many threads as this rank has.
+            if h.len as usize <= self.cfg.eager_limit()
+                || usize::from(h.stripes) > self.lanes.len() + 1
+            {
+                let _ = s.stop(VarInt::from_u32(CODE_PROTOCOL));
+                return Frame::Violation(format!(
+                    "a message of {} bytes striped into {} parts (this rank has {} transport \
+                     threads and reads messages up to {} bytes whole)",
+                    h.len,
+                    h.stripes,
+                    self.lanes.len() + 1,
+                    self.cfg.eager_limit()
+                ));
+            }
+            let body = match stripe::StripedBody::new(self.rdv.clone(), rank, &h, s) {
+                Ok(b) => b,
+                Err(why) => return Frame::Violation(why),
+            };
+            return match self.mailbox.deliver(Incoming::streamed(h, Box::new(body))) {
+                Ok(()) => Frame::Delivered,
+                Err(Refused(reason)) => Frame::Overrun(reason),
+            };
         }
         if h.len as usize > self.cfg.eager_limit() {
             return match self

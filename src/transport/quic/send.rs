@@ -8,7 +8,7 @@ const COPY_PIECE: usize = 1 << 20;
 
 /// Resets a stream whose message was not completely written (the sending
 /// operation was cancelled), so the receiver sees an error, not a short message.
-struct ResetOnDrop(Option<quinn::SendStream>);
+pub(super) struct ResetOnDrop(pub(super) Option<quinn::SendStream>);
 
 impl Drop for ResetOnDrop {
     fn drop(&mut self) {
@@ -34,25 +34,37 @@ impl Shared {
         let Some(addr) = self.peer_addr(dst) else {
             return Err(self.failure(dst, format!("no address known for rank {dst}")));
         };
+        let conn = self.dial(&self.endpoint, dst, addr, "it").await?;
+        let used = self.register(dst, &conn);
+        let sh = self.clone();
+        self.spawn(async move { sh.serve(dst, conn).await });
+        Ok(used)
+    }
+
+    /// Connect from `endpoint` to `dst` at `addr` (`what`: how messages
+    /// name the far end) and check that the server holds the key the seed
+    /// admitted for `dst`. A failure fails the peer.
+    pub(super) async fn dial(
+        &self,
+        endpoint: &quinn::Endpoint,
+        dst: usize,
+        addr: std::net::SocketAddr,
+        what: &str,
+    ) -> std::result::Result<quinn::Connection, Failure> {
         let name = pki::rank_dns_name(&self.job_id, dst);
         let fail = |e: String| {
-            let reason = format!("cannot connect to it at {addr}: {e}");
+            let reason = format!("cannot connect to {what} at {addr}: {e}");
             self.mailbox.fail_peer(dst, &reason);
             self.failure(dst, reason)
         };
-        let connecting = self
-            .endpoint
+        let connecting = endpoint
             .connect_with(self.client.clone(), addr, &name)
             .map_err(|e| fail(e.to_string()))?;
-        let conn = match tokio::time::timeout(self.cfg.formation_timeout(), connecting).await {
+        let limit = self.cfg.formation_timeout();
+        let conn = match tokio::time::timeout(limit, connecting).await {
             Ok(Ok(c)) => c,
             Ok(Err(e)) => return Err(fail(e.to_string())),
-            Err(_) => {
-                return Err(fail(format!(
-                    "no answer within {:?}",
-                    self.cfg.formation_timeout()
-                )))
-            }
+            Err(_) => return Err(fail(format!("no answer within {limit:?}"))),
         };
         // The server proved it holds a certificate naming `dst`; it must
         // also be the key the seed admitted for `dst`.
@@ -64,10 +76,7 @@ impl Shared {
             conn.close(VarInt::from_u32(CODE_AUTH), why);
             return Err(fail(e.to_string()));
         }
-        let used = self.register(dst, &conn);
-        let sh = self.clone();
-        self.spawn(async move { sh.serve(dst, conn).await });
-        Ok(used)
+        Ok(conn)
     }
 
     pub(super) async fn send(
@@ -109,6 +118,13 @@ impl Shared {
         let conn = self.connection(dst).await?;
         if let Some(tx) = self.local_tx(dst, &conn).await {
             return self.send_local(dst, &tx, header, payload, stamp).await;
+        }
+        if !matches!(payload, Payload::Stream { .. }) {
+            if let Some(plan) = self.stripe_plan(dst, payload.len()) {
+                return self
+                    .send_striped(dst, &conn, header, payload, stamp, plan)
+                    .await;
+            }
         }
         let lost = |e: &dyn std::fmt::Display| self.send_failure(dst, format!("send failed: {e}"));
         let s = conn.open_uni().await.map_err(|e| lost(&e))?;
