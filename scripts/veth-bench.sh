@@ -6,7 +6,7 @@
 #
 #   sudo scripts/veth-bench.sh [--np N] [--mtu M] [--rounds R] [--coll LIST]
 #                              [-b MIN] [-e MAX] [-f F] [-n ITERS] [-w WARMUP]
-#                              [--batches B]
+#                              [--batches B] [--threads T]
 #
 # Defaults: --np 4 --mtu 9000 --rounds 3 --coll allreduce,barrier -b 4
 # -e 64M -f 16 -n 0 -w 2 --batches 3. rankmesh runs under rankrun with
@@ -18,11 +18,15 @@
 # removed on exit. Needs root, iproute2, Open MPI (openmpi-bin,
 # libopenmpi-dev) and a C compiler; collbench and rankrun are taken from
 # $COLLBENCH and $RANKRUN, else built in release from this checkout;
-# $MPIRUN_FLAGS are added to mpirun's command line.
+# $MPIRUN_FLAGS are added to mpirun's command line. --threads sets each
+# rank's transport threads (RANKMESH_TRANSPORT_THREADS); the default is
+# this machine's cores divided by the ranks, 1 to 4, because the
+# namespaces share the cores (each rank would otherwise take every core of
+# the machine as its host's own).
 set -euo pipefail
 
 np=4 mtu=9000 rounds=3 colls=allreduce,barrier
-lo=4 hi=64M f=16 iters=0 warmup=2 batches=3
+lo=4 hi=64M f=16 iters=0 warmup=2 batches=3 threads=
 die() { echo "veth-bench: $*" >&2; exit 2; }
 while [ $# -gt 0 ]; do
   [ $# -ge 2 ] || die "$1 needs a value (see the top of $0)"
@@ -37,15 +41,22 @@ while [ $# -gt 0 ]; do
     -n) iters=$2 ;;
     -w) warmup=$2 ;;
     --batches) batches=$2 ;;
+    --threads) threads=$2 ;;
     *) die "unknown option $1 (see the top of $0)" ;;
   esac
   shift 2
 done
-for v in "$np" "$mtu" "$rounds" "$f" "$iters" "$warmup" "$batches"; do
+if [ -z "$threads" ] && [[ $np =~ ^[0-9]+$ ]] && [ "$np" -ge 1 ]; then
+  threads=$(($(nproc) / np))
+  [ "$threads" -ge 1 ] || threads=1
+  [ "$threads" -le 4 ] || threads=4
+fi
+for v in "$np" "$mtu" "$rounds" "$f" "$iters" "$warmup" "$batches" "$threads"; do
   [[ $v =~ ^[0-9]+$ ]] || die "$v is not a whole number"
 done
 [ "$np" -ge 2 ] && [ "$np" -le 64 ] || die "--np must be 2 to 64"
 [ "$mtu" -ge 1280 ] && [ "$mtu" -le 65535 ] || die "--mtu must be 1280 to 65535"
+[ "$threads" -ge 1 ] && [ "$threads" -le 16 ] || die "--threads must be 1 to 16"
 [ "$(id -u)" = 0 ] || die "needs root (it creates network namespaces)"
 command -v ip >/dev/null || die "needs ip (Debian: apt-get install iproute2)"
 here=$(cd "$(dirname "$0")" && pwd)
@@ -127,6 +138,7 @@ for r in $(seq 1 "$rounds"); do
   echo "veth-bench: round $r of $rounds: rankmesh, then Open MPI ($np namespaces, MTU $mtu)" >&2
   ip netns exec "$(ns 0)" "$rr" --host "$hostlist" --launch-agent 'ip netns exec {host} sh -c' \
     --seed-addr "$net.1" -x RANKMESH_SAME_HOST=0 -x RANKMESH_MTU="$qmtu" \
+    -x RANKMESH_TRANSPORT_THREADS="$threads" \
     "$cb" --coll "$colls" -b "$lo" -e "$hi" -f "$f" -n "$iters" -w "$warmup" \
     --batches "$batches" -c 1 >"$rows.cb" 2>"$rows.cberr" ||
     { cat "$rows.cb" "$rows.cberr" >&2; die "the rankmesh run failed (its output is above)"; }

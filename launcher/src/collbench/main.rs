@@ -93,6 +93,10 @@ async fn launch(np: usize) -> Result<i32> {
             .env("RANKMESH_WORLD_SIZE", np.to_string())
             .env("RANKMESH_RANK", r.to_string())
             .env("RANKMESH_JOB_ID", seed.job_id())
+            // The ranks share this host's cores (the default transport
+            // threads are the cores per local rank). The local rank is not
+            // set: it would also pick each rank's GPU.
+            .env("RANKMESH_LOCAL_SIZE", np.to_string())
             .kill_on_drop(true)
             .spawn()
             .map_err(|e| Error::Config {
