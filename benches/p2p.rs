@@ -10,7 +10,10 @@
 //!
 //! Raw quinn is measured two ways: a fresh unidirectional stream per
 //! message (what rankmesh does) and one long-lived bidirectional stream
-//! (quinn's floor).
+//! (quinn's floor). Raw UDP is the floor below both: 8-byte datagrams
+//! between two threads, each either sleeping in `recv` (a wake-up per
+//! message, as an idle quinn endpoint waits in `epoll_wait`) or polling a
+//! non-blocking socket (no wake-up, as Open MPI's TCP transport polls).
 
 use bytes::Bytes;
 use rankmesh::internals::pki::{self, Credentials, JobCa, RankKey};
@@ -242,6 +245,46 @@ fn bench_quinn() -> (f64, f64, f64) {
     res
 }
 
+/// One-way latency in us of 8-byte UDP datagrams between two threads on
+/// loopback; `poll`: non-blocking receives in a loop instead of sleeping.
+fn bench_udp(poll: bool) -> f64 {
+    let a = std::net::UdpSocket::bind("127.0.0.1:0").expect("udp bind");
+    let b = std::net::UdpSocket::bind("127.0.0.1:0").expect("udp bind");
+    a.connect(b.local_addr().expect("addr")).expect("connect");
+    b.connect(a.local_addr().expect("addr")).expect("connect");
+    for s in [&a, &b] {
+        s.set_nonblocking(poll).expect("nonblocking");
+    }
+    fn recv(s: &std::net::UdpSocket, buf: &mut [u8]) {
+        loop {
+            match s.recv(buf) {
+                Ok(_) => return,
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => std::hint::spin_loop(),
+                Err(e) => panic!("udp recv: {e}"),
+            }
+        }
+    }
+    let echo = std::thread::spawn(move || {
+        let mut buf = [0u8; 64];
+        for _ in 0..PINGS * BATCHES {
+            recv(&b, &mut buf);
+            b.send(&buf[..8]).expect("udp send");
+        }
+    });
+    let mut buf = [0u8; 64];
+    let mut per_batch = Vec::new();
+    for _ in 0..BATCHES {
+        let t = Instant::now();
+        for _ in 0..PINGS {
+            a.send(&[7u8; 8]).expect("udp send");
+            recv(&a, &mut buf);
+        }
+        per_batch.push(t.elapsed().as_secs_f64() * 1e6 / (2 * PINGS) as f64);
+    }
+    echo.join().expect("echo thread");
+    median(per_batch)
+}
+
 fn main() {
     if std::env::args().any(|a| a == "--list") {
         return;
@@ -253,6 +296,13 @@ fn main() {
         let (q_uni, q_bi, q_bw) = bench_quinn();
         let (r_lat, r_bw) = bench_rankmesh(false);
         let (s_lat, s_bw) = bench_rankmesh(true);
+        let (u_sleep, u_poll) = (bench_udp(false), bench_udp(true));
+        println!(
+            "round {round}: 8 B one-way latency: raw UDP {u_sleep:.1} us sleeping in recv, \
+             {u_poll:.1} us polling | ratio rankmesh QUIC/UDP sleeping {:.2}, polling {:.2}",
+            r_lat / u_sleep,
+            r_lat / u_poll
+        );
         println!(
             "round {round}: 8 B one-way latency: rankmesh QUIC {r_lat:.1} us, same-host channel {s_lat:.1} us \
              | raw quinn uni-stream {q_uni:.1} us, long-lived stream {q_bi:.1} us \

@@ -14,11 +14,13 @@ use std::time::Duration;
 
 const JOB: &str = "stripes";
 
+/// Fields drop in this order: the lanes' threads stop before the
+/// transports wait for them.
 struct Pair {
-    comms: Vec<Communicator>,
-    transports: Vec<Arc<QuicTransport>>,
     /// Per rank, per lane: dropping one stops that lane's thread.
     stops: Vec<Vec<tokio::sync::oneshot::Sender<()>>>,
+    comms: Vec<Communicator>,
+    transports: Vec<Arc<QuicTransport>>,
 }
 
 async fn pair(threads: usize, cfg: &Config) -> Pair {
@@ -59,9 +61,9 @@ async fn pair(threads: usize, cfg: &Config) -> Pair {
         transports.push(t);
     }
     Pair {
+        stops,
         comms,
         transports,
-        stops,
     }
 }
 

@@ -16,7 +16,7 @@ pub(super) const MAX_HANDSHAKES_PER_SOURCE: usize = 64;
 /// validated is first sent a QUIC Retry (which costs the rank no state), so
 /// that packets with forged source addresses, or clients that never answer,
 /// hold no place. The job's own ranks pay one more round trip then.
-const RETRY_ABOVE: usize = 16;
+pub(super) const RETRY_ABOVE: usize = 16;
 
 /// Time an incoming connection has to complete its handshake.
 const HANDSHAKE_DEADLINE: Duration = Duration::from_secs(10);

@@ -59,6 +59,21 @@ pub struct Lanes {
     lanes: Vec<Lane>,
     /// Dropping these ends each thread's runtime (and every task on it).
     _stops: Vec<tokio::sync::oneshot::Sender<()>>,
+    threads: Vec<std::thread::JoinHandle<()>>,
+}
+
+impl Drop for Lanes {
+    /// Stop the threads and wait for them, so that none outlives its
+    /// transport (each ends as soon as its runtime has dropped its tasks).
+    fn drop(&mut self) {
+        self._stops.clear();
+        let me = std::thread::current().id();
+        for t in self.threads.drain(..) {
+            if t.thread().id() != me {
+                let _ = t.join();
+            }
+        }
+    }
 }
 
 impl Lanes {
@@ -67,6 +82,7 @@ impl Lanes {
         Lanes {
             lanes: Vec::new(),
             _stops: Vec::new(),
+            threads: Vec::new(),
         }
     }
 
@@ -75,7 +91,8 @@ impl Lanes {
     pub fn start(ip: IpAddr, cfg: &Config, threads: usize) -> Result<Lanes> {
         let mut out = Lanes::none();
         for k in 1..threads {
-            let (runtime, stop) = lane_thread(k)?;
+            let (runtime, stop, thread) = lane_thread(k)?;
+            out.threads.push(thread);
             let endpoint = super::endpoint::bind_on(
                 SocketAddr::new(ip, 0),
                 cfg,
@@ -100,7 +117,8 @@ impl Lanes {
     }
 
     /// Take the senders whose drop stops each lane's thread (tests stop a
-    /// lane on purpose with them; the lanes then outlive the transport).
+    /// lane on purpose with them; dropping the lanes then waits until they
+    /// are dropped).
     #[cfg(test)]
     pub(crate) fn take_stops(&mut self) -> Vec<tokio::sync::oneshot::Sender<()>> {
         std::mem::take(&mut self._stops)
@@ -123,13 +141,19 @@ impl Lanes {
 
 /// Start lane thread `k`: a current-thread runtime that runs until the
 /// returned sender is dropped.
-fn lane_thread(k: usize) -> Result<(tokio::runtime::Handle, tokio::sync::oneshot::Sender<()>)> {
+fn lane_thread(
+    k: usize,
+) -> Result<(
+    tokio::runtime::Handle,
+    tokio::sync::oneshot::Sender<()>,
+    std::thread::JoinHandle<()>,
+)> {
     let fail = |e: std::io::Error| {
         Error::transport(None, format!("cannot start transport thread {k}: {e}"))
     };
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
     let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::Builder::new()
+    let thread = std::thread::Builder::new()
         .name(format!("rankmesh-lane{k}"))
         .spawn(move || {
             let rt = match tokio::runtime::Builder::new_current_thread()
@@ -152,5 +176,5 @@ fn lane_thread(k: usize) -> Result<(tokio::runtime::Handle, tokio::sync::oneshot
         .recv()
         .map_err(|_| fail(std::io::Error::other("the thread ended at once")))?
         .map_err(fail)?;
-    Ok((handle, stop_tx))
+    Ok((handle, stop_tx, thread))
 }

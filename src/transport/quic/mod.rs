@@ -203,7 +203,9 @@ impl QuicTransport {
             ),
             lanes: lanes.lanes().to_vec(),
             lane_tasks: Mutex::new(JoinSet::new()),
-            rdv: Arc::default(),
+            // Twice the longest wait: a part whose header is merely late
+            // is never dropped.
+            rdv: Arc::new(stripe::Rendezvous::new(cfg.op_timeout().saturating_mul(2))),
         });
         let acc = sh.clone();
         sh.spawn(async move { acc.accept_loop().await });
@@ -257,10 +259,11 @@ impl Shared {
 
     /// Close the main endpoint and the lanes' with `code` and `why`.
     fn close_endpoints(&self, code: VarInt, why: &[u8]) {
+        // The main connection first: it carries the reason peers report.
+        self.endpoint.close(code, why);
         for l in &self.lanes {
             l.endpoint.close(code, why);
         }
-        self.endpoint.close(code, why);
     }
 
     /// Number of entries in the peer table.
@@ -425,7 +428,13 @@ impl Shared {
         };
         self.close_endpoints(VarInt::from_u32(code), &why);
         self.close_local();
-        let _ = tokio::time::timeout(Duration::from_millis(100), self.endpoint.wait_idle()).await;
+        let _ = tokio::time::timeout(Duration::from_millis(100), async {
+            self.endpoint.wait_idle().await;
+            for l in &self.lanes {
+                l.endpoint.wait_idle().await;
+            }
+        })
+        .await;
         tracing::debug!(rank = self.rank, "shutdown: endpoint idle");
         drop(notified);
         self.abort_tasks();

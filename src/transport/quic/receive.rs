@@ -160,6 +160,7 @@ impl Shared {
         };
         tracing::debug!(rank = self.rank, peer = rank, "peer gone: {reason}");
         self.rdv.forget(rank);
+        self.drop_lanes(rank, CODE_ABORT, b"the peer is gone");
         // What a peer that closed sent over the same-host channel before is
         // still in this rank's socket buffers: let it reach the mailbox
         // first. (A silent peer's channel has nothing more to give.)
@@ -202,19 +203,15 @@ impl Shared {
             ));
         }
         if h.stripes != 0 {
-            // Only a message the sender streams can be striped, and only
-            // across as many threads as this rank has.
-            if h.len as usize <= self.cfg.eager_limit()
-                || usize::from(h.stripes) > self.lanes.len() + 1
-            {
+            // Striped across no more threads than this rank has. (The
+            // sender decides by its own eager limit; a striped message is
+            // read as a stream whatever its size.)
+            if usize::from(h.stripes) > self.lanes.len() + 1 {
                 let _ = s.stop(VarInt::from_u32(CODE_PROTOCOL));
                 return Frame::Violation(format!(
-                    "a message of {} bytes striped into {} parts (this rank has {} transport \
-                     threads and reads messages up to {} bytes whole)",
-                    h.len,
+                    "a message striped into {} parts, but this rank has {} transport threads",
                     h.stripes,
                     self.lanes.len() + 1,
-                    self.cfg.eager_limit()
                 ));
             }
             let body = match stripe::StripedBody::new(self.rdv.clone(), rank, &h, s) {
@@ -284,5 +281,6 @@ impl Shared {
         for c in conn.cloned().into_iter().chain(self.registered(rank)) {
             c.close(VarInt::from_u32(CODE_PROTOCOL), close_reason.as_bytes());
         }
+        self.drop_lanes(rank, CODE_PROTOCOL, close_reason.as_bytes());
     }
 }

@@ -28,13 +28,37 @@ enum Slot {
     Abandoned,
 }
 
+type Slots = HashMap<(usize, u32, u8), (Slot, std::time::Instant)>;
+
 /// Where parts and their message headers meet.
-#[derive(Default)]
-pub(super) struct Rendezvous(Mutex<HashMap<(usize, u32, u8), Slot>>);
+pub(super) struct Rendezvous {
+    slots: Mutex<Slots>,
+    /// How long a part may wait for a header that never comes (its send
+    /// was cancelled before the header went out), or a mark for a part
+    /// that never comes, before it is dropped.
+    keep: Duration,
+}
+
+/// The table is swept for expired entries when it holds more than this.
+const SWEEP_ABOVE: usize = 64;
 
 impl Rendezvous {
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<(usize, u32, u8), Slot>> {
-        self.0.lock().unwrap_or_else(|p| p.into_inner())
+    pub(super) fn new(keep: Duration) -> Rendezvous {
+        Rendezvous {
+            slots: Mutex::new(HashMap::new()),
+            keep,
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Slots> {
+        let mut g = self.slots.lock().unwrap_or_else(|p| p.into_inner());
+        if g.len() > SWEEP_ABOVE {
+            // Dropping an expired part's stream stops it, which gives the
+            // peer its stream credit back.
+            let keep = self.keep;
+            g.retain(|_, (slot, since)| matches!(slot, Slot::Waiting(_)) || since.elapsed() < keep);
+        }
+        g
     }
 
     /// A part from `rank` arrived on a lane.
@@ -46,7 +70,7 @@ impl Rendezvous {
     ) -> std::result::Result<(), String> {
         let key = (rank, h.stripe, h.part);
         let mut g = self.lock();
-        match g.remove(&key) {
+        match g.remove(&key).map(|(slot, _)| slot) {
             Some(Slot::Waiting(tx)) => {
                 // A body dropped since marks its slot abandoned first, so
                 // the receiver is there; if not, the part is dropped.
@@ -55,14 +79,14 @@ impl Rendezvous {
             }
             Some(Slot::Abandoned) => Ok(()),
             Some(Slot::Arrived(a)) => {
-                g.insert(key, Slot::Arrived(a));
+                g.insert(key, (Slot::Arrived(a), std::time::Instant::now()));
                 Err(format!(
                     "it sent part {} of striped message {} twice",
                     h.part, h.stripe
                 ))
             }
             None => {
-                g.insert(key, Slot::Arrived((s, h.len)));
+                g.insert(key, (Slot::Arrived((s, h.len)), std::time::Instant::now()));
                 Ok(())
             }
         }
@@ -74,10 +98,10 @@ impl Rendezvous {
         let key = (rank, stripe, part);
         let mut g = self.lock();
         match g.remove(&key) {
-            Some(Slot::Arrived(a)) => Ok(PartState::Arrived(a)),
+            Some((Slot::Arrived(a), _)) => Ok(PartState::Arrived(a)),
             None => {
                 let (tx, rx) = tokio::sync::oneshot::channel();
-                g.insert(key, Slot::Waiting(tx));
+                g.insert(key, (Slot::Waiting(tx), std::time::Instant::now()));
                 Ok(PartState::Waiting(rx))
             }
             Some(other) => {
@@ -92,8 +116,8 @@ impl Rendezvous {
     /// A body dropped before part `part` reached it.
     fn abandon(&self, rank: usize, stripe: u32, part: u8) {
         let mut g = self.lock();
-        if let Some(slot @ Slot::Waiting(_)) = g.get_mut(&(rank, stripe, part)) {
-            *slot = Slot::Abandoned;
+        if let Some(entry @ (Slot::Waiting(_), _)) = g.get_mut(&(rank, stripe, part)) {
+            *entry = (Slot::Abandoned, std::time::Instant::now());
         }
     }
 
@@ -108,6 +132,8 @@ enum PartState {
     Arrived(Arrival),
     Open(quinn::RecvStream),
     Done,
+    /// The part failed; every later poll says so again.
+    Failed(Broken),
 }
 
 struct Part {
@@ -123,6 +149,20 @@ struct Part {
 impl Part {
     /// The next piece of this part, `None` at its (checked) end.
     fn poll_next(
+        &mut self,
+        cx: &mut Context<'_>,
+    ) -> Poll<std::result::Result<Option<Bytes>, Broken>> {
+        if let PartState::Failed(e) = &self.state {
+            return Poll::Ready(Err(e.clone()));
+        }
+        let polled = self.poll_step(cx);
+        if let Poll::Ready(Err(e)) = &polled {
+            self.state = PartState::Failed(e.clone());
+        }
+        polled
+    }
+
+    fn poll_step(
         &mut self,
         cx: &mut Context<'_>,
     ) -> Poll<std::result::Result<Option<Bytes>, Broken>> {
@@ -156,7 +196,8 @@ impl Part {
                 PartState::Open(s) => {
                     // One byte more than expected is asked for, to notice
                     // an overlong part.
-                    let want = usize::try_from(self.expect - self.got + 1).unwrap_or(usize::MAX);
+                    let left = self.expect.saturating_sub(self.got);
+                    let want = usize::try_from(left.saturating_add(1)).unwrap_or(usize::MAX);
                     let polled = {
                         let read = std::pin::pin!(s.read_chunk(want, true));
                         read.poll(cx)
@@ -190,6 +231,7 @@ impl Part {
                     };
                 }
                 PartState::Done => return Poll::Ready(Ok(None)),
+                PartState::Failed(e) => return Poll::Ready(Err(e.clone())),
             }
         }
     }
@@ -254,7 +296,7 @@ impl StreamBody for StripedBody {
     ) -> Poll<std::result::Result<Option<Bytes>, Broken>> {
         // Parts beyond the current one are read ahead as they arrive.
         for p in self.parts.iter_mut().skip(self.cur + 1) {
-            while !matches!(p.state, PartState::Done) {
+            while !matches!(p.state, PartState::Done | PartState::Failed(_)) {
                 match p.poll_next(cx) {
                     Poll::Ready(Ok(Some(b))) => p.ahead.push_back(b),
                     Poll::Ready(Ok(None)) | Poll::Pending => break,
@@ -355,9 +397,9 @@ impl Shared {
             })
         };
         let mut sends: Vec<BoxFut<'_, std::result::Result<(), Failure>>> =
-            Vec::with_capacity(usize::from(plan.parts));
+            Vec::with_capacity(usize::from(plan.parts) - 1);
         let first = part(0)?;
-        sends.push(Box::pin(async move {
+        let part0 = async move {
             let s = conn.open_uni().await.map_err(|e| lost(&e))?;
             if let Some(s) = stamp {
                 header.sub = s();
@@ -365,7 +407,7 @@ impl Shared {
             write_part(s, &header.encode(), first)
                 .await
                 .map_err(|e| lost(&e))
-        }));
+        };
         for (i, c) in lanes.into_iter().enumerate() {
             let k = (i + 1) as u8;
             let piece = part(k)?;
@@ -376,12 +418,17 @@ impl Shared {
             };
             sends.push(Box::pin(async move {
                 let s = c.open_uni().await.map_err(|e| lost(&e))?;
-                write_part(s, &sh.encode(), piece)
-                    .await
-                    .map_err(|e| lost(&e))
+                let written = write_part(s, &sh.encode(), piece).await;
+                written.and_then(finish).map_err(|e| lost(&e))
             }));
         }
-        crate::boxfut::try_join_all(sends.into_iter().map(Some).collect()).await
+        let rest = crate::boxfut::try_join_all(sends.into_iter().map(Some).collect());
+        // Part 0 ends only once every other part is written: a send
+        // cancelled or failed before then resets part 0's stream, so the
+        // receiver fails the message instead of waiting for a part that
+        // will not come.
+        let (first, ()) = tokio::try_join!(part0, rest)?;
+        finish(first).map_err(|e| lost(&e))
     }
 
     /// The connection of lane `k` to `dst` (dialled on first use, from this
@@ -450,6 +497,19 @@ impl Shared {
         tasks.spawn_on(fut, &lane.runtime);
     }
 
+    /// Close and forget this rank's lane connections to `rank` (it is
+    /// gone or cut off).
+    pub(super) fn drop_lanes(&self, rank: usize, code: u32, why: &[u8]) {
+        let link = self.link(rank);
+        let conns: Vec<quinn::Connection> = {
+            let mut g = link.lanes_out.lock().unwrap_or_else(|p| p.into_inner());
+            g.drain().map(|(_, c)| c).collect()
+        };
+        for c in conns {
+            c.close(VarInt::from_u32(code), why);
+        }
+    }
+
     /// Accept loop of lane `k` (runs on its thread).
     pub(super) async fn lane_accept_loop(self: Arc<Self>, k: usize) {
         let Some(lane) = self.lanes.get(k - 1).cloned() else {
@@ -458,6 +518,12 @@ impl Shared {
         while let Some(incoming) = lane.endpoint.accept().await {
             if self.closing.load(Ordering::Acquire) {
                 incoming.refuse();
+                continue;
+            }
+            if self.handshakes.held() >= accept::RETRY_ABOVE && !incoming.remote_address_validated()
+            {
+                // As on the main endpoint: forged addresses hold no place.
+                let _ = incoming.retry();
                 continue;
             }
             let Some(place) = self.handshakes.take(incoming.remote_address().ip()) else {
@@ -519,17 +585,31 @@ impl Shared {
         if self.closing.load(Ordering::Acquire) {
             return;
         }
+        // The peer's own close (it finalized, failed or was aborted: its
+        // endpoints all close, the main connection with the reason) is
+        // reported by the main connection, as is this rank's.
         if matches!(
             end,
             ConnectionError::LocallyClosed | ConnectionError::ApplicationClosed(_)
         ) {
-            self.rdv.forget(rank);
             return;
         }
-        // When the whole peer is gone, its main connection ends too and
-        // says so better: give it a moment.
-        tokio::time::sleep(LANE_END_GRACE).await;
-        if self.mailbox.gone_reason(rank).is_none() {
+        // When the whole peer is gone (its host, its process), its main
+        // connection times out or is reset too, within a keep-alive
+        // interval or so, and says so better: wait for it that long.
+        let wait = self.cfg.idle_timeout() + self.cfg.keep_alive() + LANE_END_GRACE;
+        if let Some(main) = self.registered(rank) {
+            let _ = tokio::time::timeout(wait, main.closed()).await;
+        }
+        let main_ended = self
+            .registered(rank)
+            .is_none_or(|c| c.close_reason().is_some());
+        if self.closing.load(Ordering::Acquire) || main_ended {
+            return;
+        }
+        if self.mailbox.gone_reason(rank).is_none()
+            && self.link(rank).ending.load(Ordering::Acquire) == 0
+        {
             let why = format!(
                 "its connection for transport thread {k} ended ({end}) while the rank was \
                  alive; its large messages can no longer arrive whole"
@@ -540,8 +620,8 @@ impl Shared {
     }
 }
 
-/// How long a lane that ended waits for the main connection to report the
-/// peer's end first.
+/// Beyond the main connection's own time to notice, how long a lane that
+/// ended waits for it to report the peer's end first.
 const LANE_END_GRACE: Duration = Duration::from_millis(500);
 
 /// One part's bytes.
@@ -574,15 +654,16 @@ fn slice_owned(v: &[Bytes], a: usize, b: usize) -> Vec<Bytes> {
     out
 }
 
-/// Write `head` and `piece` on `s` and finish it; a failure resets it.
+/// Write `head` and `piece` on `s`, not finished yet ([`finish`]); a
+/// failure, or dropping the result, resets it.
 async fn write_part(
     s: quinn::SendStream,
     head: &[u8],
     piece: Piece<'_>,
-) -> std::result::Result<(), quinn::WriteError> {
+) -> std::result::Result<send::ResetOnDrop, quinn::WriteError> {
     let mut guard = send::ResetOnDrop(Some(s));
     let Some(s) = guard.0.as_mut() else {
-        return Ok(());
+        return Ok(guard);
     };
     match piece {
         Piece::Owned(v) => {
@@ -602,8 +683,15 @@ async fn write_part(
             }
         }
     }
-    // A stream already reset by the peer fails here: the message is lost.
-    s.finish().map_err(|_| quinn::WriteError::ClosedStream)?;
+    Ok(guard)
+}
+
+/// End a stream [`write_part`] wrote. A stream already reset by the peer
+/// fails here: the message is lost.
+fn finish(mut guard: send::ResetOnDrop) -> std::result::Result<(), quinn::WriteError> {
+    if let Some(s) = guard.0.as_mut() {
+        s.finish().map_err(|_| quinn::WriteError::ClosedStream)?;
+    }
     guard.0 = None;
     Ok(())
 }
