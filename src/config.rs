@@ -256,7 +256,8 @@ impl Config {
     /// traffic on the same-host channel, stay on the caller's thread (no
     /// hand-off between threads). `1`: everything on the caller's thread.
     /// `None` (the default): the cores available to this process divided
-    /// by the ranks on its host (`RANKMESH_LOCAL_SIZE`), from 1 to 4. At
+    /// by the ranks on its host (`RANKMESH_LOCAL_SIZE`, which rankrun
+    /// sets), from 1 to 4, and 1 when that is not set. At
     /// most 16. Each extra thread holds a UDP socket with
     /// [`Config::set_socket_buffer_bytes`] of buffers and one more QUIC
     /// connection per peer. `RANKMESH_TRANSPORT_THREADS` overrides it.

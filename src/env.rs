@@ -159,7 +159,9 @@ const AUTO_TRANSPORT_THREADS: usize = 4;
 
 /// The transport threads of a rank whose [`Config::transport_threads`] is
 /// open: the cores available to the process divided by the ranks on its
-/// host (`RANKMESH_LOCAL_SIZE`, else 1), from 1 to 4.
+/// host (`RANKMESH_LOCAL_SIZE`), from 1 to 4; 1 when the ranks on the host
+/// are not known (a program that starts its own ranks may run them all
+/// here, and extra threads on busy cores only cost).
 pub(crate) fn default_transport_threads() -> usize {
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
     let local = std::env::var("RANKMESH_LOCAL_SIZE")
@@ -181,8 +183,10 @@ pub(crate) fn apply_data_path_overrides(cfg: &mut Config) -> Result<()> {
 }
 
 pub(crate) fn threads_for(cores: usize, local_size: Option<usize>) -> usize {
-    let local = local_size.filter(|&n| n > 0).unwrap_or(1);
-    (cores / local).clamp(1, AUTO_TRANSPORT_THREADS)
+    match local_size.filter(|&n| n > 0) {
+        Some(local) => (cores / local).clamp(1, AUTO_TRANSPORT_THREADS),
+        None => 1,
+    }
 }
 
 /// Apply `RANKMESH_*` overrides from the process environment to `cfg`.
@@ -444,11 +448,13 @@ mod tests {
 
     #[test]
     fn transport_threads_default_to_the_cores_per_local_rank() {
-        assert_eq!(threads_for(16, None), 4);
+        assert_eq!(threads_for(16, None), 1);
+        assert_eq!(threads_for(16, Some(1)), 4);
         assert_eq!(threads_for(16, Some(8)), 2);
         assert_eq!(threads_for(16, Some(16)), 1);
         assert_eq!(threads_for(2, Some(4)), 1);
-        assert_eq!(threads_for(2, Some(0)), 2);
+        assert_eq!(threads_for(2, Some(0)), 1);
+        assert_eq!(threads_for(2, Some(1)), 2);
         assert_eq!(threads_for(12, Some(4)), 3);
     }
 }
