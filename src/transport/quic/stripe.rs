@@ -138,6 +138,8 @@ enum PartState {
 
 struct Part {
     index: u8,
+    /// Where the part starts in the payload.
+    start: u64,
     expect: u64,
     got: u64,
     state: PartState,
@@ -246,6 +248,9 @@ pub(super) struct StripedBody {
     parts: Vec<Part>,
     /// The part being returned; earlier ones are done.
     cur: usize,
+    /// Whether the payload is being read straight into the receiver's
+    /// buffer ([`StreamBody::poll_fill`]), each part at its place.
+    direct: bool,
 }
 
 impl StripedBody {
@@ -264,6 +269,7 @@ impl StripedBody {
             stripe: h.stripe,
             parts: Vec::with_capacity(usize::from(h.stripes)),
             cur: 0,
+            direct: false,
         };
         for k in 0..h.stripes {
             let Some(r) = part_range(h.len, h.stripes, k) else {
@@ -278,6 +284,7 @@ impl StripedBody {
             };
             body.parts.push(Part {
                 index: k,
+                start: r.start,
                 expect: r.end - r.start,
                 got: 0,
                 state,
@@ -289,6 +296,51 @@ impl StripedBody {
 }
 
 impl StreamBody for StripedBody {
+    /// Every part straight to its place in `out` as it arrives (nothing is
+    /// held read ahead). Only for a payload not yet read in pieces;
+    /// `filled` jumps to the end once every part is in.
+    fn poll_fill(
+        &mut self,
+        cx: &mut Context<'_>,
+        out: &mut [u8],
+        filled: &mut usize,
+    ) -> Option<Poll<std::result::Result<(), Broken>>> {
+        if !self.direct {
+            let untouched = *filled == 0
+                && self.cur == 0
+                && self.parts.iter().all(|p| p.got == 0 && p.ahead.is_empty());
+            let total: u64 = self.parts.iter().map(|p| p.expect).sum();
+            if !untouched || out.len() as u64 != total {
+                return None;
+            }
+            self.direct = true;
+        }
+        let mut pending = false;
+        for p in self.parts.iter_mut() {
+            loop {
+                match p.poll_next(cx) {
+                    Poll::Ready(Ok(Some(b))) => {
+                        // `got` already counts `b`, and never passes `expect`.
+                        let at = (p.start + p.got) as usize - b.len();
+                        out[at..at + b.len()].copy_from_slice(&b);
+                    }
+                    Poll::Ready(Ok(None)) => break,
+                    Poll::Ready(Err(e)) => return Some(Poll::Ready(Err(e))),
+                    Poll::Pending => {
+                        pending = true;
+                        break;
+                    }
+                }
+            }
+        }
+        if pending {
+            return Some(Poll::Pending);
+        }
+        *filled = out.len();
+        self.cur = self.parts.len();
+        Some(Poll::Ready(Ok(())))
+    }
+
     fn poll_piece(
         &mut self,
         cx: &mut Context<'_>,
