@@ -1,6 +1,24 @@
 # Shared by scripts/compare-mpi.sh and scripts/veth-bench.sh (sourced; the
-# caller defines die). Sizes, collbench/Open MPI rows, and the table of
-# medians and ratios.
+# caller defines die). Their common options, sizes, collbench/Open MPI
+# rows, and the table of medians and ratios.
+
+# The options both scripts take (see their tops): sets np, rounds, colls,
+# lo, hi, f, iters, warmup or batches from option $1 and value $2; fails
+# for any other option.
+common_option() {
+  case $1 in
+    --np) np=$2 ;;
+    --rounds) rounds=$2 ;;
+    --coll) colls=$2 ;;
+    -b) lo=$2 ;;
+    -e) hi=$2 ;;
+    -f) f=$2 ;;
+    -n) iters=$2 ;;
+    -w) warmup=$2 ;;
+    --batches) batches=$2 ;;
+    *) return 1 ;;
+  esac
+}
 
 # 64M -> 67108864 (K, M, G: powers of 1024; leading zeros are decimal).
 bytes() {

@@ -24,20 +24,14 @@ set -euo pipefail
 np=4 transport=shm rounds=3 colls=allreduce,broadcast,barrier
 lo=4 hi=64M f=16 iters=0 warmup=2 batches=3
 die() { echo "compare-mpi: $*" >&2; exit 2; }
+here=$(cd "$(dirname "$0")" && pwd)
+# shellcheck source=bench-common.sh
+. "$here/bench-common.sh"
 while [ $# -gt 0 ]; do
   [ $# -ge 2 ] || die "$1 needs a value (see the top of $0)"
   case $1 in
-    --np) np=$2 ;;
     --transport) transport=$2 ;;
-    --rounds) rounds=$2 ;;
-    --coll) colls=$2 ;;
-    -b) lo=$2 ;;
-    -e) hi=$2 ;;
-    -f) f=$2 ;;
-    -n) iters=$2 ;;
-    -w) warmup=$2 ;;
-    --batches) batches=$2 ;;
-    *) die "unknown option $1 (see the top of $0)" ;;
+    *) common_option "$1" "$2" || die "unknown option $1 (see the top of $0)" ;;
   esac
   shift 2
 done
@@ -46,9 +40,6 @@ for v in "$np" "$rounds" "$f" "$iters" "$warmup" "$batches"; do
   [[ $v =~ ^[0-9]+$ ]] || die "$v is not a whole number"
 done
 [ "$rounds" -ge 1 ] && [ "$np" -ge 1 ] || die "--np and --rounds must be at least 1"
-here=$(cd "$(dirname "$0")" && pwd)
-# shellcheck source=bench-common.sh
-. "$here/bench-common.sh"
 lo=$(bytes "$lo")
 hi=$(bytes "$hi")
 IFS=, read -r -a list <<<"$colls"

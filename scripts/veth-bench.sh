@@ -28,21 +28,15 @@ set -euo pipefail
 np=4 mtu=9000 rounds=3 colls=allreduce,barrier
 lo=4 hi=64M f=16 iters=0 warmup=2 batches=3 threads=
 die() { echo "veth-bench: $*" >&2; exit 2; }
+here=$(cd "$(dirname "$0")" && pwd)
+# shellcheck source=bench-common.sh
+. "$here/bench-common.sh"
 while [ $# -gt 0 ]; do
   [ $# -ge 2 ] || die "$1 needs a value (see the top of $0)"
   case $1 in
-    --np) np=$2 ;;
     --mtu) mtu=$2 ;;
-    --rounds) rounds=$2 ;;
-    --coll) colls=$2 ;;
-    -b) lo=$2 ;;
-    -e) hi=$2 ;;
-    -f) f=$2 ;;
-    -n) iters=$2 ;;
-    -w) warmup=$2 ;;
-    --batches) batches=$2 ;;
     --threads) threads=$2 ;;
-    *) die "unknown option $1 (see the top of $0)" ;;
+    *) common_option "$1" "$2" || die "unknown option $1 (see the top of $0)" ;;
   esac
   shift 2
 done
@@ -59,9 +53,6 @@ done
 [ "$threads" -ge 1 ] && [ "$threads" -le 16 ] || die "--threads must be 1 to 16"
 [ "$(id -u)" = 0 ] || die "needs root (it creates network namespaces)"
 command -v ip >/dev/null || die "needs ip (Debian: apt-get install iproute2)"
-here=$(cd "$(dirname "$0")" && pwd)
-# shellcheck source=bench-common.sh
-. "$here/bench-common.sh"
 lo=$(bytes "$lo")
 hi=$(bytes "$hi")
 

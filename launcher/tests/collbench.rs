@@ -375,21 +375,52 @@ fn have(cmd: &str) -> bool {
         .is_ok_and(|o| o.status.success())
 }
 
+/// Whether a test that needs `what` can run (`ok`). If not, it may skip
+/// only outside CI, saying so loudly with the packages to install.
+fn runnable(ok: bool, test: &str, what: &str, packages: &str) -> bool {
+    if !ok {
+        assert_ne!(
+            std::env::var("CI").as_deref(),
+            Ok("true"),
+            "CI=true but {test} cannot run: it needs {what}"
+        );
+        let _ = writeln!(
+            std::io::stderr(),
+            "\n*** SKIPPED {test}: it needs {what} (`apt-get install {packages}`) ***\n"
+        );
+    }
+    ok
+}
+
+/// The arguments of a small run of either comparison script: one round,
+/// 64 B and 4 KiB, 3 iterations.
+const SMALL_RUN: [&str; 14] = [
+    "--rounds",
+    "1",
+    "-b",
+    "64",
+    "-e",
+    "4K",
+    "-f",
+    "64",
+    "-n",
+    "3",
+    "-w",
+    "1",
+    "--batches",
+    "1",
+];
+
 /// scripts/compare-mpi.sh: both systems, one table of ratios. Needs Open
 /// MPI (`.ci/run` installs it; elsewhere the test says what to install).
 #[test]
 fn the_open_mpi_comparison_prints_one_row_of_ratios_per_size() {
-    if !(have("mpicc") && have("mpirun")) {
-        assert_ne!(
-            std::env::var("CI").as_deref(),
-            Ok("true"),
-            "CI=true but Open MPI is missing (openmpi-bin, libopenmpi-dev)"
-        );
-        let _ = writeln!(
-            std::io::stderr(),
-            "\n*** SKIPPED the Open MPI comparison test: install Open MPI with \
-             `apt-get install openmpi-bin libopenmpi-dev` ***\n"
-        );
+    if !runnable(
+        have("mpicc") && have("mpirun"),
+        "the Open MPI comparison test",
+        "Open MPI",
+        "openmpi-bin libopenmpi-dev",
+    ) {
         return;
     }
     let script = concat!(env!("CARGO_MANIFEST_DIR"), "/../scripts/compare-mpi.sh");
@@ -398,27 +429,8 @@ fn the_open_mpi_comparison_prints_one_row_of_ratios_per_size() {
     cmd.env_remove("RANKMESH_SEED")
         .env("COLLBENCH", env!("CARGO_BIN_EXE_collbench"))
         .env("TMPDIR", &tmp)
-        .args([
-            script,
-            "--np",
-            "2",
-            "--rounds",
-            "1",
-            "--coll",
-            "allreduce,alltoall,barrier",
-            "-b",
-            "64",
-            "-e",
-            "4K",
-            "-f",
-            "64",
-            "-n",
-            "3",
-            "-w",
-            "1",
-            "--batches",
-            "1",
-        ]);
+        .args([script, "--np", "2", "--coll", "allreduce,alltoall,barrier"])
+        .args(SMALL_RUN);
     let (code, out, err) = run(cmd);
     assert_eq!(code, 0, "stdout:\n{out}\nstderr:\n{err}");
     let rows = rows(&out);
@@ -448,17 +460,12 @@ fn the_open_mpi_comparison_prints_one_row_of_ratios_per_size() {
 fn the_veth_comparison_runs_both_systems_across_namespaces_and_cleans_up() {
     // SAFETY: geteuid has no preconditions.
     let root = unsafe { libc::geteuid() } == 0;
-    if !(root && have("ip") && have("mpicc") && have("mpirun")) {
-        assert_ne!(
-            std::env::var("CI").as_deref(),
-            Ok("true"),
-            "CI=true but the veth comparison cannot run: needs root, ip (iproute2) and Open MPI"
-        );
-        let _ = writeln!(
-            std::io::stderr(),
-            "\n*** SKIPPED the veth comparison test: needs root, iproute2 and Open MPI \
-             (`apt-get install iproute2 openmpi-bin libopenmpi-dev`) ***\n"
-        );
+    if !runnable(
+        root && have("ip") && have("mpicc") && have("mpirun"),
+        "the veth comparison test",
+        "root, iproute2 and Open MPI",
+        "iproute2 openmpi-bin libopenmpi-dev",
+    ) {
         return;
     }
     let namespaces = || {
@@ -478,23 +485,10 @@ fn the_veth_comparison_runs_both_systems_across_namespaces_and_cleans_up() {
             "2",
             "--mtu",
             "9000",
-            "--rounds",
-            "1",
             "--coll",
             "allreduce,barrier",
-            "-b",
-            "64",
-            "-e",
-            "4K",
-            "-f",
-            "64",
-            "-n",
-            "3",
-            "-w",
-            "1",
-            "--batches",
-            "1",
-        ]);
+        ])
+        .args(SMALL_RUN);
     let (code, out, err) = run(cmd);
     assert_eq!(code, 0, "stdout:\n{out}\nstderr:\n{err}");
     assert!(

@@ -16,7 +16,7 @@ pub(super) const MAX_HANDSHAKES_PER_SOURCE: usize = 64;
 /// validated is first sent a QUIC Retry (which costs the rank no state), so
 /// that packets with forged source addresses, or clients that never answer,
 /// hold no place. The job's own ranks pay one more round trip then.
-pub(super) const RETRY_ABOVE: usize = 16;
+const RETRY_ABOVE: usize = 16;
 
 /// Time an incoming connection has to complete its handshake.
 const HANDSHAKE_DEADLINE: Duration = Duration::from_secs(10);
@@ -51,22 +51,37 @@ impl Shared {
                     continue;
                 }
             };
-            if self.closing.load(Ordering::Acquire) {
-                incoming.refuse();
-                continue;
-            }
-            if self.handshakes.held() >= RETRY_ABOVE && !incoming.remote_address_validated() {
-                // Stateless: a client at a real address comes back with
-                // the token and is then counted.
-                let _ = incoming.retry();
-                continue;
-            }
-            let Some(place) = self.handshakes.take(incoming.remote_address().ip()) else {
-                incoming.refuse();
+            let Some((incoming, place)) = self.admit(incoming) else {
                 continue;
             };
             let sh = self.clone();
             self.spawn(async move { sh.accept_one(incoming, place).await });
+        }
+    }
+
+    /// Whether an incoming connection (on the main endpoint or a lane's)
+    /// may start its handshake, and the place it then holds: refused while
+    /// this rank closes or when the places are taken; under load, a client
+    /// whose address is not validated is sent a stateless Retry instead (it
+    /// comes back with the token and is then counted).
+    pub(super) fn admit(
+        &self,
+        incoming: quinn::Incoming,
+    ) -> Option<(quinn::Incoming, places::Place)> {
+        if self.closing.load(Ordering::Acquire) {
+            incoming.refuse();
+            return None;
+        }
+        if self.handshakes.held() >= RETRY_ABOVE && !incoming.remote_address_validated() {
+            let _ = incoming.retry();
+            return None;
+        }
+        match self.handshakes.take(incoming.remote_address().ip()) {
+            Some(place) => Some((incoming, place)),
+            None => {
+                incoming.refuse();
+                None
+            }
         }
     }
 

@@ -13,8 +13,10 @@
 
 mod accept;
 pub mod endpoint;
+mod lane_links;
 mod lanes;
 mod local;
+mod parts;
 pub(crate) mod places;
 mod receive;
 mod send;
@@ -133,7 +135,7 @@ struct Shared {
     /// Tasks on the lanes' threads.
     lane_tasks: Mutex<JoinSet<()>>,
     /// Where parts of striped messages meet their headers.
-    rdv: Arc<stripe::Rendezvous>,
+    rdv: Arc<parts::Rendezvous>,
 }
 
 /// The QUIC transport of one rank.
@@ -205,7 +207,7 @@ impl QuicTransport {
             lane_tasks: Mutex::new(JoinSet::new()),
             // Twice the longest wait: a part whose header is merely late
             // is never dropped.
-            rdv: Arc::new(stripe::Rendezvous::new(cfg.op_timeout().saturating_mul(2))),
+            rdv: Arc::new(parts::Rendezvous::new(cfg.op_timeout().saturating_mul(2))),
         });
         let acc = sh.clone();
         sh.spawn(async move { acc.accept_loop().await });

@@ -214,7 +214,7 @@ impl Shared {
                     self.lanes.len() + 1,
                 ));
             }
-            let body = match stripe::StripedBody::new(self.rdv.clone(), rank, &h, s) {
+            let body = match parts::StripedBody::new(self.rdv.clone(), rank, &h, s) {
                 Ok(b) => b,
                 Err(why) => return Frame::Violation(why),
             };

@@ -131,57 +131,148 @@ impl Shared {
         if let Some(s) = stamp {
             header.sub = s();
         }
+        let piece = match payload {
+            Payload::Owned(v) => Piece::Owned(v),
+            Payload::Borrowed(data) => Piece::Borrowed(data),
+            Payload::Stream { len, chunks } => {
+                return self.send_streamed(dst, s, &header, len, chunks).await;
+            }
+        };
+        let written = write_part(s, &header.encode(), piece).await;
+        written.and_then(finish).map_err(|e| lost(&e))
+    }
+
+    /// Send a payload produced while it is sent: `len` bytes arriving on
+    /// `chunks`, behind `header` on `s`.
+    async fn send_streamed(
+        &self,
+        dst: usize,
+        s: quinn::SendStream,
+        header: &Header,
+        len: usize,
+        mut chunks: tokio::sync::mpsc::Receiver<Bytes>,
+    ) -> std::result::Result<(), Failure> {
+        let lost = |e: &dyn std::fmt::Display| self.send_failure(dst, format!("send failed: {e}"));
         let mut guard = ResetOnDrop(Some(s));
         if let Some(s) = guard.0.as_mut() {
-            match payload {
-                Payload::Owned(v) => {
-                    let mut bufs = Vec::with_capacity(v.len() + 1);
-                    bufs.push(Bytes::copy_from_slice(&header.encode()));
-                    bufs.extend(v);
-                    s.write_all_chunks(&mut bufs).await.map_err(|e| lost(&e))?;
+            s.write_chunk(Bytes::copy_from_slice(&header.encode()))
+                .await
+                .map_err(|e| lost(&e))?;
+            let mut sent = 0;
+            while let Some(b) = chunks.recv().await {
+                sent += b.len();
+                if sent > len {
+                    break;
                 }
-                Payload::Borrowed(data) => {
-                    // Copy a piece at a time: the copy of one piece overlaps
-                    // the transmission of the previous ones, and small
-                    // messages go out with their header in one write.
-                    let first = data.len().min(COPY_PIECE - HEADER_LEN);
-                    let mut head = Vec::with_capacity(HEADER_LEN + first);
-                    head.extend_from_slice(&header.encode());
-                    head.extend_from_slice(&data[..first]);
-                    s.write_chunk(Bytes::from(head))
-                        .await
-                        .map_err(|e| lost(&e))?;
-                    for piece in data[first..].chunks(COPY_PIECE) {
-                        s.write_chunk(Bytes::copy_from_slice(piece))
-                            .await
-                            .map_err(|e| lost(&e))?;
-                    }
-                }
-                Payload::Stream { len, mut chunks } => {
-                    s.write_chunk(Bytes::copy_from_slice(&header.encode()))
-                        .await
-                        .map_err(|e| lost(&e))?;
-                    let mut sent = 0;
-                    while let Some(b) = chunks.recv().await {
-                        sent += b.len();
-                        if sent > len {
-                            break;
-                        }
-                        s.write_chunk(b).await.map_err(|e| lost(&e))?;
-                    }
-                    if sent != len {
-                        // Dropping the guard resets the stream: the peer
-                        // discards the partial message.
-                        return Err(self.failure(
-                            self.rank,
-                            format!("this rank's payload producer delivered {sent} of {len} bytes"),
-                        ));
-                    }
-                }
+                s.write_chunk(b).await.map_err(|e| lost(&e))?;
             }
-            s.finish().map_err(|e| lost(&e))?;
+            if sent != len {
+                // Dropping the guard resets the stream: the peer discards
+                // the partial message.
+                return Err(self.failure(
+                    self.rank,
+                    format!("this rank's payload producer delivered {sent} of {len} bytes"),
+                ));
+            }
         }
-        guard.0 = None;
-        Ok(())
+        finish(guard).map_err(|e| lost(&e))
+    }
+}
+
+/// One part's bytes.
+pub(super) enum Piece<'a> {
+    Borrowed(&'a [u8]),
+    Owned(Vec<Bytes>),
+}
+
+impl Piece<'_> {
+    pub(super) fn len(&self) -> usize {
+        match self {
+            Piece::Borrowed(d) => d.len(),
+            Piece::Owned(v) => v.iter().map(|b| b.len()).sum(),
+        }
+    }
+}
+
+/// The bytes `a..b` of the concatenation of `v`, without copying.
+pub(super) fn slice_owned(v: &[Bytes], a: usize, b: usize) -> Vec<Bytes> {
+    let mut out = Vec::new();
+    let mut at = 0;
+    for c in v {
+        let (start, end) = (at, at + c.len());
+        at = end;
+        if end <= a || start >= b {
+            continue;
+        }
+        out.push(c.slice(a.max(start) - start..b.min(end) - start));
+    }
+    out
+}
+
+/// Write `head` and `piece` on `s`, not finished yet ([`finish`]); a
+/// failure, or dropping the result, resets it.
+pub(super) async fn write_part(
+    s: quinn::SendStream,
+    head: &[u8],
+    piece: Piece<'_>,
+) -> std::result::Result<ResetOnDrop, quinn::WriteError> {
+    let mut guard = ResetOnDrop(Some(s));
+    let Some(s) = guard.0.as_mut() else {
+        return Ok(guard);
+    };
+    match piece {
+        Piece::Owned(v) => {
+            let mut bufs = Vec::with_capacity(v.len() + 1);
+            bufs.push(Bytes::copy_from_slice(head));
+            bufs.extend(v);
+            s.write_all_chunks(&mut bufs).await?;
+        }
+        Piece::Borrowed(data) => {
+            // Copy a piece at a time: the copy of one piece overlaps the
+            // transmission of the previous ones, and small messages go out
+            // with their header in one write.
+            let first = data.len().min(COPY_PIECE.saturating_sub(head.len()));
+            let mut b = Vec::with_capacity(head.len() + first);
+            b.extend_from_slice(head);
+            b.extend_from_slice(&data[..first]);
+            s.write_chunk(Bytes::from(b)).await?;
+            for p in data[first..].chunks(COPY_PIECE) {
+                s.write_chunk(Bytes::copy_from_slice(p)).await?;
+            }
+        }
+    }
+    Ok(guard)
+}
+
+/// End a stream [`write_part`] wrote. A stream already reset by the peer
+/// fails here: the message is lost.
+pub(super) fn finish(mut guard: ResetOnDrop) -> std::result::Result<(), quinn::WriteError> {
+    if let Some(s) = guard.0.as_mut() {
+        s.finish().map_err(|_| quinn::WriteError::ClosedStream)?;
+    }
+    guard.0 = None;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn owned_payloads_are_sliced_without_gaps() {
+        let v: Vec<Bytes> = [&b"abc"[..], b"", b"defgh", b"i"]
+            .iter()
+            .map(|s| Bytes::copy_from_slice(s))
+            .collect();
+        let all: Vec<u8> = v.iter().flat_map(|b| b.iter().copied()).collect();
+        for a in 0..=all.len() {
+            for b in a..=all.len() {
+                let got: Vec<u8> = slice_owned(&v, a, b)
+                    .iter()
+                    .flat_map(|b| b.iter().copied())
+                    .collect();
+                assert_eq!(got, &all[a..b], "{a}..{b}");
+            }
+        }
     }
 }
