@@ -127,16 +127,6 @@ impl Lanes {
     pub(super) fn lanes(&self) -> &[Lane] {
         &self.lanes
     }
-
-    /// Number of lanes (transport threads beyond the caller's).
-    pub fn len(&self) -> usize {
-        self.lanes.len()
-    }
-
-    /// Whether there are none.
-    pub fn is_empty(&self) -> bool {
-        self.lanes.is_empty()
-    }
 }
 
 /// Start lane thread `k`: a current-thread runtime that runs until the
